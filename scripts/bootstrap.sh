@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs what the tests, the demo and the benchmark need, into project-local paths, so the
+# README's commands work on a fresh machine:
+#   .venv/   Python venv with moto's server (S3, and later Auto Scaling, SNS, SSM, STS)
+#   .tools/  s3s-fs, a real S3 server written in Rust (fast, checks SigV4)
+# and, when missing, the Debian tools the tests compare against (GNU tar, gzip, zstd).
+# Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+MOTO_VERSION=5.2.5
+S3S_FS_VERSION=0.14.1
+
+log() { printf 'bootstrap: %s\n' "$*" >&2; }
+
+need_apt=()
+for tool in tar gzip zstd; do
+  command -v "$tool" >/dev/null 2>&1 || need_apt+=("$tool")
+done
+if [ ${#need_apt[@]} -gt 0 ]; then
+  log "installing ${need_apt[*]} with apt-get"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+if ! .venv/bin/python -c "import moto, sys; sys.exit(moto.__version__ != '$MOTO_VERSION')" 2>/dev/null; then
+  log "installing moto $MOTO_VERSION into .venv (about a minute)"
+  python3 -m venv .venv
+  .venv/bin/pip install --quiet --disable-pip-version-check "moto[server]==$MOTO_VERSION"
+fi
+
+if ! [ -x .tools/bin/s3s-fs ]; then
+  log "building s3s-fs $S3S_FS_VERSION into .tools (about three minutes)"
+  cargo install --quiet "s3s-fs@$S3S_FS_VERSION" --features binary --locked --root .tools
+fi
+log "ready: .venv/bin/moto_server, .tools/bin/s3s-fs"

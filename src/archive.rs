@@ -1,0 +1,716 @@
+//! The archive stage: walks the configured paths and writes a tar stream into any [`Write`].
+//!
+//! It knows nothing of compression, S3 or AWS. It never follows symlinks (they are stored as
+//! links), stores hard links once, skips sockets, FIFOs and devices with a reason, and archives a
+//! file that changes while it is read at the size its header declared (cut or zero-padded, like
+//! GNU tar), recording it as changed. A file that cannot be opened is skipped; neither aborts the
+//! archive. Only a failure of the output writer does.
+
+use std::collections::HashMap;
+use std::fs::{File, Metadata};
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use globset::GlobSet;
+use serde::{Deserialize, Serialize};
+
+/// What to archive.
+#[derive(Debug, Clone, Copy)]
+pub struct ArchiveOptions<'a> {
+    /// Absolute files or directories, in order.
+    pub paths: &'a [PathBuf],
+    /// Patterns matched against the full path and against the file name.
+    pub exclude: &'a GlobSet,
+    /// Stay on the file system of each configured path.
+    pub one_file_system: bool,
+}
+
+/// Live counters, read by the progress display while the archive is written.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// File bytes read so far.
+    pub bytes_read: AtomicU64,
+    /// Entries written so far.
+    pub entries: AtomicU64,
+}
+
+/// The kind of an archived entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryKind {
+    /// A regular file.
+    File,
+    /// A directory.
+    Dir,
+    /// A symbolic link, stored as a link.
+    Symlink,
+    /// A second name of a file already archived.
+    Hardlink,
+}
+
+/// A path as it appears in a manifest: UTF-8 text, plus the raw bytes in hex when the name is not
+/// valid UTF-8 (so nothing is lost and verification can compare exactly).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RecordedPath {
+    /// The path (lossy when not UTF-8).
+    pub path: String,
+    /// The raw bytes in hex, only for names that are not UTF-8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_hex: Option<String>,
+}
+
+impl RecordedPath {
+    /// Records `path`.
+    pub fn new(path: &Path) -> Self {
+        match path.to_str() {
+            Some(s) => Self {
+                path: s.to_owned(),
+                path_hex: None,
+            },
+            None => Self {
+                path: path.to_string_lossy().into_owned(),
+                path_hex: Some(hex::encode(path.as_os_str().as_bytes())),
+            },
+        }
+    }
+
+    /// The exact bytes of the path.
+    pub fn bytes(&self) -> Vec<u8> {
+        self.path_hex
+            .as_deref()
+            .and_then(|h| hex::decode(h).ok())
+            .unwrap_or_else(|| self.path.as_bytes().to_vec())
+    }
+}
+
+/// One archived entry, as listed in the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRecord {
+    /// Absolute path on the instance.
+    #[serde(flatten)]
+    pub path: RecordedPath,
+    /// What it is.
+    pub kind: EntryKind,
+    /// Bytes stored for it (the size its header declares).
+    pub size: u64,
+    /// Permission bits.
+    pub mode: u32,
+    /// Modification time, seconds since the epoch.
+    pub mtime: i64,
+}
+
+/// A path that was not archived, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SkipRecord {
+    /// Absolute path on the instance.
+    #[serde(flatten)]
+    pub path: RecordedPath,
+    /// Why it was skipped.
+    pub reason: String,
+}
+
+/// A file archived while it changed: stored at its declared size, cut or zero-padded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeRecord {
+    /// Absolute path on the instance.
+    #[serde(flatten)]
+    pub path: RecordedPath,
+    /// The size its header declares.
+    pub declared_size: u64,
+    /// What changed.
+    pub reason: String,
+}
+
+/// What the archive holds and what it left out.
+#[derive(Debug, Default, Clone)]
+pub struct ArchiveReport {
+    /// Every archived entry, in archive order.
+    pub files: Vec<FileRecord>,
+    /// Paths left out, with reasons.
+    pub skipped: Vec<SkipRecord>,
+    /// Files that changed while read.
+    pub changed: Vec<ChangeRecord>,
+    /// File bytes read.
+    pub bytes_read: u64,
+    /// The walk was stopped before the end (deadline or cancellation): the archive is valid but
+    /// partial.
+    pub stopped_early: bool,
+}
+
+impl ArchiveReport {
+    /// Regular files archived (hard links not counted twice).
+    pub fn file_count(&self) -> usize {
+        self.files
+            .iter()
+            .filter(|f| f.kind == EntryKind::File)
+            .count()
+    }
+}
+
+/// What the walk would archive, without reading any file (for `--dry-run`).
+#[derive(Debug, Default, Clone)]
+pub struct Plan {
+    /// Regular files.
+    pub files: u64,
+    /// Directories.
+    pub dirs: u64,
+    /// Symbolic links.
+    pub symlinks: u64,
+    /// Extra names of hard-linked files.
+    pub hardlinks: u64,
+    /// Sum of regular file sizes.
+    pub bytes: u64,
+    /// Paths that would be skipped.
+    pub skipped: Vec<SkipRecord>,
+}
+
+/// Why the archive could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiveError {
+    /// Writing the entry for `path` to the output failed.
+    #[error("writing {path} to the archive stream: {source}")]
+    Write {
+        /// The entry being written.
+        path: String,
+        /// The output's error.
+        source: io::Error,
+    },
+    /// Writing the end-of-archive marker failed.
+    #[error("closing the archive stream: {source}")]
+    Finish {
+        /// The output's error.
+        source: io::Error,
+    },
+}
+
+/// One step of the walk.
+enum Walked {
+    Entry(PathBuf, Metadata),
+    Unreadable(PathBuf, String),
+}
+
+/// Walks `opts.paths` in order, pruning excluded paths, never following symlinks; calls `visit`
+/// for every entry or unreadable path. Returns `false` if `stop` ended the walk early.
+fn walk(
+    opts: &ArchiveOptions<'_>,
+    stop: &AtomicBool,
+    mut visit: impl FnMut(Walked) -> Result<(), ArchiveError>,
+) -> Result<bool, ArchiveError> {
+    let excluded = |p: &Path| {
+        opts.exclude.is_match(p) || p.file_name().is_some_and(|n| opts.exclude.is_match(n))
+    };
+    for (i, root) in opts.paths.iter().enumerate() {
+        // A path inside one archived earlier is already in the archive.
+        if opts.paths[..i].iter().any(|prev| root.starts_with(prev)) {
+            continue;
+        }
+        let mut it = walkdir::WalkDir::new(root)
+            .follow_links(false)
+            .same_file_system(opts.one_file_system)
+            .sort_by_file_name()
+            .into_iter();
+        while let Some(next) = it.next() {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(false);
+            }
+            match next {
+                Err(e) => {
+                    let path = e.path().map(Path::to_owned).unwrap_or_else(|| root.clone());
+                    let reason = match e.io_error() {
+                        Some(io) if io.kind() == io::ErrorKind::NotFound => "not found".into(),
+                        Some(io) => io.to_string(),
+                        None => e.to_string(),
+                    };
+                    visit(Walked::Unreadable(path, reason))?;
+                }
+                Ok(entry) => {
+                    if excluded(entry.path()) {
+                        if entry.file_type().is_dir() {
+                            it.skip_current_dir();
+                        }
+                        continue;
+                    }
+                    match entry.metadata() {
+                        Ok(meta) => visit(Walked::Entry(entry.into_path(), meta))?,
+                        Err(e) => visit(Walked::Unreadable(entry.into_path(), e.to_string()))?,
+                    }
+                }
+            }
+        }
+    }
+    Ok(true)
+}
+
+/// Why a special file is not archived, or `None` for files, directories and symlinks.
+fn special_reason(meta: &Metadata) -> Option<&'static str> {
+    let t = meta.file_type();
+    if t.is_socket() {
+        Some("socket")
+    } else if t.is_fifo() {
+        Some("fifo")
+    } else if t.is_char_device() {
+        Some("character device")
+    } else if t.is_block_device() {
+        Some("block device")
+    } else {
+        None
+    }
+}
+
+/// Counts what an archive of `opts` would hold, reading metadata only.
+pub fn plan(opts: &ArchiveOptions<'_>) -> Plan {
+    let mut plan = Plan::default();
+    let mut seen = HashMap::new();
+    let never = AtomicBool::new(false);
+    let result = walk(opts, &never, |walked| {
+        match walked {
+            Walked::Unreadable(path, reason) => plan.skipped.push(SkipRecord {
+                path: RecordedPath::new(&path),
+                reason,
+            }),
+            Walked::Entry(path, meta) => {
+                if let Some(reason) = special_reason(&meta) {
+                    plan.skipped.push(SkipRecord {
+                        path: RecordedPath::new(&path),
+                        reason: reason.into(),
+                    });
+                } else if meta.is_dir() {
+                    plan.dirs += 1;
+                } else if meta.file_type().is_symlink() {
+                    plan.symlinks += 1;
+                } else if meta.nlink() > 1 && seen.insert((meta.dev(), meta.ino()), ()).is_some() {
+                    plan.hardlinks += 1;
+                } else {
+                    plan.files += 1;
+                    plan.bytes += meta.len();
+                }
+            }
+        }
+        Ok(())
+    });
+    debug_assert!(result.is_ok(), "planning never fails");
+    plan
+}
+
+/// The name of `path` inside the archive: relative, like GNU tar (`/var/log` → `var/log`).
+/// `None` for the root directory itself.
+pub fn archive_name(path: &Path) -> Option<PathBuf> {
+    let rel = path.strip_prefix("/").unwrap_or(path);
+    (!rel.as_os_str().is_empty()).then(|| rel.to_owned())
+}
+
+/// Writes the tar stream of `opts` into `out`; returns the writer and what was archived.
+///
+/// Checks `stop` between entries: when set, the archive is closed (valid, with an end marker) and
+/// the report says `stopped_early`.
+pub fn write_archive<W: Write>(
+    opts: &ArchiveOptions<'_>,
+    out: W,
+    counters: &Counters,
+    stop: &AtomicBool,
+) -> Result<(W, ArchiveReport), ArchiveError> {
+    let mut writer = TarWriter {
+        builder: tar::Builder::new(out),
+        report: ArchiveReport::default(),
+        first_names: HashMap::new(),
+        counters,
+    };
+    let finished = walk(opts, stop, |walked| writer.add(walked))?;
+    writer.report.stopped_early = !finished;
+    writer
+        .builder
+        .finish()
+        .map_err(|source| ArchiveError::Finish { source })?;
+    let out = writer
+        .builder
+        .into_inner()
+        .map_err(|source| ArchiveError::Finish { source })?;
+    Ok((out, writer.report))
+}
+
+struct TarWriter<'c, W: Write> {
+    builder: tar::Builder<W>,
+    report: ArchiveReport,
+    /// (device, inode) of multiply-linked files → the name they were first archived under.
+    first_names: HashMap<(u64, u64), PathBuf>,
+    counters: &'c Counters,
+}
+
+impl<W: Write> TarWriter<'_, W> {
+    fn skip(&mut self, path: &Path, reason: impl Into<String>) {
+        let reason = reason.into();
+        tracing::debug!(path = %path.display(), %reason, "skipped");
+        self.report.skipped.push(SkipRecord {
+            path: RecordedPath::new(path),
+            reason,
+        });
+    }
+
+    fn record(&mut self, path: &Path, kind: EntryKind, size: u64, meta: &Metadata) {
+        self.counters.entries.fetch_add(1, Ordering::Relaxed);
+        self.report.files.push(FileRecord {
+            path: RecordedPath::new(path),
+            kind,
+            size,
+            mode: meta.mode() & 0o7777,
+            mtime: meta.mtime(),
+        });
+    }
+
+    fn add(&mut self, walked: Walked) -> Result<(), ArchiveError> {
+        let (path, meta) = match walked {
+            Walked::Unreadable(path, reason) => {
+                self.skip(&path, reason);
+                return Ok(());
+            }
+            Walked::Entry(path, meta) => (path, meta),
+        };
+        if let Some(reason) = special_reason(&meta) {
+            self.skip(&path, reason);
+            return Ok(());
+        }
+        let Some(name) = archive_name(&path) else {
+            return Ok(());
+        };
+        let write_err = |source| ArchiveError::Write {
+            path: path.display().to_string(),
+            source,
+        };
+        let mut header = header_for(&meta);
+        if meta.is_dir() {
+            let mut dir_name = name.into_os_string();
+            dir_name.push("/");
+            header.set_size(0);
+            self.builder
+                .append_data(&mut header, &dir_name, io::empty())
+                .map_err(write_err)?;
+            self.record(&path, EntryKind::Dir, 0, &meta);
+        } else if meta.file_type().is_symlink() {
+            let target = match std::fs::read_link(&path) {
+                Ok(t) => t,
+                Err(e) => {
+                    self.skip(&path, format!("cannot read link: {e}"));
+                    return Ok(());
+                }
+            };
+            header.set_size(0);
+            self.builder
+                .append_link(&mut header, &name, &target)
+                .map_err(write_err)?;
+            self.record(&path, EntryKind::Symlink, 0, &meta);
+        } else if let Some(first) = (meta.nlink() > 1)
+            .then(|| self.first_names.get(&(meta.dev(), meta.ino())))
+            .flatten()
+        {
+            let first = first.clone();
+            header.set_entry_type(tar::EntryType::Link);
+            header.set_size(0);
+            self.builder
+                .append_link(&mut header, &name, &first)
+                .map_err(write_err)?;
+            self.record(&path, EntryKind::Hardlink, 0, &meta);
+        } else {
+            self.add_file(&path, name, &meta)?;
+        }
+        Ok(())
+    }
+
+    fn add_file(
+        &mut self,
+        path: &Path,
+        name: PathBuf,
+        lstat: &Metadata,
+    ) -> Result<(), ArchiveError> {
+        // O_NOFOLLOW: the path was a regular file when walked; if it was swapped for a symlink
+        // since, refuse rather than archive whatever the link points at.
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(
+                (rustix::fs::OFlags::NOFOLLOW
+                    | rustix::fs::OFlags::NOCTTY
+                    | rustix::fs::OFlags::NONBLOCK)
+                    .bits() as i32,
+            )
+            .open(path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.skip(path, "vanished before it was read");
+                return Ok(());
+            }
+            Err(e) => {
+                self.skip(path, format!("cannot open: {e}"));
+                return Ok(());
+            }
+        };
+        let meta = match file.metadata() {
+            Ok(m) if m.is_file() => m,
+            Ok(_) => {
+                self.skip(path, "no longer a regular file");
+                return Ok(());
+            }
+            Err(e) => {
+                self.skip(path, format!("cannot stat: {e}"));
+                return Ok(());
+            }
+        };
+        let declared = meta.len();
+        let mut header = header_for(&meta);
+        let mut reader = LiveReader {
+            file: &file,
+            remaining: declared,
+            read: 0,
+            padded: false,
+            error: None,
+            counters: self.counters,
+        };
+        self.builder
+            .append_data(&mut header, &name, &mut reader)
+            .map_err(|source| ArchiveError::Write {
+                path: path.display().to_string(),
+                source,
+            })?;
+        let (read, padded, error) = (reader.read, reader.padded, reader.error.take());
+        self.report.bytes_read += read;
+        let change = if let Some(e) = error {
+            Some(format!(
+                "read error after {read} bytes ({e}); rest zero-filled"
+            ))
+        } else if padded {
+            Some(format!(
+                "shrank while read: {read} of {declared} bytes, rest zero-filled"
+            ))
+        } else {
+            match file.metadata() {
+                Ok(after) if after.len() > declared => Some(format!(
+                    "grew while read: first {declared} of {} bytes archived",
+                    after.len()
+                )),
+                Ok(after) if after.len() < declared => Some(format!(
+                    "shrank after it was read: {declared} bytes archived, {} now",
+                    after.len()
+                )),
+                Ok(after)
+                    if after.mtime() != meta.mtime() || after.mtime_nsec() != meta.mtime_nsec() =>
+                {
+                    Some("modified while read".into())
+                }
+                _ => None,
+            }
+        };
+        if let Some(reason) = change {
+            tracing::debug!(path = %path.display(), %reason, "changed while archived");
+            self.report.changed.push(ChangeRecord {
+                path: RecordedPath::new(path),
+                declared_size: declared,
+                reason,
+            });
+        }
+        if lstat.nlink() > 1 {
+            self.first_names.insert((lstat.dev(), lstat.ino()), name);
+        }
+        self.record(path, EntryKind::File, declared, &meta);
+        Ok(())
+    }
+}
+
+/// A GNU header with the entry's type, size, owner, mtime and permission bits (without the file
+/// type bits `st_mode` also holds, as GNU tar writes it).
+fn header_for(meta: &Metadata) -> tar::Header {
+    let mut header = tar::Header::new_gnu();
+    header.set_metadata_in_mode(meta, tar::HeaderMode::Complete);
+    header.set_mode(meta.mode() & 0o7777);
+    header
+}
+
+/// Yields exactly `remaining` bytes of a file that may change while read: stops at the declared
+/// size, and pads with zeros if the file ends early or a read fails. Never returns an error, so an
+/// error out of the tar builder is always the output's.
+struct LiveReader<'a> {
+    file: &'a File,
+    remaining: u64,
+    read: u64,
+    padded: bool,
+    error: Option<io::Error>,
+    counters: &'a Counters,
+}
+
+impl Read for LiveReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.remaining == 0 {
+            return Ok(0);
+        }
+        let want = buf
+            .len()
+            .min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
+        let buf = &mut buf[..want];
+        let n = if self.padded || self.error.is_some() {
+            0
+        } else {
+            loop {
+                match (&*self.file).read(buf) {
+                    Ok(n) => break n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        self.error = Some(e);
+                        break 0;
+                    }
+                }
+            }
+        };
+        if n == 0 {
+            // End of file before the declared size (or an error): zero-fill the rest.
+            if self.error.is_none() {
+                self.padded = true;
+            }
+            buf.fill(0);
+            self.remaining -= want as u64;
+            return Ok(want);
+        }
+        self.read += n as u64;
+        self.remaining -= n as u64;
+        self.counters
+            .bytes_read
+            .fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    fn options<'a>(paths: &'a [PathBuf], exclude: &'a GlobSet) -> ArchiveOptions<'a> {
+        ArchiveOptions {
+            paths,
+            exclude,
+            one_file_system: true,
+        }
+    }
+
+    fn entries(tar_bytes: &[u8]) -> Vec<(String, tar::EntryType, Vec<u8>)> {
+        let mut archive = tar::Archive::new(tar_bytes);
+        archive
+            .entries()
+            .unwrap()
+            .map(|e| {
+                let mut e = e.unwrap();
+                let name = e.path().unwrap().display().to_string();
+                let kind = e.header().entry_type();
+                let mut data = Vec::new();
+                e.read_to_end(&mut data).unwrap();
+                (name, kind, data)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn archives_files_dirs_links_and_skips_excluded() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("data");
+        std::fs::create_dir_all(root.join("sub/empty")).unwrap();
+        std::fs::write(root.join("sub/a.log"), b"hello").unwrap();
+        std::fs::write(root.join("sub/b.tmp"), b"skip me").unwrap();
+        std::fs::hard_link(root.join("sub/a.log"), root.join("a-again.log")).unwrap();
+        symlink("/nonexistent/target", root.join("dangling")).unwrap();
+        let paths = vec![root.clone()];
+        let mut b = globset::GlobSetBuilder::new();
+        b.add(globset::Glob::new("*.tmp").unwrap());
+        let exclude = b.build().unwrap();
+        let stop = AtomicBool::new(false);
+        let (out, report) = write_archive(
+            &options(&paths, &exclude),
+            Vec::new(),
+            &Counters::default(),
+            &stop,
+        )
+        .unwrap();
+        let list = entries(&out);
+        let names: Vec<_> = list.iter().map(|(n, _, _)| n.as_str()).collect();
+        let rel = |s: &str| archive_name(&root.join(s)).unwrap().display().to_string();
+        assert!(names.contains(&rel("sub/a.log").as_str()), "{names:?}");
+        assert!(!names.iter().any(|n| n.ends_with("b.tmp")), "{names:?}");
+        let link = list
+            .iter()
+            .find(|(n, _, _)| n.ends_with("dangling"))
+            .unwrap();
+        assert_eq!(link.1, tar::EntryType::Symlink);
+        // The hard link's first name comes first in name order; the second is a link entry.
+        let hard: Vec<_> = list
+            .iter()
+            .filter(|(_, k, _)| *k == tar::EntryType::Link)
+            .collect();
+        assert_eq!(hard.len(), 1, "{list:?}");
+        assert_eq!(report.file_count(), 1);
+        assert!(report.skipped.is_empty());
+        assert!(!report.stopped_early);
+    }
+
+    #[test]
+    fn missing_path_is_skipped_not_fatal() {
+        let paths = vec![PathBuf::from("/nonexistent/lifeboat-test")];
+        let exclude = GlobSet::empty();
+        let stop = AtomicBool::new(false);
+        let (_, report) = write_archive(
+            &options(&paths, &exclude),
+            Vec::new(),
+            &Counters::default(),
+            &stop,
+        )
+        .unwrap();
+        assert_eq!(report.skipped.len(), 1);
+        assert_eq!(report.skipped[0].reason, "not found");
+    }
+
+    #[test]
+    fn stop_closes_a_valid_partial_archive() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), b"x").unwrap();
+        let paths = vec![dir.path().to_owned()];
+        let exclude = GlobSet::empty();
+        let stop = AtomicBool::new(true);
+        let (out, report) = write_archive(
+            &options(&paths, &exclude),
+            Vec::new(),
+            &Counters::default(),
+            &stop,
+        )
+        .unwrap();
+        assert!(report.stopped_early);
+        assert!(entries(&out).is_empty());
+        assert_eq!(out.len(), 1024, "just the end-of-archive marker");
+    }
+
+    #[test]
+    fn live_reader_pads_a_file_that_shrank() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"abc").unwrap();
+        let file = File::open(&path).unwrap();
+        let counters = Counters::default();
+        let mut r = LiveReader {
+            file: &file,
+            remaining: 6,
+            read: 0,
+            padded: false,
+            error: None,
+            counters: &counters,
+        };
+        let mut out = Vec::new();
+        r.read_to_end(&mut out).unwrap();
+        assert_eq!(out, b"abc\0\0\0");
+        assert!(r.padded);
+    }
+
+    #[test]
+    fn non_utf8_names_are_recorded_exactly() {
+        let p = Path::new(std::ffi::OsStr::from_bytes(b"/x/\xffname"));
+        let r = RecordedPath::new(p);
+        assert_eq!(r.bytes(), b"/x/\xffname");
+        assert!(r.path_hex.is_some());
+    }
+}

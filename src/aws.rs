@@ -1,0 +1,36 @@
+//! AWS SDK set-up shared by every command: the standard configuration chain (environment,
+//! profile, IMDS), the region from instance metadata as a fallback, and path-style S3 addressing
+//! when a custom endpoint (an S3-compatible store, a test server) is configured.
+
+use aws_config::meta::region::RegionProviderChain;
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+
+/// Loads the SDK configuration; `region_hint` (from the instance identity) is used when neither
+/// the environment nor the profile names a region.
+pub async fn sdk_config(region_hint: Option<&str>) -> SdkConfig {
+    let fallback = region_hint.map(|r| Region::new(r.to_owned()));
+    let region = RegionProviderChain::first_try(
+        aws_config::environment::region::EnvironmentVariableRegionProvider::new(),
+    )
+    .or_else(aws_config::profile::ProfileFileRegionProvider::builder().build())
+    .or_else(fallback);
+    aws_config::defaults(BehaviorVersion::latest())
+        .region(region)
+        .load()
+        .await
+}
+
+/// Whether a custom S3 endpoint is configured (then buckets are addressed path-style).
+fn custom_s3_endpoint(conf: &SdkConfig) -> bool {
+    conf.endpoint_url().is_some()
+        || std::env::var_os("AWS_ENDPOINT_URL_S3").is_some()
+        || std::env::var_os("AWS_ENDPOINT_URL").is_some()
+}
+
+/// An S3 client for `conf`.
+pub fn s3_client(conf: &SdkConfig) -> aws_sdk_s3::Client {
+    let s3 = aws_sdk_s3::config::Builder::from(conf)
+        .force_path_style(custom_s3_endpoint(conf))
+        .build();
+    aws_sdk_s3::Client::from_conf(s3)
+}

@@ -1,0 +1,306 @@
+//! The bucket's side of getting data back: listing backups, reading manifests, and opening an
+//! archive as a blocking byte stream (for `verify` and `restore`, which run on blocking threads).
+
+use std::io::Read;
+
+use aws_sdk_s3::Client;
+use aws_sdk_s3::error::ProvideErrorMetadata;
+use tokio::task::JoinSet;
+
+use crate::config::S3Config;
+use crate::manifest::{self, Manifest};
+use crate::upload::sdk_message;
+
+/// User metadata on the manifest object that says whether the backup is complete or partial,
+/// so `list` needs a HEAD, not the whole manifest.
+pub const STATUS_METADATA: &str = "lifeboat-status";
+
+/// Why the bucket could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    /// Listing the prefix failed.
+    #[error("listing s3://{bucket}/{prefix}: {message}")]
+    List {
+        /// Bucket.
+        bucket: String,
+        /// Prefix.
+        prefix: String,
+        /// S3's error.
+        message: String,
+    },
+    /// Reading an object failed.
+    #[error("reading s3://{bucket}/{key}: {message}")]
+    Get {
+        /// Bucket.
+        bucket: String,
+        /// Key.
+        key: String,
+        /// S3's error.
+        message: String,
+    },
+    /// The object is not there.
+    #[error("s3://{bucket}/{key} does not exist")]
+    NotFound {
+        /// Bucket.
+        bucket: String,
+        /// Key.
+        key: String,
+    },
+    /// The manifest is not valid JSON of the expected shape.
+    #[error("s3://{bucket}/{key} is not a lifeboat manifest: {message}")]
+    BadManifest {
+        /// Bucket.
+        bucket: String,
+        /// Key.
+        key: String,
+        /// The parser's error.
+        message: String,
+    },
+    /// The key does not name an archive.
+    #[error("{key} is not an archive key (expected .tar.gz, .tar.zst or .tar)")]
+    NotAnArchive {
+        /// The key given.
+        key: String,
+    },
+    /// No backup matches.
+    #[error("no backup of instance {instance_id} under s3://{bucket}/{prefix}")]
+    NoBackup {
+        /// Bucket.
+        bucket: String,
+        /// Prefix.
+        prefix: String,
+        /// Instance asked for.
+        instance_id: String,
+    },
+}
+
+/// State of a backup as seen from the bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackupStatus {
+    /// Archive and manifest present; everything configured is in it.
+    Complete,
+    /// Archive and manifest present; cut short by a deadline.
+    Partial,
+    /// Archive present without a manifest (the job failed after the upload).
+    NoManifest,
+}
+
+impl BackupStatus {
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Complete => "complete",
+            Self::Partial => "partial",
+            Self::NoManifest => "no-manifest",
+        }
+    }
+}
+
+/// One backup in the bucket.
+#[derive(Debug, Clone)]
+pub struct BackupEntry {
+    /// Archive key.
+    pub key: String,
+    /// Archive size in bytes.
+    pub size: u64,
+    /// Group (from the key).
+    pub group: String,
+    /// Instance id (from the key).
+    pub instance_id: String,
+    /// The archive's file name, which starts with its UTC time.
+    pub name: String,
+    /// Status.
+    pub status: BackupStatus,
+}
+
+/// Lists backups under the configured prefix, newest first; only those of `instance_id` if given.
+pub async fn list(
+    client: &Client,
+    s3: &S3Config,
+    instance_id: Option<&str>,
+) -> Result<Vec<BackupEntry>, CatalogError> {
+    let mut pages = client
+        .list_objects_v2()
+        .bucket(&s3.bucket)
+        .prefix(&s3.prefix)
+        .set_expected_bucket_owner(owner(s3))
+        .into_paginator()
+        .send();
+    let mut archives = Vec::new();
+    let mut manifests = std::collections::HashSet::new();
+    while let Some(page) = pages.next().await {
+        let page = page.map_err(|e| CatalogError::List {
+            bucket: s3.bucket.clone(),
+            prefix: s3.prefix.clone(),
+            message: sdk_message(&e),
+        })?;
+        for obj in page.contents() {
+            let Some(key) = obj.key() else { continue };
+            let Some(rel) = key.strip_prefix(s3.prefix.as_str()) else {
+                continue;
+            };
+            let parts: Vec<&str> = rel.split('/').collect();
+            let [group, instance, name] = parts[..] else {
+                continue;
+            };
+            if instance_id.is_some_and(|want| want != instance) {
+                continue;
+            }
+            if key.ends_with(manifest::MANIFEST_SUFFIX) {
+                manifests.insert(key.to_owned());
+            } else if manifest::is_archive_key(key) {
+                archives.push(BackupEntry {
+                    key: key.to_owned(),
+                    size: u64::try_from(obj.size().unwrap_or(0)).unwrap_or(0),
+                    group: group.to_owned(),
+                    instance_id: instance.to_owned(),
+                    name: name.to_owned(),
+                    status: BackupStatus::NoManifest,
+                });
+            }
+        }
+    }
+    // HEAD each manifest for its status, a few at a time.
+    let mut heads = JoinSet::new();
+    for i in 0..archives.len() {
+        let mkey = manifest::manifest_key(&archives[i].key);
+        if !manifests.contains(&mkey) {
+            continue;
+        }
+        let (client, bucket, owner) = (client.clone(), s3.bucket.clone(), owner(s3));
+        heads.spawn(async move {
+            let head = client
+                .head_object()
+                .bucket(bucket)
+                .key(mkey)
+                .set_expected_bucket_owner(owner)
+                .send()
+                .await;
+            let partial = head.ok().and_then(|h| {
+                h.metadata()
+                    .and_then(|m| m.get(STATUS_METADATA))
+                    .map(|s| s == "partial")
+            });
+            (i, partial.unwrap_or(false))
+        });
+        if heads.len() >= 16 {
+            if let Some(Ok((i, partial))) = heads.join_next().await {
+                archives[i].status = status(partial);
+            }
+        }
+    }
+    while let Some(done) = heads.join_next().await {
+        if let Ok((i, partial)) = done {
+            archives[i].status = status(partial);
+        }
+    }
+    // Names start with a sortable UTC time: newest first.
+    archives.sort_by(|a, b| b.name.cmp(&a.name).then_with(|| b.key.cmp(&a.key)));
+    Ok(archives)
+}
+
+fn status(partial: bool) -> BackupStatus {
+    if partial {
+        BackupStatus::Partial
+    } else {
+        BackupStatus::Complete
+    }
+}
+
+fn owner(s3: &S3Config) -> Option<String> {
+    (!s3.expected_bucket_owner.is_empty()).then(|| s3.expected_bucket_owner.clone())
+}
+
+/// The newest backup of `instance_id` that has a manifest.
+pub async fn latest(
+    client: &Client,
+    s3: &S3Config,
+    instance_id: &str,
+) -> Result<BackupEntry, CatalogError> {
+    list(client, s3, Some(instance_id))
+        .await?
+        .into_iter()
+        .find(|e| e.status != BackupStatus::NoManifest)
+        .ok_or_else(|| CatalogError::NoBackup {
+            bucket: s3.bucket.clone(),
+            prefix: s3.prefix.clone(),
+            instance_id: instance_id.to_owned(),
+        })
+}
+
+/// Reads the manifest beside `archive_key`.
+pub async fn manifest(
+    client: &Client,
+    s3: &S3Config,
+    archive_key: &str,
+) -> Result<Manifest, CatalogError> {
+    if !manifest::is_archive_key(archive_key) {
+        return Err(CatalogError::NotAnArchive {
+            key: archive_key.to_owned(),
+        });
+    }
+    let key = manifest::manifest_key(archive_key);
+    let body = get(client, s3, &key).await?;
+    let bytes = body
+        .body
+        .collect()
+        .await
+        .map_err(|e| CatalogError::Get {
+            bucket: s3.bucket.clone(),
+            key: key.clone(),
+            message: e.to_string(),
+        })?
+        .into_bytes();
+    serde_json::from_slice(&bytes).map_err(|e| CatalogError::BadManifest {
+        bucket: s3.bucket.clone(),
+        key,
+        message: e.to_string(),
+    })
+}
+
+async fn get(
+    client: &Client,
+    s3: &S3Config,
+    key: &str,
+) -> Result<aws_sdk_s3::operation::get_object::GetObjectOutput, CatalogError> {
+    client
+        .get_object()
+        .bucket(&s3.bucket)
+        .key(key)
+        .set_expected_bucket_owner(owner(s3))
+        .send()
+        .await
+        .map_err(|e| {
+            if e.code() == Some("NoSuchKey")
+                || e.raw_response().is_some_and(|r| r.status().as_u16() == 404)
+            {
+                CatalogError::NotFound {
+                    bucket: s3.bucket.clone(),
+                    key: key.to_owned(),
+                }
+            } else {
+                CatalogError::Get {
+                    bucket: s3.bucket.clone(),
+                    key: key.to_owned(),
+                    message: sdk_message(&e),
+                }
+            }
+        })
+}
+
+/// Opens an archive as a blocking reader (for use on a blocking thread) and returns its size.
+pub async fn open_archive(
+    client: &Client,
+    s3: &S3Config,
+    key: &str,
+) -> Result<(Box<dyn Read + Send>, u64), CatalogError> {
+    if !manifest::is_archive_key(key) {
+        return Err(CatalogError::NotAnArchive {
+            key: key.to_owned(),
+        });
+    }
+    let out = get(client, s3, key).await?;
+    let size = u64::try_from(out.content_length().unwrap_or(0)).unwrap_or(0);
+    let reader = tokio_util::io::SyncIoBridge::new(out.body.into_async_read());
+    Ok((Box::new(reader), size))
+}

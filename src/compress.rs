@@ -1,0 +1,251 @@
+//! The compression stage: wraps a writer in gzip, zstd or nothing. It knows nothing of tar or S3.
+//!
+//! gzip is compressed on every core: the input is cut into blocks, each compressed on a worker
+//! thread into its own gzip member, and the members written in order. Concatenated members are one
+//! valid gzip file (RFC 1952 §2.2): `gzip -d` and `tar xzf` read the whole stream. zstd uses
+//! libzstd's own worker threads and writes a single frame.
+
+use std::collections::VecDeque;
+use std::io::{self, Write};
+use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use crate::config::CompressionKind;
+
+/// Input bytes per gzip member. Large enough that the ratio is within a fraction of a percent of
+/// a single stream, small enough that a few blocks per core stay far below one S3 part.
+const GZIP_BLOCK: usize = 1024 * 1024;
+
+/// A compressing writer that hands back its inner writer once the stream is closed.
+pub trait Compressor<W>: Write + Send {
+    /// Flushes everything, writes the stream's trailer and returns the inner writer.
+    fn finish(self: Box<Self>) -> io::Result<W>;
+}
+
+/// Wraps `inner` in the compression `kind` at `level`, using `threads` worker threads.
+pub fn compressor<W: Write + Send + 'static>(
+    kind: CompressionKind,
+    level: i32,
+    threads: usize,
+    inner: W,
+) -> io::Result<Box<dyn Compressor<W>>> {
+    Ok(match kind {
+        CompressionKind::None => Box::new(Plain(inner)),
+        CompressionKind::Gzip => Box::new(ParallelGzip::new(inner, level, threads)),
+        CompressionKind::Zstd => {
+            let mut enc = zstd::stream::write::Encoder::new(inner, level)?;
+            if threads > 1 {
+                enc.multithread(u32::try_from(threads).unwrap_or(u32::MAX))?;
+            }
+            enc.include_checksum(true)?;
+            Box::new(Zstd(enc))
+        }
+    })
+}
+
+/// The number of compression threads to use: one per core.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+/// Wraps `raw` in the decompressor for `kind`: a reader of the tar stream. gzip input may hold
+/// several members (lifeboat's own archives do); all are read.
+pub fn decompressor<'a, R: io::Read + 'a>(
+    kind: CompressionKind,
+    raw: R,
+) -> io::Result<Box<dyn io::Read + 'a>> {
+    let raw = io::BufReader::with_capacity(256 * 1024, raw);
+    Ok(match kind {
+        CompressionKind::None => Box::new(raw),
+        CompressionKind::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(raw)),
+        CompressionKind::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(raw)?),
+    })
+}
+
+struct Plain<W>(W);
+
+impl<W: Write + Send> Write for Plain<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl<W: Write + Send> Compressor<W> for Plain<W> {
+    fn finish(mut self: Box<Self>) -> io::Result<W> {
+        self.0.flush()?;
+        Ok(self.0)
+    }
+}
+
+struct Zstd<W: Write>(zstd::stream::write::Encoder<'static, W>);
+
+impl<W: Write + Send> Write for Zstd<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl<W: Write + Send> Compressor<W> for Zstd<W> {
+    fn finish(self: Box<Self>) -> io::Result<W> {
+        self.0.finish()
+    }
+}
+
+/// A block to compress and where to send its gzip member.
+type Job = (Vec<u8>, SyncSender<io::Result<Vec<u8>>>);
+
+/// gzip on every core: blocks go to a pool of workers; members come back in submission order.
+struct ParallelGzip<W> {
+    inner: W,
+    block: Vec<u8>,
+    jobs: Option<SyncSender<Job>>,
+    pending: VecDeque<Receiver<io::Result<Vec<u8>>>>,
+    max_pending: usize,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl<W: Write + Send> ParallelGzip<W> {
+    fn new(inner: W, level: i32, threads: usize) -> Self {
+        let threads = threads.max(1);
+        let (tx, rx) = mpsc::sync_channel::<Job>(threads);
+        let rx = Arc::new(Mutex::new(rx));
+        let level = flate2::Compression::new(u32::try_from(level).unwrap_or(6));
+        let workers = (0..threads)
+            .map(|i| {
+                let rx = Arc::clone(&rx);
+                std::thread::Builder::new()
+                    .name(format!("lifeboat-gzip-{i}"))
+                    .spawn(move || gzip_worker(&rx, level))
+                    .expect("spawning a compression thread")
+            })
+            .collect();
+        Self {
+            inner,
+            block: Vec::with_capacity(GZIP_BLOCK),
+            jobs: Some(tx),
+            pending: VecDeque::new(),
+            // Two blocks per worker keeps every core busy while the oldest is written out.
+            max_pending: threads * 2,
+            workers,
+        }
+    }
+
+    fn submit(&mut self) -> io::Result<()> {
+        if self.block.is_empty() {
+            return Ok(());
+        }
+        while self.pending.len() >= self.max_pending {
+            self.write_oldest()?;
+        }
+        let block = std::mem::replace(&mut self.block, Vec::with_capacity(GZIP_BLOCK));
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.jobs
+            .as_ref()
+            .expect("jobs open until finish")
+            .send((block, tx))
+            .map_err(|_| io::Error::other("gzip workers stopped"))?;
+        self.pending.push_back(rx);
+        Ok(())
+    }
+
+    fn write_oldest(&mut self) -> io::Result<()> {
+        if let Some(rx) = self.pending.pop_front() {
+            let member = rx
+                .recv()
+                .map_err(|_| io::Error::other("a gzip worker stopped"))??;
+            self.inner.write_all(&member)?;
+        }
+        Ok(())
+    }
+}
+
+fn gzip_worker(jobs: &Mutex<Receiver<Job>>, level: flate2::Compression) {
+    loop {
+        // Hold the lock only to take a job, never while compressing.
+        let job = jobs.lock().map(|rx| rx.recv());
+        let Ok(Ok((block, reply))) = job else { return };
+        let mut enc = flate2::write::GzEncoder::new(Vec::with_capacity(block.len() / 2), level);
+        let member = enc.write_all(&block).and_then(|()| enc.finish());
+        // The writer may have gone away after an error; nothing to do then.
+        let _ = reply.send(member);
+    }
+}
+
+impl<W: Write + Send> Write for ParallelGzip<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let room = GZIP_BLOCK - self.block.len();
+        let n = buf.len().min(room);
+        self.block.extend_from_slice(&buf[..n]);
+        if self.block.len() == GZIP_BLOCK {
+            self.submit()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.submit()?;
+        while !self.pending.is_empty() {
+            self.write_oldest()?;
+        }
+        self.inner.flush()
+    }
+}
+
+impl<W: Write + Send> Compressor<W> for ParallelGzip<W> {
+    fn finish(mut self: Box<Self>) -> io::Result<W> {
+        self.flush()?;
+        self.jobs = None;
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+        // Dropping the job sender (above) is what stops the workers if this is never reached.
+        Ok(self.inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    fn sample(len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i % 251) as u8 ^ ((i / 4096) as u8))
+            .collect()
+    }
+
+    #[test]
+    fn parallel_gzip_is_one_readable_stream() {
+        let data = sample(3 * GZIP_BLOCK + 12345);
+        let mut c = compressor(CompressionKind::Gzip, 6, 2, Vec::new()).unwrap();
+        for chunk in data.chunks(70_000) {
+            c.write_all(chunk).unwrap();
+        }
+        let out = c.finish().unwrap();
+        let mut back = Vec::new();
+        flate2::read::MultiGzDecoder::new(&out[..])
+            .read_to_end(&mut back)
+            .unwrap();
+        assert_eq!(back, data);
+    }
+
+    #[test]
+    fn zstd_and_none_round_trip() {
+        let data = sample(2 * GZIP_BLOCK);
+        let mut c = compressor(CompressionKind::Zstd, 3, 2, Vec::new()).unwrap();
+        c.write_all(&data).unwrap();
+        let out = c.finish().unwrap();
+        assert_eq!(zstd::decode_all(&out[..]).unwrap(), data);
+
+        let mut c = compressor(CompressionKind::None, 0, 1, Vec::new()).unwrap();
+        c.write_all(&data).unwrap();
+        assert_eq!(c.finish().unwrap(), data);
+    }
+}

@@ -1,0 +1,675 @@
+//! The configuration file: a raw serde mirror of `lifeboat.toml`, turned once into a validated,
+//! immutable [`Config`] (sizes and durations parsed, paths checked). Every error names the file,
+//! the key and the problem.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use serde::{Deserialize, Serialize};
+
+/// Where the configuration lives unless `--config` or `LIFEBOAT_CONFIG` says otherwise.
+pub const DEFAULT_PATH: &str = "/etc/lifeboat/lifeboat.toml";
+
+/// S3's smallest part (except the last one).
+pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
+/// S3's largest part.
+pub const MAX_PART_SIZE: u64 = 5 * 1024 * 1024 * 1024;
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: cannot read the configuration file: {source}")]
+    Read {
+        /// The configuration file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has keys lifeboat does not know.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The configuration file.
+        path: PathBuf,
+        /// The parser's message, with line, column and key.
+        message: String,
+    },
+    /// A key has a value lifeboat cannot use.
+    #[error("{path}: {key}: {problem}")]
+    Invalid {
+        /// The configuration file.
+        path: PathBuf,
+        /// The key, as `section.key`.
+        key: String,
+        /// What is wrong with its value.
+        problem: String,
+    },
+}
+
+/// Compression applied to the tar stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CompressionKind {
+    /// gzip, compressed on every core; `gzip -d` reads it as one file.
+    Gzip,
+    /// zstd, multi-threaded.
+    Zstd,
+    /// Plain tar.
+    None,
+}
+
+impl CompressionKind {
+    /// The archive's file-name extension.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Self::Gzip => "tar.gz",
+            Self::Zstd => "tar.zst",
+            Self::None => "tar",
+        }
+    }
+
+    /// The name used in the config file and the manifest.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Gzip => "gzip",
+            Self::Zstd => "zstd",
+            Self::None => "none",
+        }
+    }
+
+    fn levels(self) -> (i32, i32, i32) {
+        // (min, max, default)
+        match self {
+            Self::Gzip => (0, 9, 6),
+            Self::Zstd => (1, 19, 3),
+            Self::None => (0, 0, 0),
+        }
+    }
+}
+
+/// Result given to the lifecycle action when the backup failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum LifecycleResult {
+    /// Let the group's other hooks run; the instance terminates.
+    Continue,
+    /// Skip remaining hooks; with a retention policy the instance is kept.
+    Abandon,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from (for messages).
+    pub source: PathBuf,
+    /// What to archive.
+    pub backup: BackupConfig,
+    /// Where to store it.
+    pub s3: S3Config,
+    /// Where to report.
+    pub sns: SnsConfig,
+    /// How to complete the lifecycle action.
+    pub lifecycle: LifecycleConfig,
+    /// How to watch for termination.
+    pub watch: WatchConfig,
+}
+
+/// `[backup]`.
+#[derive(Debug, Clone)]
+pub struct BackupConfig {
+    /// Absolute files or directories, archived in this order.
+    pub paths: Vec<PathBuf>,
+    /// Exclude patterns as written.
+    pub exclude: Vec<String>,
+    /// Compiled exclude patterns.
+    pub exclude_set: GlobSet,
+    /// Compression of the tar stream.
+    pub compression: CompressionKind,
+    /// Compression level.
+    pub level: i32,
+    /// Do not descend into other file systems.
+    pub one_file_system: bool,
+}
+
+/// `[s3]`.
+#[derive(Debug, Clone)]
+pub struct S3Config {
+    /// Bucket name.
+    pub bucket: String,
+    /// Key prefix, empty or ending in `/`.
+    pub prefix: String,
+    /// Starting part size in bytes.
+    pub part_size: u64,
+    /// Parts in flight.
+    pub concurrency: usize,
+    /// S3 storage class.
+    pub storage_class: String,
+    /// `AES256`, `aws:kms` or empty (bucket default).
+    pub sse: String,
+    /// KMS key for `aws:kms`.
+    pub kms_key_id: String,
+    /// Expected bucket owner account id, or empty.
+    pub expected_bucket_owner: String,
+}
+
+/// `[sns]`.
+#[derive(Debug, Clone)]
+pub struct SnsConfig {
+    /// Topic for reports; `None` means no report.
+    pub topic_arn: Option<String>,
+}
+
+/// `[lifecycle]`.
+#[derive(Debug, Clone)]
+pub struct LifecycleConfig {
+    /// Hook name; `None` means discover it.
+    pub hook_name: Option<String>,
+    /// Result on failure.
+    pub on_failure: LifecycleResult,
+    /// Heartbeat interval; `None` means half the hook's heartbeat timeout.
+    pub heartbeat_interval: Option<Duration>,
+}
+
+/// `[watch]`.
+#[derive(Debug, Clone)]
+pub struct WatchConfig {
+    /// How often instance metadata is polled.
+    pub poll_interval: Duration,
+    /// Watch for Spot interruption notices.
+    pub spot: bool,
+    /// Start an early backup on a rebalance recommendation.
+    pub rebalance: bool,
+}
+
+/// A size as written in the file: `"16MiB"` or a number of bytes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+enum SizeValue {
+    Bytes(u64),
+    Text(String),
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawConfig {
+    backup: RawBackup,
+    s3: RawS3,
+    sns: RawSns,
+    lifecycle: RawLifecycle,
+    watch: RawWatch,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawBackup {
+    paths: Vec<PathBuf>,
+    exclude: Vec<String>,
+    compression: CompressionKind,
+    level: Option<i32>,
+    one_file_system: bool,
+}
+
+impl Default for RawBackup {
+    fn default() -> Self {
+        Self {
+            paths: vec![PathBuf::from("/var/log")],
+            exclude: Vec::new(),
+            compression: CompressionKind::Gzip,
+            level: None,
+            one_file_system: true,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawS3 {
+    bucket: String,
+    prefix: String,
+    part_size: SizeValue,
+    concurrency: usize,
+    storage_class: String,
+    sse: String,
+    kms_key_id: String,
+    expected_bucket_owner: String,
+}
+
+impl Default for RawS3 {
+    fn default() -> Self {
+        Self {
+            bucket: String::new(),
+            prefix: "lifeboat/".into(),
+            part_size: SizeValue::Text("16MiB".into()),
+            concurrency: 4,
+            storage_class: "STANDARD".into(),
+            sse: "AES256".into(),
+            kms_key_id: String::new(),
+            expected_bucket_owner: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawSns {
+    topic_arn: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLifecycle {
+    hook_name: String,
+    on_failure: LifecycleResult,
+    heartbeat_interval: String,
+}
+
+impl Default for RawLifecycle {
+    fn default() -> Self {
+        Self {
+            hook_name: String::new(),
+            on_failure: LifecycleResult::Continue,
+            heartbeat_interval: "auto".into(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawWatch {
+    poll_interval: String,
+    spot: bool,
+    rebalance: bool,
+}
+
+impl Default for RawWatch {
+    fn default() -> Self {
+        Self {
+            poll_interval: "5s".into(),
+            spot: true,
+            rebalance: false,
+        }
+    }
+}
+
+const STORAGE_CLASSES: &[&str] = &[
+    "STANDARD",
+    "REDUCED_REDUNDANCY",
+    "STANDARD_IA",
+    "ONEZONE_IA",
+    "INTELLIGENT_TIERING",
+    "GLACIER",
+    "DEEP_ARCHIVE",
+    "GLACIER_IR",
+];
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Validates `text` as if read from `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        Validator { path }.validate(raw)
+    }
+
+    /// The effective configuration as TOML, defaults filled in.
+    pub fn to_toml(&self) -> String {
+        let raw = RawConfig {
+            backup: RawBackup {
+                paths: self.backup.paths.clone(),
+                exclude: self.backup.exclude.clone(),
+                compression: self.backup.compression,
+                level: Some(self.backup.level),
+                one_file_system: self.backup.one_file_system,
+            },
+            s3: RawS3 {
+                bucket: self.s3.bucket.clone(),
+                prefix: self.s3.prefix.clone(),
+                part_size: exact_size(self.s3.part_size),
+                concurrency: self.s3.concurrency,
+                storage_class: self.s3.storage_class.clone(),
+                sse: self.s3.sse.clone(),
+                kms_key_id: self.s3.kms_key_id.clone(),
+                expected_bucket_owner: self.s3.expected_bucket_owner.clone(),
+            },
+            sns: RawSns {
+                topic_arn: self.sns.topic_arn.clone().unwrap_or_default(),
+            },
+            lifecycle: RawLifecycle {
+                hook_name: self.lifecycle.hook_name.clone().unwrap_or_default(),
+                on_failure: self.lifecycle.on_failure,
+                heartbeat_interval: match self.lifecycle.heartbeat_interval {
+                    None => "auto".into(),
+                    Some(d) => humantime::format_duration(d).to_string(),
+                },
+            },
+            watch: RawWatch {
+                poll_interval: humantime::format_duration(self.watch.poll_interval).to_string(),
+                spot: self.watch.spot,
+                rebalance: self.watch.rebalance,
+            },
+        };
+        toml::to_string(&raw).expect("the effective config serializes")
+    }
+}
+
+/// A size as the config file would write it, exactly: `16MiB`, `1GiB`, or bytes.
+fn exact_size(bytes: u64) -> SizeValue {
+    const UNITS: [(u64, &str); 3] = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+    for (unit, name) in UNITS {
+        if bytes >= unit && bytes % unit == 0 {
+            return SizeValue::Text(format!("{}{name}", bytes / unit));
+        }
+    }
+    SizeValue::Bytes(bytes)
+}
+
+struct Validator<'a> {
+    path: &'a Path,
+}
+
+impl Validator<'_> {
+    fn invalid(&self, key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.to_owned(),
+            key: key.into(),
+            problem: problem.into(),
+        }
+    }
+
+    fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        Ok(Config {
+            source: self.path.to_owned(),
+            backup: self.backup(raw.backup)?,
+            s3: self.s3(raw.s3)?,
+            sns: self.sns(raw.sns)?,
+            lifecycle: self.lifecycle(raw.lifecycle)?,
+            watch: self.watch(raw.watch)?,
+        })
+    }
+
+    fn backup(&self, raw: RawBackup) -> Result<BackupConfig, ConfigError> {
+        if raw.paths.is_empty() {
+            return Err(self.invalid("backup.paths", "is empty: list at least one path"));
+        }
+        for (i, p) in raw.paths.iter().enumerate() {
+            if !p.is_absolute() {
+                return Err(self.invalid(
+                    format!("backup.paths[{i}]"),
+                    format!("{:?} is not an absolute path", p),
+                ));
+            }
+        }
+        let mut set = GlobSetBuilder::new();
+        for (i, pattern) in raw.exclude.iter().enumerate() {
+            let glob = Glob::new(pattern).map_err(|e| {
+                self.invalid(format!("backup.exclude[{i}]"), format!("{pattern:?}: {e}"))
+            })?;
+            set.add(glob);
+        }
+        let exclude_set = set
+            .build()
+            .map_err(|e| self.invalid("backup.exclude", e.to_string()))?;
+        let (min, max, default) = raw.compression.levels();
+        let level = raw.level.unwrap_or(default);
+        if raw.compression != CompressionKind::None && !(min..=max).contains(&level) {
+            return Err(self.invalid(
+                "backup.level",
+                format!(
+                    "{level} is out of range for {}: use {min} to {max}",
+                    raw.compression.name()
+                ),
+            ));
+        }
+        Ok(BackupConfig {
+            paths: raw.paths,
+            exclude: raw.exclude,
+            exclude_set,
+            compression: raw.compression,
+            level,
+            one_file_system: raw.one_file_system,
+        })
+    }
+
+    fn s3(&self, raw: RawS3) -> Result<S3Config, ConfigError> {
+        if raw.bucket.is_empty() {
+            return Err(self.invalid("s3.bucket", "is missing: name the bucket backups go to"));
+        }
+        if raw.bucket.len() < 3
+            || raw.bucket.len() > 63
+            || !raw
+                .bucket
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b))
+        {
+            return Err(self.invalid(
+                "s3.bucket",
+                format!(
+                    "{:?} is not a valid bucket name (3-63 characters: a-z, 0-9, '-', '.')",
+                    raw.bucket
+                ),
+            ));
+        }
+        let mut prefix = raw.prefix.trim_start_matches('/').to_owned();
+        if !prefix.is_empty() && !prefix.ends_with('/') {
+            prefix.push('/');
+        }
+        let part_size = self.size("s3.part_size", &raw.part_size)?;
+        if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&part_size) {
+            return Err(self.invalid(
+                "s3.part_size",
+                format!("{part_size} bytes is outside S3's part limits (5MiB to 5GiB)"),
+            ));
+        }
+        if !(1..=64).contains(&raw.concurrency) {
+            return Err(self.invalid(
+                "s3.concurrency",
+                format!("{} is out of range: use 1 to 64", raw.concurrency),
+            ));
+        }
+        if !STORAGE_CLASSES.contains(&raw.storage_class.as_str()) {
+            return Err(self.invalid(
+                "s3.storage_class",
+                format!(
+                    "{:?} is not one of {}",
+                    raw.storage_class,
+                    STORAGE_CLASSES.join(", ")
+                ),
+            ));
+        }
+        match raw.sse.as_str() {
+            "" | "AES256" | "aws:kms" => {}
+            other => {
+                return Err(self.invalid(
+                    "s3.sse",
+                    format!("{other:?} is not one of \"AES256\", \"aws:kms\" or \"\""),
+                ));
+            }
+        }
+        if !raw.kms_key_id.is_empty() && raw.sse != "aws:kms" {
+            return Err(self.invalid("s3.kms_key_id", "is set but s3.sse is not \"aws:kms\""));
+        }
+        if !raw.expected_bucket_owner.is_empty()
+            && (raw.expected_bucket_owner.len() != 12
+                || !raw
+                    .expected_bucket_owner
+                    .bytes()
+                    .all(|b| b.is_ascii_digit()))
+        {
+            return Err(self.invalid(
+                "s3.expected_bucket_owner",
+                format!(
+                    "{:?} is not a 12-digit account id",
+                    raw.expected_bucket_owner
+                ),
+            ));
+        }
+        Ok(S3Config {
+            bucket: raw.bucket,
+            prefix,
+            part_size,
+            concurrency: raw.concurrency,
+            storage_class: raw.storage_class,
+            sse: raw.sse,
+            kms_key_id: raw.kms_key_id,
+            expected_bucket_owner: raw.expected_bucket_owner,
+        })
+    }
+
+    fn sns(&self, raw: RawSns) -> Result<SnsConfig, ConfigError> {
+        if !raw.topic_arn.is_empty() && !raw.topic_arn.starts_with("arn:") {
+            return Err(self.invalid(
+                "sns.topic_arn",
+                format!("{:?} is not an ARN (arn:aws:sns:…)", raw.topic_arn),
+            ));
+        }
+        Ok(SnsConfig {
+            topic_arn: Some(raw.topic_arn).filter(|s| !s.is_empty()),
+        })
+    }
+
+    fn lifecycle(&self, raw: RawLifecycle) -> Result<LifecycleConfig, ConfigError> {
+        let heartbeat_interval = match raw.heartbeat_interval.as_str() {
+            "auto" | "" => None,
+            text => Some(self.duration("lifecycle.heartbeat_interval", text)?),
+        };
+        Ok(LifecycleConfig {
+            hook_name: Some(raw.hook_name).filter(|s| !s.is_empty()),
+            on_failure: raw.on_failure,
+            heartbeat_interval,
+        })
+    }
+
+    fn watch(&self, raw: RawWatch) -> Result<WatchConfig, ConfigError> {
+        let poll_interval = self.duration("watch.poll_interval", &raw.poll_interval)?;
+        Ok(WatchConfig {
+            poll_interval,
+            spot: raw.spot,
+            rebalance: raw.rebalance,
+        })
+    }
+
+    fn size(&self, key: &str, value: &SizeValue) -> Result<u64, ConfigError> {
+        match value {
+            SizeValue::Bytes(n) => Ok(*n),
+            SizeValue::Text(text) => text
+                .trim()
+                .parse::<bytesize::ByteSize>()
+                .map(|b| b.0)
+                .map_err(|_| {
+                    self.invalid(
+                        key,
+                        format!(
+                            "{text:?} is not a size (write it like \"16MiB\" or a number of bytes)"
+                        ),
+                    )
+                }),
+        }
+    }
+
+    fn duration(&self, key: &str, text: &str) -> Result<Duration, ConfigError> {
+        let d = humantime::parse_duration(text.trim()).map_err(|e| {
+            self.invalid(
+                key,
+                format!("{text:?} is not a duration ({e}; write it like \"5s\" or \"2m\")"),
+            )
+        })?;
+        if d < Duration::from_secs(1) {
+            return Err(self.invalid(key, format!("{text:?} is shorter than one second")));
+        }
+        Ok(d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/lifeboat/lifeboat.toml"), text)
+    }
+
+    #[test]
+    fn defaults_apply_with_only_a_bucket() {
+        let c = parse("[s3]\nbucket = \"my-backups\"\n").unwrap();
+        assert_eq!(c.backup.paths, vec![PathBuf::from("/var/log")]);
+        assert_eq!(c.backup.compression, CompressionKind::Gzip);
+        assert_eq!(c.backup.level, 6);
+        assert_eq!(c.s3.part_size, 16 * 1024 * 1024);
+        assert_eq!(c.s3.concurrency, 4);
+        assert_eq!(c.s3.prefix, "lifeboat/");
+        assert_eq!(c.watch.poll_interval, Duration::from_secs(5));
+        assert!(c.lifecycle.heartbeat_interval.is_none());
+        assert!(c.sns.topic_arn.is_none());
+    }
+
+    #[test]
+    fn missing_bucket_names_the_key() {
+        let e = parse("").unwrap_err().to_string();
+        assert!(
+            e.contains("/etc/lifeboat/lifeboat.toml: s3.bucket: is missing"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_key_names_the_key() {
+        let e = parse("[s3]\nbucket = \"b-1\"\nbukcet = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bukcet"), "{e}");
+        assert!(e.contains("line 3"), "{e}");
+    }
+
+    #[test]
+    fn relative_path_is_refused() {
+        let e = parse("[backup]\npaths = [\"/a\", \"var/log\"]\n[s3]\nbucket = \"b-1\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("backup.paths[1]"), "{e}");
+        assert!(e.contains("not an absolute path"), "{e}");
+    }
+
+    #[test]
+    fn bad_size_and_duration_are_refused() {
+        let e = parse("[s3]\nbucket = \"b-1\"\npart_size = \"lots\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("s3.part_size"), "{e}");
+        let e = parse("[s3]\nbucket = \"b-1\"\npart_size = \"1MiB\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("outside S3's part limits"), "{e}");
+        let e = parse("[s3]\nbucket = \"b-1\"\n[watch]\npoll_interval = \"soon\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("watch.poll_interval"), "{e}");
+    }
+
+    #[test]
+    fn sizes_accept_numbers_and_units() {
+        let c = parse("[s3]\nbucket = \"b-1\"\npart_size = 8388608\n").unwrap();
+        assert_eq!(c.s3.part_size, 8 * 1024 * 1024);
+        let c = parse("[s3]\nbucket = \"b-1\"\npart_size = \"64 MiB\"\n").unwrap();
+        assert_eq!(c.s3.part_size, 64 * 1024 * 1024);
+    }
+
+    #[test]
+    fn effective_config_round_trips() {
+        let c = parse("[s3]\nbucket = \"b-1\"\nprefix = \"x\"\n").unwrap();
+        let again = parse(&c.to_toml()).unwrap();
+        assert_eq!(again.s3.prefix, "x/");
+        assert_eq!(again.s3.part_size, c.s3.part_size);
+        assert_eq!(again.watch.poll_interval, c.watch.poll_interval);
+    }
+}

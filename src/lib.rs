@@ -1,0 +1,19 @@
+//! lifeboat: saves an EC2 instance's data to S3 before Auto Scaling or Spot terminates it.
+//!
+//! The pipeline reads like the modules: [`archive`] walks and writes tar, [`compress`] wraps it,
+//! [`upload`] streams it into S3, [`job`] ties them together with the manifest; [`catalog`],
+//! [`verify`] and [`restore`] get data back. [`cli`] parses the command line and dispatches.
+
+pub mod archive;
+pub mod aws;
+pub mod catalog;
+pub mod cli;
+pub mod compress;
+pub mod config;
+pub mod identity;
+pub mod job;
+pub mod manifest;
+pub mod progress;
+pub mod restore;
+pub mod upload;
+pub mod verify;

@@ -1,0 +1,8 @@
+//! Integration tests: the built `lifeboat` binary against real S3 servers on loopback
+//! (moto's server and s3s-fs), started by the test bench in `support`.
+
+mod backup;
+mod cli;
+mod failures;
+mod restore;
+mod support;

@@ -1,0 +1,109 @@
+//! Getting data back safely: restore refuses hostile archives, verify catches corruption.
+
+use std::fs;
+use std::io::Write;
+
+use crate::support::{Lifeboat, config_for, moto, s3s_fs, write};
+
+/// A tar with raw, unchecked names (what an attacker would upload).
+fn hostile_tar() -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let entries: [(&str, tar::EntryType, &[u8], Option<&str>); 7] = [
+        ("../escaped.txt", tar::EntryType::Regular, b"x", None),
+        (
+            "/tmp/lifeboat-absolute.txt",
+            tar::EntryType::Regular,
+            b"x",
+            None,
+        ),
+        ("up", tar::EntryType::Symlink, b"", Some("..")),
+        ("up/through-link.txt", tar::EntryType::Regular, b"x", None),
+        ("hard", tar::EntryType::Link, b"", Some("../outside-hard")),
+        ("dev", tar::EntryType::Char, b"", None),
+        ("fine/kept.txt", tar::EntryType::Regular, b"kept", None),
+    ];
+    for (name, kind, data, link) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        let raw = h.as_old_mut();
+        raw.name[..name.len()].copy_from_slice(name.as_bytes());
+        if let Some(l) = link {
+            raw.linkname[..l.len()].copy_from_slice(l.as_bytes());
+        }
+        h.set_cksum();
+        b.append(&h, data).unwrap();
+    }
+    let tar = b.into_inner().unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&tar).unwrap();
+    gz.finish().unwrap()
+}
+
+#[test]
+fn restore_refuses_an_archive_that_tries_to_escape() {
+    let server = s3s_fs();
+    let dir = tempfile::tempdir().unwrap();
+    let bucket = server.bucket("hostile");
+    let key = "backups/standalone/attacker/20260101T000000Z-evil.tar.gz";
+    server.put(&bucket, key, hostile_tar());
+    let lb = Lifeboat::new(
+        dir.path(),
+        &server.endpoint,
+        &config_for(&bucket, &[dir.path()], "", ""),
+    );
+    let outer = dir.path().join("outer");
+    let target = outer.join("target");
+    let out = lb.run(&["restore", "--key", key, "--to", target.to_str().unwrap()]);
+    assert_eq!(out.code, Some(3), "{out:#?}");
+    for refused in [
+        "../escaped.txt",
+        "/tmp/lifeboat-absolute.txt",
+        "up/through-link.txt",
+        "hard",
+        "dev",
+    ] {
+        assert!(
+            out.stdout.contains(&format!("  {refused}: ")),
+            "{refused} not reported: {out:#?}"
+        );
+    }
+    // Nothing was written outside the target.
+    let outside: Vec<_> = fs::read_dir(&outer)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(outside, vec![std::ffi::OsString::from("target")]);
+    assert!(!std::path::Path::new("/tmp/lifeboat-absolute.txt").exists());
+    assert_eq!(fs::read(target.join("fine/kept.txt")).unwrap(), b"kept");
+}
+
+#[test]
+fn verify_detects_a_corrupted_archive() {
+    let server = moto();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    for i in 0..20 {
+        write(
+            &data.join(format!("f{i}.log")),
+            format!("line {i}\n").repeat(500).as_bytes(),
+        );
+    }
+    let bucket = server.bucket("corrupt");
+    let lb = Lifeboat::new(
+        dir.path(),
+        &server.endpoint,
+        &config_for(&bucket, &[&data], "", ""),
+    );
+    let key = lb.run(&["backup"]).stored_key();
+    assert!(lb.run(&["verify", "--key", &key]).ok().starts_with("OK "));
+    let mut bytes = server.get(&bucket, &key);
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    server.put(&bucket, &key, bytes);
+    let out = lb.run(&["verify", "--key", &key]);
+    assert_eq!(out.code, Some(3), "{out:#?}");
+    assert!(out.stdout.starts_with("FAILED"), "{out:#?}");
+    assert!(out.stdout.contains("SHA-256"), "{out:#?}");
+}

@@ -1,0 +1,376 @@
+//! Test bench: real servers on loopback and the built `lifeboat` binary as a process.
+//!
+//! moto's server and s3s-fs are started once per test binary, on free ports, from the project's
+//! `.venv` and `.tools` (installed by `scripts/bootstrap.sh`). Each is wrapped in a tiny shell
+//! guard that kills it when this process's end of a pipe closes, so no server outlives the tests.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use aws_sdk_s3::Client;
+
+/// Dummy credentials the servers accept.
+pub const ACCESS_KEY: &str = "lifeboat-test";
+/// Dummy secret.
+pub const SECRET_KEY: &str = "lifeboat-test-secret";
+/// Region used everywhere.
+pub const REGION: &str = "us-east-1";
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Which S3 implementation a server is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// moto's server mode.
+    Moto,
+    /// s3s-fs.
+    S3sFs,
+}
+
+/// A server running on loopback.
+pub struct Server {
+    /// What it is.
+    pub kind: Kind,
+    /// `http://127.0.0.1:PORT`.
+    pub endpoint: String,
+    /// s3s-fs keeps objects as files here.
+    pub data_dir: Option<PathBuf>,
+    _guard: Child,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+/// Starts `program args…` under a guard shell that kills it when our stdin pipe closes.
+fn spawn_guarded(program: &Path, args: &[&str], log: &Path) -> Child {
+    assert!(
+        program.exists(),
+        "{} is missing: run scripts/bootstrap.sh (the README's test command does)",
+        program.display()
+    );
+    let log = std::fs::File::create(log).expect("server log");
+    Command::new("sh")
+        .arg("-c")
+        .arg(r#""$0" "$@" & pid=$!; read _unused; kill "$pid" 2>/dev/null; wait "$pid""#)
+        .arg(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("spawning a test server")
+}
+
+/// Polls until `port` accepts connections, with a deadline.
+fn wait_listening(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not start listening on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn scratch() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| tempfile::tempdir().expect("scratch dir"))
+        .path()
+}
+
+/// moto's server, started once.
+pub fn moto() -> &'static Server {
+    static MOTO: OnceLock<Server> = OnceLock::new();
+    MOTO.get_or_init(|| {
+        let port = free_port();
+        let guard = spawn_guarded(
+            &root().join(".venv/bin/moto_server"),
+            &["-H", "127.0.0.1", "-p", &port.to_string()],
+            &scratch().join("moto.log"),
+        );
+        wait_listening(port, "moto_server");
+        Server {
+            kind: Kind::Moto,
+            endpoint: format!("http://127.0.0.1:{port}"),
+            data_dir: None,
+            _guard: guard,
+        }
+    })
+}
+
+/// s3s-fs, started once.
+pub fn s3s_fs() -> &'static Server {
+    static S3S: OnceLock<Server> = OnceLock::new();
+    S3S.get_or_init(|| {
+        let port = free_port();
+        let data = scratch().join("s3s-data");
+        std::fs::create_dir_all(&data).unwrap();
+        let guard = spawn_guarded(
+            &root().join(".tools/bin/s3s-fs"),
+            &[
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--access-key",
+                ACCESS_KEY,
+                "--secret-key",
+                SECRET_KEY,
+                data.to_str().unwrap(),
+            ],
+            &scratch().join("s3s-fs.log"),
+        );
+        wait_listening(port, "s3s-fs");
+        Server {
+            kind: Kind::S3sFs,
+            endpoint: format!("http://127.0.0.1:{port}"),
+            data_dir: Some(data),
+            _guard: guard,
+        }
+    })
+}
+
+/// A runtime for the test-side S3 client.
+pub fn rt() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    })
+}
+
+/// A unique bucket name for one test.
+pub fn bucket_name(test: &str) -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("lb-{}-{}-{n}", test.replace('_', "-"), std::process::id())
+}
+
+impl Server {
+    /// The test's own S3 client (not lifeboat's code).
+    pub fn client(&self) -> Client {
+        let creds =
+            aws_sdk_s3::config::Credentials::new(ACCESS_KEY, SECRET_KEY, None, None, "test");
+        let conf = aws_sdk_s3::config::Builder::new()
+            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+            .endpoint_url(&self.endpoint)
+            .region(aws_sdk_s3::config::Region::new(REGION))
+            .credentials_provider(creds)
+            .force_path_style(true)
+            .build();
+        Client::from_conf(conf)
+    }
+
+    /// Creates a fresh bucket and returns its name.
+    pub fn bucket(&self, test: &str) -> String {
+        let name = bucket_name(test);
+        rt().block_on(self.client().create_bucket().bucket(&name).send())
+            .expect("create bucket");
+        name
+    }
+
+    /// All keys in `bucket`.
+    pub fn keys(&self, bucket: &str) -> Vec<String> {
+        let out = rt()
+            .block_on(self.client().list_objects_v2().bucket(bucket).send())
+            .expect("list objects");
+        out.contents()
+            .iter()
+            .filter_map(|o| o.key().map(str::to_owned))
+            .collect()
+    }
+
+    /// The bytes of an object.
+    pub fn get(&self, bucket: &str, key: &str) -> Vec<u8> {
+        rt().block_on(async {
+            let out = self
+                .client()
+                .get_object()
+                .bucket(bucket)
+                .key(key)
+                .send()
+                .await
+                .expect("get object");
+            out.body.collect().await.unwrap().into_bytes().to_vec()
+        })
+    }
+
+    /// Stores an object.
+    pub fn put(&self, bucket: &str, key: &str, body: Vec<u8>) {
+        rt().block_on(
+            self.client()
+                .put_object()
+                .bucket(bucket)
+                .key(key)
+                .body(body.into())
+                .send(),
+        )
+        .expect("put object");
+    }
+
+    /// Multipart uploads still open in `bucket` (moto implements ListMultipartUploads).
+    pub fn open_uploads(&self, bucket: &str) -> usize {
+        let out = rt()
+            .block_on(self.client().list_multipart_uploads().bucket(bucket).send())
+            .expect("list multipart uploads");
+        out.uploads().len()
+    }
+}
+
+/// A lifeboat invocation against `endpoint` with a config file written into `dir`.
+pub struct Lifeboat {
+    /// Scratch directory of the test (config file, outputs).
+    pub dir: PathBuf,
+    /// The config file.
+    pub config: PathBuf,
+    endpoint: String,
+    secret: String,
+}
+
+impl Lifeboat {
+    /// Writes `config` (TOML) into `dir` and points lifeboat at `endpoint`.
+    pub fn new(dir: &Path, endpoint: &str, config: &str) -> Self {
+        let path = dir.join("lifeboat.toml");
+        std::fs::write(&path, config).unwrap();
+        Self {
+            dir: dir.to_owned(),
+            config: path,
+            endpoint: endpoint.to_owned(),
+            secret: SECRET_KEY.to_owned(),
+        }
+    }
+
+    /// Uses a different secret key (for access-denied tests).
+    pub fn with_secret(mut self, secret: &str) -> Self {
+        self.secret = secret.to_owned();
+        self
+    }
+
+    /// The command, environment set, not started.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lifeboat"));
+        cmd.args(args)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", &self.dir)
+            .env("LIFEBOAT_CONFIG", &self.config)
+            .env("AWS_ENDPOINT_URL", &self.endpoint)
+            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", &self.secret)
+            .env("AWS_REGION", REGION)
+            // Off EC2: nothing listens on the discard port, so metadata fails fast.
+            .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://127.0.0.1:9")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd
+    }
+
+    /// Runs to completion (failing the test if it takes longer than `limit`).
+    pub fn run_with_limit(&self, args: &[&str], limit: Duration) -> Run {
+        let child = self.command(args).spawn().expect("spawn lifeboat");
+        wait_output(child, limit, args)
+    }
+
+    /// Runs to completion within five minutes.
+    pub fn run(&self, args: &[&str]) -> Run {
+        self.run_with_limit(args, Duration::from_secs(300))
+    }
+}
+
+/// A finished lifeboat process.
+#[derive(Debug)]
+pub struct Run {
+    /// Exit code (None if killed by a signal).
+    pub code: Option<i32>,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl Run {
+    /// Asserts success and returns stdout.
+    pub fn ok(&self) -> &str {
+        assert_eq!(self.code, Some(0), "lifeboat failed: {self:#?}");
+        &self.stdout
+    }
+
+    /// The `s3://bucket/key` printed by a successful backup: the key.
+    pub fn stored_key(&self) -> String {
+        let line = self
+            .ok()
+            .lines()
+            .find_map(|l| l.strip_prefix("stored s3://"))
+            .expect("a `stored` line");
+        line.split_once('/').expect("bucket/key").1.to_owned()
+    }
+}
+
+/// Waits for `child` with a deadline, collecting its output.
+pub fn wait_output(mut child: Child, limit: Duration, what: &[&str]) -> Run {
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let out_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("lifeboat {what:?} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Run {
+        code: status.code(),
+        stdout: out_t.join().unwrap(),
+        stderr: err_t.join().unwrap(),
+    }
+}
+
+/// A config for `bucket` archiving `paths`, with extra `[backup]` and `[s3]` lines.
+pub fn config_for(bucket: &str, paths: &[&Path], backup_extra: &str, s3_extra: &str) -> String {
+    let paths: Vec<String> = paths
+        .iter()
+        .map(|p| format!("{:?}", p.display().to_string()))
+        .collect();
+    format!(
+        "[backup]\npaths = [{}]\n{backup_extra}\n[s3]\nbucket = \"{bucket}\"\nprefix = \"backups/\"\n{s3_extra}\n",
+        paths.join(", ")
+    )
+}
+
+/// Writes `data` to `path`, creating parents.
+pub fn write(path: &Path, data: &[u8]) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let mut f = std::fs::File::create(path).unwrap();
+    f.write_all(data).unwrap();
+}
