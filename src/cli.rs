@@ -17,12 +17,15 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use crate::archive::{self, ArchiveOptions, Counters};
+use crate::archive::{self, ArchiveOptions};
 use crate::config::{self, Config};
 use crate::identity::InstanceIdentity;
-use crate::job::{BackupJob, JobError};
+use crate::lifecycle::Lifecycle;
 use crate::progress::{self, Progress};
-use crate::{aws, catalog, manifest, restore, verify};
+use crate::runner::{JobResult, JobStatus, Runner, Services};
+use crate::state::{self, StateFile};
+use crate::watch::{NoticeSource, TerminationNotice};
+use crate::{aws, catalog, daemon, manifest, restore, verify};
 
 /// Success.
 pub const EXIT_OK: u8 = 0;
@@ -56,6 +59,22 @@ enum Command {
         /// Print what would be archived, without reading files or uploading.
         #[arg(long)]
         dry_run: bool,
+        /// Complete the Auto Scaling lifecycle action when the backup ends (the SSM document's
+        /// entry point): CONTINUE on success, `lifecycle.on_failure` otherwise.
+        #[arg(long, requires_all = ["hook", "asg"], conflicts_with = "dry_run")]
+        complete_lifecycle: bool,
+        /// The lifecycle hook (with --complete-lifecycle).
+        #[arg(long, requires = "complete_lifecycle")]
+        hook: Option<String>,
+        /// The Auto Scaling group (with --complete-lifecycle).
+        #[arg(long, requires = "complete_lifecycle")]
+        asg: Option<String>,
+        /// The lifecycle action token, when known; otherwise the action is completed by instance id.
+        #[arg(long, requires = "complete_lifecycle")]
+        token: Option<String>,
+        /// The instance (defaults to this one, from instance metadata).
+        #[arg(long)]
+        instance_id: Option<String>,
     },
     /// List backups in the bucket, newest first.
     List {
@@ -125,6 +144,7 @@ pub fn main() -> ExitCode {
         print!("{}", config.to_toml());
         return ExitCode::from(EXIT_OK);
     }
+    let daemon = matches!(cli.command, Command::Run);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("lifeboat")
@@ -137,6 +157,7 @@ pub fn main() -> ExitCode {
         }
     };
     let code = runtime.block_on(dispatch(cli.command, config));
+    let _ = daemon;
     // Part uploads are aborted or finished by now; do not wait for idle connection tasks.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     ExitCode::from(code)
@@ -157,17 +178,33 @@ fn init_logging(daemon: bool) {
 
 async fn dispatch(command: Command, config: Config) -> u8 {
     let result = match command {
-        Command::Run | Command::Status => Err(Failure::usage(
-            "the daemon (`run`, `status`) is not part of this build yet; use `lifeboat backup`",
-        )),
+        Command::Run => run(config).await,
+        Command::Status => status().await,
         Command::Backup {
             reason,
             dry_run: true,
+            ..
         } => dry_run(&config, &reason),
         Command::Backup {
             reason,
             dry_run: false,
-        } => backup(&config, reason).await,
+            complete_lifecycle,
+            hook,
+            asg,
+            token,
+            instance_id,
+        } => {
+            let notice = TerminationNotice {
+                source: NoticeSource::Command,
+                reason,
+                group: asg,
+                hook,
+                token,
+                deadline: None,
+                complete_lifecycle,
+            };
+            backup(config, notice, instance_id).await
+        }
         Command::List { instance_id } => list(&config, instance_id.as_deref()).await,
         Command::Restore {
             key,
@@ -263,68 +300,233 @@ fn cancel_on_signals(token: CancellationToken) {
     });
 }
 
-async fn s3_client(region_hint: Option<&str>) -> aws_sdk_s3::Client {
-    aws::s3_client(&aws::sdk_config(region_hint).await)
+async fn s3_client(config: &Config) -> aws_sdk_s3::Client {
+    aws::s3_client(&aws::sdk_config(None).await, config.s3.retry_budget)
 }
 
-async fn backup(config: &Config, reason: String) -> Result<u8, Failure> {
+/// The AWS clients a job needs, from the standard chain (`region_hint` from instance metadata).
+pub async fn services(config: &Config, region_hint: Option<&str>) -> Services {
+    let conf = aws::sdk_config(region_hint).await;
+    Services {
+        s3: aws::s3_client(&conf, config.s3.retry_budget),
+        lifecycle: Lifecycle::new(aws::autoscaling_client(&conf)),
+        sns: aws::sns_client(&conf),
+    }
+}
+
+async fn run(config: Config) -> Result<u8, Failure> {
+    let shutdown = CancellationToken::new();
+    cancel_on_signals(shutdown.clone());
+    match daemon::run(Arc::new(config), shutdown).await {
+        Ok(()) => Ok(EXIT_OK),
+        Err(e) if e.downcast_ref::<daemon::DaemonError>().is_some() => Err(Failure {
+            error: e,
+            code: EXIT_USAGE,
+        }),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn status() -> Result<u8, Failure> {
+    let socket = state::control_socket();
+    let live = match daemon::ask(&socket, &daemon::Request::Status, |_, _| {}).await {
+        Some(Ok(daemon::Reply::Status { state, job_running })) => Some((*state, job_running)),
+        _ => None,
+    };
+    let (state, running) = match live {
+        Some((s, job)) => (s, Some(job)),
+        None => (
+            StateFile::read(&state::state_dir().join("state.json")).unwrap_or_default(),
+            None,
+        ),
+    };
+    match (&state.daemon, running) {
+        (Some(d), Some(job)) => {
+            println!(
+                "daemon: running (pid {}, since {}) on {}",
+                d.pid, d.started_at, d.instance_id
+            );
+            println!("watching: {}", d.sources.join(", "));
+            println!("job: {}", if job { "running" } else { "none running" });
+        }
+        (Some(d), None) => println!(
+            "daemon: not running (last: pid {}, {} since {})",
+            d.pid, d.state, d.started_at
+        ),
+        (None, _) => println!("daemon: not running"),
+    }
+    match &state.last_notice {
+        Some(n) => println!(
+            "last notice: {} ({:?}) at {}",
+            n.notice.reason, n.notice.source, n.at
+        ),
+        None => println!("last notice: none"),
+    }
+    match &state.last_job {
+        Some(j) => {
+            println!(
+                "last job: {:?}, {} files, {} stored, finished {}",
+                j.status,
+                j.file_count,
+                progress::bytes(j.bytes_stored),
+                j.finished_at
+            );
+            if let Some(url) = &j.object_url {
+                println!("  archive: {url}");
+            }
+            if let Some(l) = &j.lifecycle {
+                println!("  lifecycle: {l}");
+            }
+            if let Some(e) = &j.error {
+                println!("  error: {e}");
+            }
+        }
+        None => println!("last job: none"),
+    }
+    Ok(EXIT_OK)
+}
+
+/// Takes the backup lock (`RUNTIME_DIRECTORY/backup.lock`), waiting for a holder to finish.
+/// Returns the lock file (held while it lives) and whether another invocation held it.
+async fn lock() -> (Option<std::fs::File>, bool) {
+    use rustix::fs::{FlockOperation, flock};
+    let dir = state::runtime_dir();
+    let path = dir.join("backup.lock");
+    let file = std::fs::create_dir_all(&dir).and_then(|()| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+    });
+    let file = match file {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "no backup lock; running unlocked");
+            return (None, false);
+        }
+    };
+    if flock(&file, FlockOperation::NonBlockingLockExclusive).is_ok() {
+        return (Some(file), false);
+    }
+    eprintln!("lifeboat: another backup is running; waiting for its result");
+    let locked = tokio::task::spawn_blocking(move || {
+        flock(&file, FlockOperation::LockExclusive).map(|()| file)
+    })
+    .await;
+    match locked {
+        Ok(Ok(f)) => (Some(f), true),
+        _ => (None, true),
+    }
+}
+
+async fn backup(
+    config: Config,
+    notice: TerminationNotice,
+    instance_id: Option<String>,
+) -> Result<u8, Failure> {
+    // A running daemon owns the job: join it there.
+    let socket = state::control_socket();
+    let show = progress::wanted();
+    let request = daemon::Request::Backup(notice.clone());
+    let asked = daemon::ask(&socket, &request, |read, entries| {
+        if show {
+            progress::line(read, entries);
+        }
+    })
+    .await;
+    if let Some(reply) = asked {
+        if show {
+            progress::clear();
+        }
+        return match reply {
+            Ok(daemon::Reply::Result(r)) => Ok(print_result(&r)),
+            Ok(other) => Err(anyhow::anyhow!("unexpected reply from the daemon: {other:?}").into()),
+            Err(e) => Err(anyhow::Error::new(e)
+                .context(format!("talking to the daemon at {}", socket.display()))
+                .into()),
+        };
+    }
+    // No daemon: run the job here, one at a time.
+    let since = crate::manifest::rfc3339(time::OffsetDateTime::now_utc());
+    let (_lock, waited) = lock().await;
+    let state_file = Arc::new(StateFile::open(&state::state_dir()));
+    if waited
+        && let Some(last) = state_file.snapshot().last_job
+        && last.finished_at >= since
+    {
+        return Ok(print_result(&last));
+    }
     let cancel = CancellationToken::new();
     cancel_on_signals(cancel.clone());
-    let identity = InstanceIdentity::discover().await;
+    let mut identity = InstanceIdentity::discover().await;
+    if let Some(id) = instance_id
+        && !identity.on_ec2
+    {
+        identity.instance_id = id;
+    }
     let region = identity.on_ec2.then_some(identity.region.as_str());
-    let s3 = s3_client(region).await;
-    let counters = Arc::new(Counters::default());
-    let progress = Progress::start(Arc::clone(&counters));
-    let job = BackupJob {
-        config,
-        reason,
-        identity,
-        s3,
-        cancel,
-        counters,
+    let services = services(&config, region).await;
+    let runner = Runner::new(Arc::new(config), identity, services, state_file, cancel);
+    let progress = {
+        let runner = Arc::clone(&runner);
+        Progress::start(move || runner.progress())
     };
-    let result = job.run().await;
+    let result = runner.submit(notice).await;
     progress.stop();
-    match result {
-        Ok(outcome) => {
-            let m = &outcome.manifest;
-            let secs = outcome.elapsed.as_secs_f64().max(0.001);
-            println!("stored s3://{}/{}", m.bucket, m.key);
-            println!(
-                "  {} files, {} read, {} stored, {} skipped, {} changed while read{}",
-                m.file_count,
-                progress::bytes(m.bytes_read),
-                progress::bytes(m.bytes_stored),
-                m.skipped.len(),
-                m.changed.len(),
-                if m.partial { ", PARTIAL" } else { "" }
-            );
-            println!(
-                "  {:.2} s, {}/s; manifest s3://{}/{}",
-                secs,
-                progress::bytes((m.bytes_read as f64 / secs) as u64),
-                m.bucket,
-                m.key()
-            );
-            Ok(EXIT_OK)
-        }
-        Err(JobError::Cancelled) => {
-            let signo = SIGNAL.load(Ordering::SeqCst);
+    Ok(print_result(&result))
+}
+
+/// Prints a job's result (stdout for what was stored, stderr for what failed); its exit code.
+fn print_result(r: &JobResult) -> u8 {
+    if let Some(url) = &r.object_url {
+        println!("stored {url}");
+        println!(
+            "  {} files, {} read, {} stored, {} skipped, {} changed while read{}",
+            r.file_count,
+            progress::bytes(r.bytes_read),
+            progress::bytes(r.bytes_stored),
+            r.skipped,
+            r.changed,
+            if r.status == JobStatus::Partial {
+                ", PARTIAL (deadline)"
+            } else {
+                ""
+            }
+        );
+        let secs = r.duration_seconds.max(0.001);
+        println!(
+            "  {:.2} s, {}/s",
+            secs,
+            progress::bytes((r.bytes_read as f64 / secs) as u64)
+        );
+    }
+    if let Some(l) = &r.lifecycle {
+        println!("  lifecycle action: {l}");
+    }
+    match r.status {
+        JobStatus::Succeeded | JobStatus::Partial => EXIT_OK,
+        JobStatus::Cancelled => {
             eprintln!(
                 "lifeboat: backup interrupted; the upload was aborted and nothing was stored"
             );
-            Ok(if signo > 0 {
-                128 + signo as u8
-            } else {
-                EXIT_FAILED
-            })
+            match SIGNAL.load(Ordering::SeqCst) {
+                0 => r.exit_code,
+                signo => 128 + signo as u8,
+            }
         }
-        Err(e) => Err(anyhow::Error::new(e).context("backup failed").into()),
+        JobStatus::Failed => {
+            eprintln!(
+                "lifeboat: backup failed: {}",
+                r.error.as_deref().unwrap_or("unknown error")
+            );
+            r.exit_code
+        }
     }
 }
 
 async fn list(config: &Config, instance_id: Option<&str>) -> Result<u8, Failure> {
-    let s3 = s3_client(None).await;
+    let s3 = s3_client(config).await;
     let entries = catalog::list(&s3, &config.s3, instance_id).await?;
     if entries.is_empty() {
         eprintln!(
@@ -347,7 +549,7 @@ async fn list(config: &Config, instance_id: Option<&str>) -> Result<u8, Failure>
 }
 
 async fn verify(config: &Config, key: &str) -> Result<u8, Failure> {
-    let s3 = s3_client(None).await;
+    let s3 = s3_client(config).await;
     let manifest = catalog::manifest(&s3, &config.s3, key).await?;
     let compression = manifest::compression_of(key).context("unknown archive suffix")?;
     let (reader, _) = catalog::open_archive(&s3, &config.s3, key).await?;
@@ -382,7 +584,7 @@ async fn restore(
     instance_id: Option<String>,
     to: PathBuf,
 ) -> Result<u8, Failure> {
-    let s3 = s3_client(None).await;
+    let s3 = s3_client(config).await;
     let key = match (key, instance_id) {
         (Some(k), _) => k,
         (None, Some(id)) => catalog::latest(&s3, &config.s3, &id).await?.key,

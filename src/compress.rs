@@ -1,9 +1,11 @@
 //! The compression stage: wraps a writer in gzip, zstd or nothing. It knows nothing of tar or S3.
 //!
-//! gzip is compressed on every core: the input is cut into blocks, each compressed on a worker
-//! thread into its own gzip member, and the members written in order. Concatenated members are one
-//! valid gzip file (RFC 1952 §2.2): `gzip -d` and `tar xzf` read the whole stream. zstd uses
-//! libzstd's own worker threads and writes a single frame.
+//! Both codecs compress on every core the same way: the input is cut into blocks, each block is
+//! compressed on a worker thread into a self-contained unit (a gzip member, a zstd frame), and
+//! the units are written in order. Concatenated units are one valid file (RFC 1952 §2.2 for gzip;
+//! RFC 8878 §3 for zstd): `gzip -d`, `zstd -d`, `tar xzf` and `tar --zstd -xf` read the whole
+//! stream. The writing thread only copies bytes into blocks, so the archive walk never waits on
+//! compression until a few blocks per core are queued.
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -13,9 +15,10 @@ use std::thread::JoinHandle;
 
 use crate::config::CompressionKind;
 
-/// Input bytes per gzip member. Large enough that the ratio is within a fraction of a percent of
-/// a single stream, small enough that a few blocks per core stay far below one S3 part.
+/// Input bytes per gzip member: the ratio is within a fraction of a percent of one stream.
 const GZIP_BLOCK: usize = 1024 * 1024;
+/// Input bytes per zstd frame: twice zstd's level-3 window, so little is lost at frame edges.
+const ZSTD_BLOCK: usize = 4 * 1024 * 1024;
 
 /// A compressing writer that hands back its inner writer once the stream is closed.
 pub trait Compressor<W>: Write + Send {
@@ -32,15 +35,12 @@ pub fn compressor<W: Write + Send + 'static>(
 ) -> io::Result<Box<dyn Compressor<W>>> {
     Ok(match kind {
         CompressionKind::None => Box::new(Plain(inner)),
-        CompressionKind::Gzip => Box::new(ParallelGzip::new(inner, level, threads)),
-        CompressionKind::Zstd => {
-            let mut enc = zstd::stream::write::Encoder::new(inner, level)?;
-            if threads > 1 {
-                enc.multithread(u32::try_from(threads).unwrap_or(u32::MAX))?;
-            }
-            enc.include_checksum(true)?;
-            Box::new(Zstd(enc))
-        }
+        CompressionKind::Gzip => Box::new(BlockParallel::new(
+            inner,
+            Codec::Gzip(flate2::Compression::new(u32::try_from(level).unwrap_or(6))),
+            threads,
+        )),
+        CompressionKind::Zstd => Box::new(BlockParallel::new(inner, Codec::Zstd(level), threads)),
     })
 }
 
@@ -81,29 +81,46 @@ impl<W: Write + Send> Compressor<W> for Plain<W> {
     }
 }
 
-struct Zstd<W: Write>(zstd::stream::write::Encoder<'static, W>);
-
-impl<W: Write + Send> Write for Zstd<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.write(buf)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.0.flush()
-    }
-}
-
-impl<W: Write + Send> Compressor<W> for Zstd<W> {
-    fn finish(self: Box<Self>) -> io::Result<W> {
-        self.0.finish()
-    }
-}
-
 /// A block to compress and where to send its gzip member.
 type Job = (Vec<u8>, SyncSender<io::Result<Vec<u8>>>);
 
-/// gzip on every core: blocks go to a pool of workers; members come back in submission order.
-struct ParallelGzip<W> {
+/// How a block becomes a self-contained unit.
+#[derive(Debug, Clone, Copy)]
+enum Codec {
+    Gzip(flate2::Compression),
+    Zstd(i32),
+}
+
+impl Codec {
+    fn block_size(self) -> usize {
+        match self {
+            Self::Gzip(_) => GZIP_BLOCK,
+            Self::Zstd(_) => ZSTD_BLOCK,
+        }
+    }
+
+    fn compress(self, block: &[u8]) -> io::Result<Vec<u8>> {
+        match self {
+            Self::Gzip(level) => {
+                let mut enc =
+                    flate2::write::GzEncoder::new(Vec::with_capacity(block.len() / 2), level);
+                enc.write_all(block)?;
+                enc.finish()
+            }
+            Self::Zstd(level) => {
+                let mut c = zstd::bulk::Compressor::new(level)?;
+                c.include_checksum(true)?;
+                c.include_contentsize(true)?;
+                c.compress(block)
+            }
+        }
+    }
+}
+
+/// Compression on every core: blocks go to a pool of workers; units come back in order.
+struct BlockParallel<W> {
     inner: W,
+    codec: Codec,
     block: Vec<u8>,
     jobs: Option<SyncSender<Job>>,
     pending: VecDeque<Receiver<io::Result<Vec<u8>>>>,
@@ -111,24 +128,24 @@ struct ParallelGzip<W> {
     workers: Vec<JoinHandle<()>>,
 }
 
-impl<W: Write + Send> ParallelGzip<W> {
-    fn new(inner: W, level: i32, threads: usize) -> Self {
+impl<W: Write + Send> BlockParallel<W> {
+    fn new(inner: W, codec: Codec, threads: usize) -> Self {
         let threads = threads.max(1);
         let (tx, rx) = mpsc::sync_channel::<Job>(threads);
         let rx = Arc::new(Mutex::new(rx));
-        let level = flate2::Compression::new(u32::try_from(level).unwrap_or(6));
         let workers = (0..threads)
             .map(|i| {
                 let rx = Arc::clone(&rx);
                 std::thread::Builder::new()
-                    .name(format!("lifeboat-gzip-{i}"))
-                    .spawn(move || gzip_worker(&rx, level))
+                    .name(format!("lifeboat-compress-{i}"))
+                    .spawn(move || compress_worker(&rx, codec))
                     .expect("spawning a compression thread")
             })
             .collect();
         Self {
             inner,
-            block: Vec::with_capacity(GZIP_BLOCK),
+            codec,
+            block: Vec::with_capacity(codec.block_size()),
             jobs: Some(tx),
             pending: VecDeque::new(),
             // Two blocks per worker keeps every core busy while the oldest is written out.
@@ -144,13 +161,14 @@ impl<W: Write + Send> ParallelGzip<W> {
         while self.pending.len() >= self.max_pending {
             self.write_oldest()?;
         }
-        let block = std::mem::replace(&mut self.block, Vec::with_capacity(GZIP_BLOCK));
+        let next = Vec::with_capacity(self.codec.block_size());
+        let block = std::mem::replace(&mut self.block, next);
         let (tx, rx) = mpsc::sync_channel(1);
         self.jobs
             .as_ref()
             .expect("jobs open until finish")
             .send((block, tx))
-            .map_err(|_| io::Error::other("gzip workers stopped"))?;
+            .map_err(|_| io::Error::other("compression workers stopped"))?;
         self.pending.push_back(rx);
         Ok(())
     }
@@ -159,31 +177,29 @@ impl<W: Write + Send> ParallelGzip<W> {
         if let Some(rx) = self.pending.pop_front() {
             let member = rx
                 .recv()
-                .map_err(|_| io::Error::other("a gzip worker stopped"))??;
+                .map_err(|_| io::Error::other("a compression worker stopped"))??;
             self.inner.write_all(&member)?;
         }
         Ok(())
     }
 }
 
-fn gzip_worker(jobs: &Mutex<Receiver<Job>>, level: flate2::Compression) {
+fn compress_worker(jobs: &Mutex<Receiver<Job>>, codec: Codec) {
     loop {
         // Hold the lock only to take a job, never while compressing.
         let job = jobs.lock().map(|rx| rx.recv());
         let Ok(Ok((block, reply))) = job else { return };
-        let mut enc = flate2::write::GzEncoder::new(Vec::with_capacity(block.len() / 2), level);
-        let member = enc.write_all(&block).and_then(|()| enc.finish());
         // The writer may have gone away after an error; nothing to do then.
-        let _ = reply.send(member);
+        let _ = reply.send(codec.compress(&block));
     }
 }
 
-impl<W: Write + Send> Write for ParallelGzip<W> {
+impl<W: Write + Send> Write for BlockParallel<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let room = GZIP_BLOCK - self.block.len();
-        let n = buf.len().min(room);
+        let size = self.codec.block_size();
+        let n = buf.len().min(size - self.block.len());
         self.block.extend_from_slice(&buf[..n]);
-        if self.block.len() == GZIP_BLOCK {
+        if self.block.len() == size {
             self.submit()?;
         }
         Ok(n)
@@ -198,7 +214,7 @@ impl<W: Write + Send> Write for ParallelGzip<W> {
     }
 }
 
-impl<W: Write + Send> Compressor<W> for ParallelGzip<W> {
+impl<W: Write + Send> Compressor<W> for BlockParallel<W> {
     fn finish(mut self: Box<Self>) -> io::Result<W> {
         self.flush()?;
         self.jobs = None;
@@ -222,7 +238,7 @@ mod tests {
     }
 
     #[test]
-    fn parallel_gzip_is_one_readable_stream() {
+    fn parallel_gzip_and_zstd_are_one_readable_stream_each() {
         let data = sample(3 * GZIP_BLOCK + 12345);
         let mut c = compressor(CompressionKind::Gzip, 6, 2, Vec::new()).unwrap();
         for chunk in data.chunks(70_000) {
@@ -231,6 +247,17 @@ mod tests {
         let out = c.finish().unwrap();
         let mut back = Vec::new();
         flate2::read::MultiGzDecoder::new(&out[..])
+            .read_to_end(&mut back)
+            .unwrap();
+        assert_eq!(back, data);
+
+        let data = sample(3 * ZSTD_BLOCK + 777);
+        let mut c = compressor(CompressionKind::Zstd, 3, 2, Vec::new()).unwrap();
+        c.write_all(&data).unwrap();
+        let out = c.finish().unwrap();
+        let mut back = Vec::new();
+        decompressor(CompressionKind::Zstd, &out[..])
+            .unwrap()
             .read_to_end(&mut back)
             .unwrap();
         assert_eq!(back, data);

@@ -151,6 +151,9 @@ pub struct S3Config {
     pub kms_key_id: String,
     /// Expected bucket owner account id, or empty.
     pub expected_bucket_owner: String,
+    /// How long one S3 request may keep retrying before the job gives up (a dead endpoint must
+    /// not hold a scale-in for hours).
+    pub retry_budget: Duration,
 }
 
 /// `[sns]`.
@@ -233,6 +236,7 @@ struct RawS3 {
     sse: String,
     kms_key_id: String,
     expected_bucket_owner: String,
+    retry_budget: String,
 }
 
 impl Default for RawS3 {
@@ -246,6 +250,7 @@ impl Default for RawS3 {
             sse: "AES256".into(),
             kms_key_id: String::new(),
             expected_bucket_owner: String::new(),
+            retry_budget: "3m".into(),
         }
     }
 }
@@ -341,6 +346,7 @@ impl Config {
                 sse: self.s3.sse.clone(),
                 kms_key_id: self.s3.kms_key_id.clone(),
                 expected_bucket_owner: self.s3.expected_bucket_owner.clone(),
+                retry_budget: humantime::format_duration(self.s3.retry_budget).to_string(),
             },
             sns: RawSns {
                 topic_arn: self.sns.topic_arn.clone().unwrap_or_default(),
@@ -514,7 +520,9 @@ impl Validator<'_> {
                 ),
             ));
         }
+        let retry_budget = self.duration("s3.retry_budget", &raw.retry_budget)?;
         Ok(S3Config {
+            retry_budget,
             bucket: raw.bucket,
             prefix,
             part_size,

@@ -75,6 +75,8 @@ pub struct BackupJob<'a> {
     pub cancel: CancellationToken,
     /// Live counters for a progress display.
     pub counters: Arc<Counters>,
+    /// Set when the deadline nears: the archive stops taking files and closes as `partial`.
+    pub stop: Arc<AtomicBool>,
 }
 
 /// The bytes of the stored object pass through here on their way to S3: SHA-256 and size.
@@ -127,10 +129,10 @@ impl BackupJob<'_> {
         let pipeline = {
             let backup = cfg.backup.clone();
             let counters = Arc::clone(&self.counters);
+            let stop = Arc::clone(&self.stop);
             tokio::task::spawn_blocking(move || {
-                // The walk checks this between entries (deadlines); cancellation stops the
-                // stream at the upload writer instead.
-                let stop = AtomicBool::new(false);
+                // The walk checks `stop` between entries and while reading (deadlines);
+                // cancellation stops the stream at the upload writer instead.
                 let opts = ArchiveOptions {
                     paths: &backup.paths,
                     exclude: &backup.exclude_set,
@@ -235,7 +237,7 @@ impl BackupJob<'_> {
     }
 
     async fn store_manifest(&self, manifest: &Manifest) -> Result<(), JobError> {
-        let body = serde_json::to_vec_pretty(manifest).expect("manifests serialize");
+        let body = serde_json::to_vec(manifest).expect("manifests serialize");
         let key = manifest.key();
         let status = if manifest.partial {
             "partial"

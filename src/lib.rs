@@ -2,7 +2,10 @@
 //!
 //! The pipeline reads like the modules: [`archive`] walks and writes tar, [`compress`] wraps it,
 //! [`upload`] streams it into S3, [`job`] ties them together with the manifest; [`catalog`],
-//! [`verify`] and [`restore`] get data back. [`cli`] parses the command line and dispatches.
+//! [`verify`] and [`restore`] get data back. [`watch`] turns instance metadata into termination
+//! notices, [`runner`] runs one job per instance around the pipeline with [`lifecycle`]
+//! (Auto Scaling) and [`report`] (SNS), and [`daemon`] is `lifeboat run`. [`cli`] parses the
+//! command line and dispatches.
 
 pub mod archive;
 pub mod aws;
@@ -10,10 +13,16 @@ pub mod catalog;
 pub mod cli;
 pub mod compress;
 pub mod config;
+pub mod daemon;
 pub mod identity;
 pub mod job;
+pub mod lifecycle;
 pub mod manifest;
 pub mod progress;
+pub mod report;
 pub mod restore;
+pub mod runner;
+pub mod state;
 pub mod upload;
 pub mod verify;
+pub mod watch;

@@ -20,14 +20,26 @@ pub fn bytes(n: u64) -> String {
     bytesize::ByteSize(n).display().iec().to_string()
 }
 
+/// Draws the progress line.
+pub fn line(read: u64, entries: u64) {
+    eprint!("\r\x1b[2K  {} read, {entries} entries", bytes(read));
+    let _ = std::io::stderr().flush();
+}
+
+/// Clears the progress line.
+pub fn clear() {
+    eprint!("\r\x1b[2K");
+    let _ = std::io::stderr().flush();
+}
+
 /// A running progress line; [`Progress::stop`] clears it.
 pub struct Progress {
     task: Option<JoinHandle<()>>,
 }
 
 impl Progress {
-    /// Starts refreshing the line from `counters` if [`wanted`]; otherwise does nothing.
-    pub fn start(counters: Arc<Counters>) -> Self {
+    /// Starts refreshing the line from the counters `source` returns, if [`wanted`].
+    pub fn start(source: impl Fn() -> Option<Arc<Counters>> + Send + 'static) -> Self {
         if !wanted() {
             return Self { task: None };
         }
@@ -36,10 +48,10 @@ impl Progress {
             let mut tick = tokio::time::interval(Duration::from_millis(500));
             loop {
                 tick.tick().await;
+                let Some(counters) = source() else { continue };
                 let read = counters.bytes_read.load(Ordering::Relaxed);
                 let entries = counters.entries.load(Ordering::Relaxed);
-                let secs = started.elapsed().as_secs_f64().max(0.001);
-                let rate = (read as f64 / secs) as u64;
+                let rate = (read as f64 / started.elapsed().as_secs_f64().max(0.001)) as u64;
                 eprint!(
                     "\r\x1b[2K  {} read, {entries} entries, {}/s",
                     bytes(read),
@@ -55,8 +67,7 @@ impl Progress {
     pub fn stop(self) {
         if let Some(task) = self.task {
             task.abort();
-            eprint!("\r\x1b[2K");
-            let _ = std::io::stderr().flush();
+            clear();
         }
     }
 }

@@ -397,6 +397,7 @@ impl ObjectWriter {
             });
         }
         self.parts.sort_by_key(|p| p.part_number());
+        tracing::debug!(parts = self.parts.len(), "completing the multipart upload");
         let parts = i32::try_from(self.parts.len()).unwrap_or(i32::MAX);
         let out = self
             .client

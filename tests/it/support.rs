@@ -271,6 +271,9 @@ impl Lifeboat {
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("HOME", &self.dir)
             .env("LIFEBOAT_CONFIG", &self.config)
+            // Each test has its own lock file, control socket and state file.
+            .env("RUNTIME_DIRECTORY", self.dir.join("run"))
+            .env("STATE_DIRECTORY", self.dir.join("state"))
             .env("AWS_ENDPOINT_URL", &self.endpoint)
             .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
             .env("AWS_SECRET_ACCESS_KEY", &self.secret)

@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# Benchmark: `lifeboat backup` against the pipelines users would otherwise run, all uploading to
+# s3s-fs on loopback in the same run, so the figures are ratios on one machine at one time.
+#
+#   scripts/bench.sh [TREE]      TREE defaults to this machine's Python standard library
+#   RUNS=5 scripts/bench.sh      runs per contender (default 3); medians are printed
+#   MEMORY=0 scripts/bench.sh    skip the 1 GB vs 4 GB peak-RSS check
+#
+# For each contender: wall time, MB/s of input (apparent file bytes), bytes stored, peak RSS
+# (GNU time's maximum resident set of the largest process). Needs pigz and an AWS CLI: installs
+# pigz with apt-get and the AWS CLI into .tools/awscli when missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+scripts/bootstrap.sh
+RUNS=${RUNS:-3}
+MEMORY=${MEMORY:-1}
+
+log() { printf 'bench: %s\n' "$*" >&2; }
+
+command -v pigz >/dev/null || { log "installing pigz"; apt-get update -qq; apt-get install -y -qq pigz >/dev/null; }
+[ -x /usr/bin/time ] || { log "installing GNU time"; apt-get update -qq; apt-get install -y -qq time >/dev/null; }
+if command -v aws >/dev/null 2>&1 && aws --version >/dev/null 2>&1; then
+  AWS=$(command -v aws)
+else
+  if ! [ -x .tools/awscli/bin/aws ]; then
+    log "installing the AWS CLI into .tools/awscli"
+    python3 -m venv .tools/awscli && .tools/awscli/bin/pip install --quiet awscli
+  fi
+  AWS=$root/.tools/awscli/bin/aws
+fi
+cargo build --release --quiet --bin lifeboat
+LIFEBOAT=$root/target/release/lifeboat
+
+TREE=${1:-$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')}
+TREE=$(cd "$TREE" && pwd -P)
+work=$root/.bench
+rm -rf "$work/s3" && mkdir -p "$work/s3"
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+.tools/bin/s3s-fs --host 127.0.0.1 --port "$port" --access-key bench --secret-key bench-secret "$work/s3" \
+  >"$work/s3s-fs.log" 2>&1 &
+s3_pid=$!
+trap 'kill $s3_pid 2>/dev/null || true' EXIT
+for _ in $(seq 1 500); do
+  (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+  sleep 0.01
+done
+mkdir -p "$work/s3/bench"
+
+export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench-secret AWS_REGION=us-east-1
+export AWS_DEFAULT_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true
+export AWS_ENDPOINT_URL="http://127.0.0.1:$port"
+# lifeboat off EC2: metadata is unreachable and skipped within a second (not part of the timing
+# loop's noise: it is the same for every run).
+export AWS_EC2_METADATA_SERVICE_ENDPOINT=http://127.0.0.1:9
+
+input_bytes() { du -s --apparent-size -B1 "$1" | cut -f1; }
+
+lifeboat_config() { # name compression tree
+  cat >"$work/lifeboat-$1.toml" <<TOML
+[backup]
+paths = ["$3"]
+compression = "$2"
+[s3]
+bucket = "bench"
+prefix = "lifeboat/"
+TOML
+  echo "$work/lifeboat-$1.toml"
+}
+
+# measure NAME TREE COMMAND: runs COMMAND RUNS times, prints one line of medians.
+measure() {
+  local name=$1 tree=$2 cmd=$3 bytes walls=() rss=() stored=()
+  bytes=$(input_bytes "$tree")
+  for _ in $(seq 1 "$RUNS"); do
+    rm -rf "$work/s3/bench/"*
+    /usr/bin/time -f '%e %M' -o "$work/time.out" bash -c "$cmd" >/dev/null 2>"$work/err.out" || {
+      log "$name failed:"; cat "$work/err.out" >&2; exit 1; }
+    read -r wall kib <"$work/time.out"
+    walls+=("$wall"); rss+=("$kib")
+    stored+=("$(find "$work/s3/bench" -type f \( -name '*.tar*' -o -name 'pipe*' \) -printf '%s\n' | sort -n | tail -1)")
+  done
+  python3 - "$name" "$bytes" "${walls[*]}" "${rss[*]}" "${stored[*]}" <<'PY'
+import statistics, sys
+name, nbytes = sys.argv[1], int(sys.argv[2])
+walls = [float(x) for x in sys.argv[3].split()]
+rss = [int(x) for x in sys.argv[4].split()]
+stored = [int(x) for x in sys.argv[5].split()]
+wall = statistics.median(walls)
+print(f"{name:<34} {wall:8.2f} {nbytes / wall / 1e6:9.1f} {statistics.median(stored) / 1e6:11.1f} {statistics.median(rss) / 1024:9.1f}   runs: {' '.join(f'{w:.2f}' for w in walls)}")
+PY
+}
+
+header() {
+  printf '%-34s %8s %9s %11s %9s\n' "contender (median of $RUNS)" "wall s" "MB/s in" "MB stored" "RSS MiB"
+}
+
+log "tree: $TREE ($(input_bytes "$TREE") bytes, $(find "$TREE" -type f | wc -l) files); warming the page cache"
+tar cf - "$TREE" 2>/dev/null >/dev/null
+gz_cfg=$(lifeboat_config gzip gzip "$TREE")
+zst_cfg=$(lifeboat_config zstd zstd "$TREE")
+s3cp="'$AWS' s3 cp --only-show-errors - s3://bench/pipe.tar"
+echo
+echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r); $($LIFEBOAT --version); $("$AWS" --version 2>&1 | cut -d' ' -f1)"
+header
+measure "lifeboat backup (gzip -6)" "$TREE" "'$LIFEBOAT' --config '$gz_cfg' backup"
+measure "tar czf - | aws s3 cp -" "$TREE" "tar czf - '$TREE' 2>/dev/null | $s3cp"
+measure "tar cf - | pigz | aws s3 cp -" "$TREE" "tar cf - '$TREE' 2>/dev/null | pigz | $s3cp"
+measure "lifeboat backup (zstd -3)" "$TREE" "'$LIFEBOAT' --config '$zst_cfg' backup"
+measure "tar cf - | zstd -T0 | aws s3 cp -" "$TREE" "tar cf - '$TREE' 2>/dev/null | zstd -q -T0 | $s3cp"
+
+if [ "$MEMORY" = 1 ]; then
+  # Peak RSS must not grow with the input: the same tree content at 1 GB and at 4 GB.
+  log "building 1 GB and 4 GB inputs from the tree"
+  mkdir -p "$work/mem"
+  [ -s "$work/mem/base.tar" ] || tar cf "$work/mem/base.tar" "$TREE" 2>/dev/null
+  make_input() { # dir bytes
+    local dir=$1 want=$2 have=0 i=0 size
+    size=$(stat -c %s "$work/mem/base.tar")
+    [ -d "$dir" ] && [ "$(input_bytes "$dir")" -ge "$want" ] && return
+    rm -rf "$dir"; mkdir -p "$dir"
+    while [ $((have + size)) -le "$want" ]; do cp "$work/mem/base.tar" "$dir/part-$i.tar"; have=$((have + size)); i=$((i + 1)); done
+    head -c $((want - have)) "$work/mem/base.tar" >"$dir/part-$i.tar"
+  }
+  make_input "$work/mem/1g" 1000000000
+  make_input "$work/mem/4g" 4000000000
+  echo
+  header
+  measure "lifeboat backup, 1 GB input" "$work/mem/1g" "'$LIFEBOAT' --config '$(lifeboat_config mem-1g gzip "$work/mem/1g")' backup"
+  measure "lifeboat backup, 4 GB input" "$work/mem/4g" "'$LIFEBOAT' --config '$(lifeboat_config mem-4g gzip "$work/mem/4g")' backup"
+fi

@@ -1,0 +1,301 @@
+//! `lifeboat run`, the daemon: instance-metadata watch → job runner, a local control socket that
+//! `lifeboat backup` and `lifeboat status` use, systemd readiness, graceful SIGTERM.
+//!
+//! The control socket speaks JSON lines: a [`Request`], then [`Reply`] lines (progress, then the
+//! result). Only root or the daemon's own user may connect (checked with the peer's credentials,
+//! and the socket file is mode 0600).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::runner::{JobResult, Runner};
+use crate::state::{DaemonInfo, State, StateFile};
+use crate::watch::TerminationNotice;
+
+/// A request on the control socket.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Request {
+    /// Run or join the job for this notice.
+    Backup(TerminationNotice),
+    /// The daemon's state.
+    Status,
+}
+
+/// A reply line on the control socket.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reply {
+    /// The running job's counters.
+    Progress {
+        /// File bytes read.
+        bytes_read: u64,
+        /// Entries archived.
+        entries: u64,
+    },
+    /// The job's result; the last line.
+    Result(Box<JobResult>),
+    /// The daemon's state, and whether a job is running.
+    Status {
+        /// `state.json` as the daemon holds it.
+        state: Box<State>,
+        /// A job is running.
+        job_running: bool,
+    },
+}
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// No instance metadata: `run` only makes sense on EC2.
+    #[error(
+        "instance metadata is not available ({0}): `lifeboat run` watches EC2 instance metadata and cannot run off EC2; use `lifeboat backup` there"
+    )]
+    OffEc2(String),
+    /// The control socket could not be set up.
+    #[error("control socket {path}: {source}")]
+    Socket {
+        /// The socket path.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Binds the control socket at `path` (mode 0600), replacing a stale one.
+pub fn bind(path: &Path) -> Result<UnixListener, DaemonError> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |source| DaemonError::Socket {
+        path: path.display().to_string(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    Ok(listener)
+}
+
+/// Serves the control socket until `shutdown`.
+pub async fn serve(
+    listener: UnixListener,
+    runner: Arc<Runner>,
+    state: Arc<StateFile>,
+    shutdown: CancellationToken,
+) {
+    let me = rustix::process::geteuid().as_raw();
+    loop {
+        let conn = tokio::select! {
+            () = shutdown.cancelled() => return,
+            c = listener.accept() => c,
+        };
+        let Ok((stream, _)) = conn else { continue };
+        match stream.peer_cred() {
+            Ok(cred) if cred.uid() == 0 || cred.uid() == me => {}
+            Ok(cred) => {
+                tracing::warn!(
+                    uid = cred.uid(),
+                    "control socket: refused a connection from another user"
+                );
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "control socket: cannot read peer credentials");
+                continue;
+            }
+        }
+        let (runner, state) = (Arc::clone(&runner), Arc::clone(&state));
+        tokio::spawn(async move {
+            if let Err(e) = handle(stream, runner, state).await {
+                tracing::debug!(error = %e, "control connection ended");
+            }
+        });
+    }
+}
+
+async fn send(stream: &mut (impl AsyncWriteExt + Unpin), reply: &Reply) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(reply).expect("replies serialize");
+    line.push(b'\n');
+    stream.write_all(&line).await
+}
+
+async fn handle(
+    stream: UnixStream,
+    runner: Arc<Runner>,
+    state: Arc<StateFile>,
+) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    BufReader::new(read).read_line(&mut line).await?;
+    let request: Request = serde_json::from_str(&line)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    match request {
+        Request::Status => {
+            let reply = Reply::Status {
+                state: Box::new(state.snapshot()),
+                job_running: runner.progress().is_some(),
+            };
+            send(&mut write, &reply).await
+        }
+        Request::Backup(notice) => {
+            let job = {
+                let runner = Arc::clone(&runner);
+                tokio::spawn(async move { runner.submit(notice).await })
+            };
+            tokio::pin!(job);
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    done = &mut job => {
+                        let result = done.map_err(std::io::Error::other)?;
+                        return send(&mut write, &Reply::Result(Box::new(result))).await;
+                    }
+                    _ = tick.tick() => {
+                        if let Some(c) = runner.progress() {
+                            use std::sync::atomic::Ordering;
+                            // A client that went away does not stop the job.
+                            let _ = send(&mut write, &Reply::Progress {
+                                bytes_read: c.bytes_read.load(Ordering::Relaxed),
+                                entries: c.entries.load(Ordering::Relaxed),
+                            }).await;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Sends `request` to a running daemon; `None` when no daemon listens. Progress lines go to
+/// `on_progress`.
+pub async fn ask(
+    socket: &Path,
+    request: &Request,
+    mut on_progress: impl FnMut(u64, u64),
+) -> Option<std::io::Result<Reply>> {
+    let mut stream = match UnixStream::connect(socket).await {
+        Ok(s) => s,
+        Err(_) => return None,
+    };
+    Some(
+        async {
+            let mut line = serde_json::to_vec(request).expect("requests serialize");
+            line.push(b'\n');
+            stream.write_all(&line).await?;
+            let mut lines = BufReader::new(stream).lines();
+            while let Some(l) = lines.next_line().await? {
+                let reply: Reply = serde_json::from_str(&l)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+                match reply {
+                    Reply::Progress {
+                        bytes_read,
+                        entries,
+                    } => on_progress(bytes_read, entries),
+                    other => return Ok(other),
+                }
+            }
+            Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the daemon closed the connection without a result",
+            ))
+        }
+        .await,
+    )
+}
+
+/// Tells systemd (when it started us with `Type=notify`) how we are; a no-op elsewhere.
+pub fn notify(ready: bool, status: &str) {
+    let mut states = vec![sd_notify::NotifyState::Status(status)];
+    if ready {
+        states.push(sd_notify::NotifyState::Ready);
+    }
+    let _ = sd_notify::notify(false, &states);
+}
+
+/// Runs the daemon until SIGTERM / SIGINT.
+pub async fn run(
+    config: Arc<crate::config::Config>,
+    shutdown: CancellationToken,
+) -> Result<(), anyhow::Error> {
+    let w = &config.watch;
+    let watcher = crate::watch::ImdsWatcher::new(w.poll_interval, w.spot, w.rebalance);
+    let instance_id = watcher.available().await.map_err(DaemonError::OffEc2)?;
+    let identity = crate::identity::InstanceIdentity::discover().await;
+    let region = identity.on_ec2.then_some(identity.region.as_str());
+    let services = crate::cli::services(&config, region).await;
+    let state = Arc::new(StateFile::open(&crate::state::state_dir()));
+    let mut sources = vec!["autoscaling/target-lifecycle-state".to_owned()];
+    if w.spot {
+        sources.push("spot/instance-action".into());
+    }
+    if w.rebalance {
+        sources.push("events/recommendations/rebalance".into());
+    }
+    sources.push("control socket".into());
+    let listener = bind(&crate::state::control_socket())?;
+    let runner = Runner::new(
+        Arc::clone(&config),
+        identity.clone(),
+        services,
+        Arc::clone(&state),
+        shutdown.clone(),
+    );
+    state.set_daemon(DaemonInfo {
+        pid: std::process::id(),
+        started_at: crate::manifest::rfc3339(time::OffsetDateTime::now_utc()),
+        sources: sources.clone(),
+        instance_id: instance_id.clone(),
+        state: "running".into(),
+    });
+    let (tx, mut rx) = mpsc::channel(8);
+    tokio::spawn(watcher.run(tx, shutdown.clone()));
+    tokio::spawn(serve(
+        listener,
+        Arc::clone(&runner),
+        Arc::clone(&state),
+        shutdown.clone(),
+    ));
+    tracing::info!(instance_id = %instance_id, group = %identity.group, sources = ?sources, "watching");
+    notify(
+        true,
+        &format!("watching {} for {instance_id}", sources.join(", ")),
+    );
+    let mut jobs = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            Some(notice) = rx.recv() => {
+                notify(false, &format!("backing up: {}", notice.reason));
+                let runner = Arc::clone(&runner);
+                jobs.spawn(async move {
+                    let r = runner.submit(notice).await;
+                    notify(false, &format!("last job: {:?}", r.status));
+                });
+            }
+        }
+    }
+    notify(false, "stopping: aborting any upload");
+    // The running job sees the cancellation, aborts its upload and completes what it can.
+    let _ = tokio::time::timeout(Duration::from_secs(30), async {
+        while jobs.join_next().await.is_some() {}
+    })
+    .await;
+    let _ = std::fs::remove_file(crate::state::control_socket());
+    let mut info = state.snapshot().daemon.unwrap_or_default();
+    info.state = "stopped".into();
+    state.set_daemon(info);
+    Ok(())
+}

@@ -1,0 +1,443 @@
+//! The lifecycle stage: one AWS service, Auto Scaling. Finds the group and its terminate hook,
+//! keeps the hook alive with heartbeats, confirms `Terminating:Wait`, and completes the action.
+//!
+//! Built for a thousand instances terminating in the same minute, all sharing one Auto Scaling
+//! API rate limit: every call retries throttling and 5xx with jittered backoff; heartbeats start
+//! at a random phase; completion has its own retry loop that keeps trying until shortly before
+//! the deadline instead of giving up after the SDK's three attempts; and "no active lifecycle
+//! action" (seen in practice right after `Terminating:Wait`, and after someone else completed
+//! it) is retried for a short while, then taken as done.
+
+use std::time::Duration;
+
+use aws_sdk_autoscaling::Client;
+use aws_sdk_autoscaling::config::http::HttpResponse;
+use aws_sdk_autoscaling::error::ProvideErrorMetadata;
+use tokio::time::Instant;
+
+use crate::config::LifecycleResult;
+
+/// The terminating transition's name in hooks and events.
+pub const TERMINATING: &str = "autoscaling:EC2_INSTANCE_TERMINATING";
+/// The lifecycle state while a terminate hook holds the instance.
+pub const TERMINATING_WAIT: &str = "Terminating:Wait";
+/// How long "no active lifecycle action" is retried before it is taken as done.
+const NOT_ACTIVE_GRACE: Duration = Duration::from_secs(15);
+
+/// Why a lifecycle call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
+    /// An Auto Scaling call failed for good (or ran out of time).
+    #[error("{operation} for instance {instance_id}: {message}")]
+    Call {
+        /// The API operation.
+        operation: &'static str,
+        /// The instance.
+        instance_id: String,
+        /// The service's or the connection's error.
+        message: String,
+    },
+    /// The instance is not in an Auto Scaling group.
+    #[error("instance {instance_id} is not in an Auto Scaling group")]
+    NoGroup {
+        /// The instance.
+        instance_id: String,
+    },
+    /// The group has no terminate hook.
+    #[error("group {group} has no terminate lifecycle hook (set lifecycle.hook_name or add one)")]
+    NoHook {
+        /// The group.
+        group: String,
+    },
+    /// The group has several terminate hooks and none is configured.
+    #[error(
+        "group {group} has several terminate lifecycle hooks ({hooks}); set lifecycle.hook_name to the one lifeboat owns"
+    )]
+    AmbiguousHook {
+        /// The group.
+        group: String,
+        /// Their names.
+        hooks: String,
+    },
+    /// The configured hook does not exist on the group.
+    #[error("group {group} has no terminate lifecycle hook named {hook}")]
+    UnknownHook {
+        /// The group.
+        group: String,
+        /// The configured name.
+        hook: String,
+    },
+}
+
+/// Which lifecycle action a job completes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActionRef {
+    /// The Auto Scaling group.
+    pub group: String,
+    /// The terminate hook.
+    pub hook: String,
+    /// The instance.
+    pub instance_id: String,
+    /// The action token, when the notice carried one; completion goes by instance id otherwise.
+    pub token: Option<String>,
+}
+
+/// A terminate hook's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hook {
+    /// Its name.
+    pub name: String,
+    /// How long the instance waits without a heartbeat.
+    pub heartbeat_timeout: Duration,
+    /// The result applied when it times out.
+    pub default_result: String,
+}
+
+impl Hook {
+    /// The most a hook can hold an instance: min(48 h, 100 × heartbeat timeout).
+    pub fn global_timeout(&self) -> Duration {
+        (self.heartbeat_timeout * 100).min(Duration::from_secs(48 * 3600))
+    }
+}
+
+/// How completion ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completed {
+    /// This call completed the action.
+    Now,
+    /// There was no active action any more (completed by someone else, or timed out).
+    AlreadyDone,
+}
+
+/// How an error should be handled.
+#[derive(Debug, PartialEq, Eq)]
+enum Class {
+    Retry,
+    NotActive,
+    Fatal,
+}
+
+/// The SDK error type of every Auto Scaling operation.
+type SdkError<E> = aws_sdk_autoscaling::error::SdkError<E, HttpResponse>;
+
+fn classify<E: ProvideErrorMetadata>(err: &SdkError<E>) -> Class {
+    match err {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            Class::Retry
+        }
+        SdkError::ServiceError(se) => {
+            let code = se.err().code().unwrap_or_default();
+            let message = se.err().message().unwrap_or_default();
+            let status = se.raw().status().as_u16();
+            if matches!(
+                code,
+                "Throttling"
+                    | "ThrottlingException"
+                    | "RequestLimitExceeded"
+                    | "ServiceUnavailable"
+            ) || status >= 500
+            {
+                Class::Retry
+            } else if message.contains("No active Lifecycle Action") {
+                Class::NotActive
+            } else {
+                Class::Fatal
+            }
+        }
+        _ => Class::Fatal,
+    }
+}
+
+fn message<E>(err: &SdkError<E>) -> String
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    match (err.code(), err.message()) {
+        (Some(code), Some(msg)) => format!("{code}: {msg}"),
+        (Some(code), None) => code.to_owned(),
+        _ => aws_sdk_autoscaling::error::DisplayErrorContext(err).to_string(),
+    }
+}
+
+/// Jittered exponential backoff: full jitter over `base × 2^attempt`, capped.
+pub fn backoff(attempt: u32, base: Duration, cap: Duration) -> Duration {
+    let ceiling = base
+        .saturating_mul(2u32.saturating_pow(attempt.min(16)))
+        .min(cap);
+    ceiling.mul_f64(fastrand::f64())
+}
+
+/// Auto Scaling, as lifeboat uses it.
+#[derive(Debug, Clone)]
+pub struct Lifecycle {
+    client: Client,
+}
+
+impl Lifecycle {
+    /// Wraps an Auto Scaling client.
+    pub fn new(client: Client) -> Self {
+        Self { client }
+    }
+
+    /// The group and lifecycle state of `instance_id` (DescribeAutoScalingInstances).
+    pub async fn describe_instance(
+        &self,
+        instance_id: &str,
+        until: Instant,
+    ) -> Result<Option<(String, String)>, LifecycleError> {
+        let mut attempt = 0;
+        loop {
+            match self
+                .client
+                .describe_auto_scaling_instances()
+                .instance_ids(instance_id)
+                .send()
+                .await
+            {
+                Ok(out) => {
+                    return Ok(out.auto_scaling_instances().first().map(|i| {
+                        (
+                            i.auto_scaling_group_name().unwrap_or_default().to_owned(),
+                            i.lifecycle_state().unwrap_or_default().to_owned(),
+                        )
+                    }));
+                }
+                Err(e) => {
+                    self.pause_or_fail(
+                        &e,
+                        &mut attempt,
+                        until,
+                        "DescribeAutoScalingInstances",
+                        instance_id,
+                    )
+                    .await?
+                }
+            }
+        }
+    }
+
+    /// The group's terminate hook: `configured` if set (and present), else the only one.
+    pub async fn terminate_hook(
+        &self,
+        group: &str,
+        configured: Option<&str>,
+        instance_id: &str,
+        until: Instant,
+    ) -> Result<Hook, LifecycleError> {
+        let mut attempt = 0;
+        let out = loop {
+            match self
+                .client
+                .describe_lifecycle_hooks()
+                .auto_scaling_group_name(group)
+                .send()
+                .await
+            {
+                Ok(out) => break out,
+                Err(e) => {
+                    self.pause_or_fail(
+                        &e,
+                        &mut attempt,
+                        until,
+                        "DescribeLifecycleHooks",
+                        instance_id,
+                    )
+                    .await?
+                }
+            }
+        };
+        let hooks: Vec<Hook> = out
+            .lifecycle_hooks()
+            .iter()
+            .filter(|h| h.lifecycle_transition() == Some(TERMINATING))
+            .map(|h| Hook {
+                name: h.lifecycle_hook_name().unwrap_or_default().to_owned(),
+                heartbeat_timeout: Duration::from_secs(
+                    u64::try_from(h.heartbeat_timeout().unwrap_or(3600)).unwrap_or(3600),
+                ),
+                default_result: h.default_result().unwrap_or("ABANDON").to_owned(),
+            })
+            .collect();
+        match configured {
+            Some(name) => hooks.into_iter().find(|h| h.name == name).ok_or_else(|| {
+                LifecycleError::UnknownHook {
+                    group: group.to_owned(),
+                    hook: name.to_owned(),
+                }
+            }),
+            None => match hooks.len() {
+                0 => Err(LifecycleError::NoHook {
+                    group: group.to_owned(),
+                }),
+                1 => Ok(hooks.into_iter().next().expect("one hook")),
+                _ => Err(LifecycleError::AmbiguousHook {
+                    group: group.to_owned(),
+                    hooks: hooks
+                        .iter()
+                        .map(|h| h.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                }),
+            },
+        }
+    }
+
+    /// One heartbeat, retrying throttling until `until`. `Ok(false)`: no active action any more.
+    pub async fn heartbeat(
+        &self,
+        action: &ActionRef,
+        until: Instant,
+    ) -> Result<bool, LifecycleError> {
+        let mut attempt = 0;
+        loop {
+            let result = self
+                .client
+                .record_lifecycle_action_heartbeat()
+                .auto_scaling_group_name(&action.group)
+                .lifecycle_hook_name(&action.hook)
+                .set_lifecycle_action_token(action.token.clone())
+                .set_instance_id(action.token.is_none().then(|| action.instance_id.clone()))
+                .send()
+                .await;
+            match result {
+                Ok(_) => return Ok(true),
+                Err(e) if classify(&e) == Class::NotActive => return Ok(false),
+                Err(e) => {
+                    self.pause_or_fail(
+                        &e,
+                        &mut attempt,
+                        until,
+                        "RecordLifecycleActionHeartbeat",
+                        &action.instance_id,
+                    )
+                    .await?
+                }
+            }
+        }
+    }
+
+    /// Completes the action with `result`, retrying until `until` (shortly before the deadline).
+    pub async fn complete(
+        &self,
+        action: &ActionRef,
+        result: LifecycleResult,
+        until: Instant,
+    ) -> Result<Completed, LifecycleError> {
+        let result_name = match result {
+            LifecycleResult::Continue => "CONTINUE",
+            LifecycleResult::Abandon => "ABANDON",
+        };
+        let mut attempt = 0;
+        let mut not_active_since: Option<Instant> = None;
+        loop {
+            let sent = self
+                .client
+                .complete_lifecycle_action()
+                .auto_scaling_group_name(&action.group)
+                .lifecycle_hook_name(&action.hook)
+                .lifecycle_action_result(result_name)
+                .set_lifecycle_action_token(action.token.clone())
+                .set_instance_id(action.token.is_none().then(|| action.instance_id.clone()))
+                .send()
+                .await;
+            match sent {
+                Ok(_) => {
+                    tracing::info!(
+                        group = %action.group,
+                        hook = %action.hook,
+                        instance_id = %action.instance_id,
+                        result = result_name,
+                        "lifecycle action completed"
+                    );
+                    return Ok(Completed::Now);
+                }
+                Err(e) if classify(&e) == Class::NotActive => {
+                    let since = *not_active_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= NOT_ACTIVE_GRACE || Instant::now() >= until {
+                        tracing::info!(
+                            instance_id = %action.instance_id,
+                            "no active lifecycle action: already completed"
+                        );
+                        return Ok(Completed::AlreadyDone);
+                    }
+                    attempt += 1;
+                    tokio::time::sleep(backoff(
+                        attempt,
+                        Duration::from_millis(500),
+                        Duration::from_secs(3),
+                    ))
+                    .await;
+                }
+                Err(e) => {
+                    self.pause_or_fail(
+                        &e,
+                        &mut attempt,
+                        until,
+                        "CompleteLifecycleAction",
+                        &action.instance_id,
+                    )
+                    .await?
+                }
+            }
+        }
+    }
+
+    /// Sleeps a jittered backoff for a retryable error if there is time before `until`;
+    /// otherwise turns the error into a [`LifecycleError`].
+    async fn pause_or_fail<E>(
+        &self,
+        err: &SdkError<E>,
+        attempt: &mut u32,
+        until: Instant,
+        operation: &'static str,
+        instance_id: &str,
+    ) -> Result<(), LifecycleError>
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        let fail = || LifecycleError::Call {
+            operation,
+            instance_id: instance_id.to_owned(),
+            message: message(err),
+        };
+        if classify(err) != Class::Retry {
+            return Err(fail());
+        }
+        *attempt += 1;
+        let pause = backoff(
+            *attempt,
+            Duration::from_millis(500),
+            Duration::from_secs(20),
+        );
+        if Instant::now() + pause >= until {
+            return Err(fail());
+        }
+        tracing::debug!(operation, attempt = *attempt, error = %message(err), "retrying");
+        tokio::time::sleep(pause).await;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn global_timeout_is_capped_at_48_hours() {
+        let hook = |secs| Hook {
+            name: "h".into(),
+            heartbeat_timeout: Duration::from_secs(secs),
+            default_result: "CONTINUE".into(),
+        };
+        assert_eq!(hook(300).global_timeout(), Duration::from_secs(30_000));
+        assert_eq!(hook(7200).global_timeout(), Duration::from_secs(172_800));
+    }
+
+    #[test]
+    fn backoff_stays_under_its_cap() {
+        for attempt in 0..40 {
+            let d = backoff(attempt, Duration::from_millis(500), Duration::from_secs(20));
+            assert!(d <= Duration::from_secs(20));
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! The report stage: one AWS service, SNS. Publishes a job's outcome as JSON with message
+//! attributes (`status`, `instance_id`, `group`) for subscription filters. A failed publish is
+//! logged by the caller and never blocks completion.
+
+use aws_sdk_sns::Client;
+use aws_sdk_sns::types::MessageAttributeValue;
+use serde::Serialize;
+
+/// A job's outcome, as published.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// `succeeded`, `partial` or `failed`.
+    pub status: String,
+    /// The instance.
+    pub instance_id: String,
+    /// The Auto Scaling group, or `standalone`.
+    pub group: String,
+    /// Why the job ran.
+    pub reason: String,
+    /// The archive was cut short by its deadline.
+    pub partial: bool,
+    /// Regular files archived.
+    pub file_count: u64,
+    /// File bytes read.
+    pub bytes_read: u64,
+    /// Bytes stored in S3.
+    pub bytes_stored: u64,
+    /// Wall time of the job in seconds.
+    pub duration_seconds: f64,
+    /// `s3://bucket/key` of the archive, when one was stored.
+    pub object_url: Option<String>,
+    /// Paths skipped.
+    pub skipped: u64,
+    /// What failed, when something did.
+    pub error: Option<String>,
+    /// The lifecycle result sent (`CONTINUE` or `ABANDON`), when an action was completed.
+    pub lifecycle_result: Option<String>,
+}
+
+impl Report {
+    /// The SNS subject: at most 100 characters, no newlines, printable ASCII.
+    pub fn subject(&self) -> String {
+        let verb = match self.status.as_str() {
+            "succeeded" => "backup succeeded",
+            "partial" => "backup partial",
+            _ => "backup failed",
+        };
+        let s = format!("lifeboat: {verb} on {} ({})", self.instance_id, self.group);
+        let clean: String = s
+            .chars()
+            .map(|c| {
+                if c.is_ascii_graphic() || c == ' ' {
+                    c
+                } else {
+                    '?'
+                }
+            })
+            .collect();
+        clean.chars().take(100).collect()
+    }
+}
+
+/// Publishes `report` to `topic_arn`.
+pub async fn publish(client: &Client, topic_arn: &str, report: &Report) -> Result<String, String> {
+    let attr = |v: &str| {
+        MessageAttributeValue::builder()
+            .data_type("String")
+            .string_value(v)
+            .build()
+            .expect("data type is set")
+    };
+    let body = serde_json::to_string(report).expect("reports serialize");
+    let out = client
+        .publish()
+        .topic_arn(topic_arn)
+        .subject(report.subject())
+        .message(body)
+        .message_attributes("status", attr(&report.status))
+        .message_attributes("instance_id", attr(&report.instance_id))
+        .message_attributes("group", attr(&report.group))
+        .send()
+        .await
+        .map_err(|e| {
+            use aws_sdk_sns::error::ProvideErrorMetadata;
+            match (e.code(), e.message()) {
+                (Some(c), Some(m)) => format!("{c}: {m}"),
+                _ => aws_sdk_sns::error::DisplayErrorContext(&e).to_string(),
+            }
+        })?;
+    Ok(out.message_id().unwrap_or_default().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(status: &str, group: &str) -> Report {
+        Report {
+            status: status.into(),
+            instance_id: "i-0123456789abcdef0".into(),
+            group: group.into(),
+            reason: "scale-in".into(),
+            partial: false,
+            file_count: 1,
+            bytes_read: 1,
+            bytes_stored: 1,
+            duration_seconds: 1.0,
+            object_url: None,
+            skipped: 0,
+            error: None,
+            lifecycle_result: None,
+        }
+    }
+
+    #[test]
+    fn subject_is_short_and_single_line() {
+        assert_eq!(
+            report("succeeded", "web").subject(),
+            "lifeboat: backup succeeded on i-0123456789abcdef0 (web)"
+        );
+        let long = report("failed", &format!("a\nb{}", "g".repeat(200))).subject();
+        assert!(long.len() <= 100);
+        assert!(!long.contains('\n'));
+    }
+}

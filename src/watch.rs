@@ -1,0 +1,232 @@
+//! The watch stage: turns instance metadata into [`TerminationNotice`]s. It knows nothing of
+//! archives or S3.
+//!
+//! IMDSv2 only, through the AWS SDK's IMDS client (token by PUT, refreshed on 401; it honours
+//! `AWS_EC2_METADATA_SERVICE_ENDPOINT`). Polls `autoscaling/target-lifecycle-state` and, when
+//! enabled, `spot/instance-action` and the rebalance recommendation, every poll interval. Errors
+//! (503, timeouts, IMDS disabled) never end the watch and never spin: a state change is logged
+//! once, polling backs off to a minute, and resumes its pace when metadata answers again.
+
+use std::time::{Duration, SystemTime};
+
+use aws_config::imds::client::Client as ImdsClient;
+use aws_config::imds::client::error::ImdsError;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// How long a Spot instance has after its notice, when the notice's time cannot be read.
+pub const SPOT_NOTICE: Duration = Duration::from_secs(120);
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// Where a notice came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NoticeSource {
+    /// `autoscaling/target-lifecycle-state` became `Terminated`.
+    TargetLifecycleState,
+    /// `spot/instance-action` appeared.
+    Spot,
+    /// A rebalance recommendation appeared (an early backup, nothing to complete).
+    Rebalance,
+    /// `lifeboat backup` (an operator, or the SSM document with lifecycle details).
+    Command,
+}
+
+/// One reason to back up now. Every source produces the same type; the job runner does not care
+/// where it came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TerminationNotice {
+    /// Where it came from.
+    pub source: NoticeSource,
+    /// Why, as it will appear in the key and the report (`terminate`, `spot-interruption`, …).
+    pub reason: String,
+    /// The Auto Scaling group, when known.
+    pub group: Option<String>,
+    /// The lifecycle hook, when known.
+    pub hook: Option<String>,
+    /// The lifecycle action token, when known.
+    pub token: Option<String>,
+    /// When the instance goes away, when known (Spot: about two minutes after the notice).
+    pub deadline: Option<SystemTime>,
+    /// Whether the lifecycle action should be completed when the job ends.
+    pub complete_lifecycle: bool,
+}
+
+/// The Spot `instance-action` document.
+#[derive(Debug, Deserialize)]
+struct SpotAction {
+    action: String,
+    time: String,
+}
+
+/// What the watcher has already reported, so each notice is sent once.
+#[derive(Debug, Default)]
+struct Seen {
+    terminated: bool,
+    spot: bool,
+    rebalance: bool,
+}
+
+/// Polls instance metadata and sends notices.
+pub struct ImdsWatcher {
+    client: ImdsClient,
+    poll: Duration,
+    spot: bool,
+    rebalance: bool,
+}
+
+/// Metadata unavailable, with a short reason for the log.
+fn describe(e: &ImdsError) -> String {
+    match e {
+        ImdsError::ErrorResponse(r) => format!("HTTP {}", r.response().status().as_u16()),
+        ImdsError::FailedToLoadToken(_) => "no session token (IMDSv2 unavailable)".into(),
+        ImdsError::IoError(_) => "no answer (timeout or connection refused)".into(),
+        other => other.to_string(),
+    }
+}
+
+fn is_not_found(e: &ImdsError) -> bool {
+    matches!(e, ImdsError::ErrorResponse(r) if r.response().status().as_u16() == 404)
+}
+
+impl ImdsWatcher {
+    /// A watcher polling every `poll`; `spot` and `rebalance` enable those sources.
+    pub fn new(poll: Duration, spot: bool, rebalance: bool) -> Self {
+        let client = ImdsClient::builder()
+            .max_attempts(2)
+            .connect_timeout(Duration::from_secs(1))
+            .read_timeout(Duration::from_secs(2))
+            .build();
+        Self {
+            client,
+            poll,
+            spot,
+            rebalance,
+        }
+    }
+
+    /// Gets `path`: `Ok(None)` on 404 (nothing scheduled).
+    async fn get(&self, path: &str) -> Result<Option<String>, ImdsError> {
+        match self.client.get(path).await {
+            Ok(v) => Ok(Some(v.into())),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether instance metadata answers at all (a token and the instance id).
+    pub async fn available(&self) -> Result<String, String> {
+        self.client
+            .get("/latest/meta-data/instance-id")
+            .await
+            .map(String::from)
+            .map_err(|e| describe(&e))
+    }
+
+    /// One poll: the notices due now.
+    async fn poll_once(&self, seen: &mut Seen) -> Result<Vec<TerminationNotice>, ImdsError> {
+        let mut out = Vec::new();
+        if !seen.terminated
+            && let Some(state) = self
+                .get("/latest/meta-data/autoscaling/target-lifecycle-state")
+                .await?
+            && (state.trim() == "Terminated" || state.trim() == "Warmed:Terminated")
+        {
+            seen.terminated = true;
+            out.push(TerminationNotice {
+                source: NoticeSource::TargetLifecycleState,
+                reason: "terminate".into(),
+                group: None,
+                hook: None,
+                token: None,
+                deadline: None,
+                complete_lifecycle: true,
+            });
+        }
+        if self.spot
+            && !seen.spot
+            && let Some(doc) = self.get("/latest/meta-data/spot/instance-action").await?
+        {
+            seen.spot = true;
+            let parsed: Option<SpotAction> = serde_json::from_str(&doc).ok();
+            let deadline = parsed
+                .as_ref()
+                .and_then(|a| {
+                    time::OffsetDateTime::parse(
+                        &a.time,
+                        &time::format_description::well_known::Rfc3339,
+                    )
+                    .ok()
+                })
+                .map(SystemTime::from)
+                .unwrap_or_else(|| SystemTime::now() + SPOT_NOTICE);
+            let action = parsed
+                .map(|a| a.action)
+                .unwrap_or_else(|| "terminate".into());
+            out.push(TerminationNotice {
+                source: NoticeSource::Spot,
+                reason: format!("spot-{action}"),
+                group: None,
+                hook: None,
+                token: None,
+                deadline: Some(deadline),
+                complete_lifecycle: false,
+            });
+        }
+        if self.rebalance
+            && !seen.rebalance
+            && self
+                .get("/latest/meta-data/events/recommendations/rebalance")
+                .await?
+                .is_some()
+        {
+            seen.rebalance = true;
+            out.push(TerminationNotice {
+                source: NoticeSource::Rebalance,
+                reason: "rebalance-recommendation".into(),
+                group: None,
+                hook: None,
+                token: None,
+                deadline: None,
+                complete_lifecycle: false,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Polls until `shutdown`, sending each notice once on `notices`.
+    pub async fn run(self, notices: mpsc::Sender<TerminationNotice>, shutdown: CancellationToken) {
+        let mut seen = Seen::default();
+        let mut failing: Option<String> = None;
+        let mut pause = self.poll;
+        loop {
+            match self.poll_once(&mut seen).await {
+                Ok(found) => {
+                    if let Some(was) = failing.take() {
+                        tracing::info!(was = %was, "instance metadata answers again");
+                    }
+                    pause = self.poll;
+                    for notice in found {
+                        tracing::info!(source = ?notice.source, reason = %notice.reason, "termination notice");
+                        if notices.send(notice).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(e) => {
+                    let what = describe(&e);
+                    if failing.as_deref() != Some(what.as_str()) {
+                        tracing::warn!(error = %what, "instance metadata unavailable; backing off");
+                        failing = Some(what);
+                    }
+                    pause = (pause * 2).min(MAX_BACKOFF).max(self.poll);
+                }
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+}

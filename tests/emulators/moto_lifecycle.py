@@ -1,0 +1,238 @@
+#!/usr/bin/env python3
+"""moto's server, extended with Auto Scaling lifecycle actions, still a real server on loopback.
+
+moto terminates an instance at once on scale-in and answers CompleteLifecycleAction and
+RecordLifecycleActionHeartbeat with HTTP 500. This wrapper patches its Auto Scaling backend:
+
+- scale-in (SetDesiredCapacity / UpdateAutoScalingGroup) of a group with a terminate hook puts
+  the chosen instances in Terminating:Wait with one action (and token) per terminate hook;
+- RecordLifecycleActionHeartbeat and CompleteLifecycleAction work by token or by instance id, and
+  answer ValidationError for a wrong hook, group, token, result, or an instance not waiting
+  ("No active Lifecycle Action found ...", as AWS does);
+- an action whose heartbeat timeout passes takes the hook's DefaultResult (result "timeout");
+- with --imds-url, an instance entering Terminating:Wait gets target-lifecycle-state Terminated in
+  the IMDS emulator (tests/emulators/imds.py) when its instance id is the emulator's.
+
+A control server on --control-port answers GET /actions with every action and every call made
+on it, with times, so tests can read what was called and when; POST /reset forgets them.
+
+Usage: moto_lifecycle.py --port PORT --control-port PORT [--imds-url URL]
+"""
+import argparse
+import json
+import threading
+import time
+import urllib.request
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from moto.autoscaling import models as asm
+from moto.autoscaling.exceptions import ValidationError
+from moto.autoscaling.responses import AutoScalingResponse
+from moto.core.responses import EmptyResult
+
+TERMINATING = "autoscaling:EC2_INSTANCE_TERMINATING"
+LOCK = threading.RLock()
+ACTIONS = []  # dicts, see start_wait
+IMDS_URL = None
+
+
+def now():
+    return time.time()
+
+
+def terminate_hooks(group):
+    backend = group.autoscaling_backend
+    return [
+        h
+        for h in backend.lifecycle_hooks.values()
+        if h.auto_scaling_group_name == group.name and h.lifecycle_transition == TERMINATING
+    ]
+
+
+def start_wait(group, state, hooks):
+    state.lifecycle_state = "Terminating:Wait"
+    with LOCK:
+        for hook in hooks:
+            timeout = int(hook.heartbeat_timeout or 3600)
+            ACTIONS.append(
+                {
+                    "token": str(uuid.uuid4()),
+                    "instance_id": state.instance.id,
+                    "group": group.name,
+                    "hook": hook.name,
+                    "heartbeat_timeout": timeout,
+                    "default_result": hook.default_result or "ABANDON",
+                    "started": now(),
+                    "deadline": now() + timeout,
+                    "global_deadline": now() + min(172800, 100 * timeout),
+                    "result": None,
+                    "ended_by": None,
+                    "ended": None,
+                    "calls": [],
+                    "_state": state,
+                    "_group": group,
+                }
+            )
+    if IMDS_URL:
+        body = json.dumps({"target_lifecycle_state": "Terminated", "only_for": state.instance.id})
+        req = urllib.request.Request(
+            IMDS_URL + "/_emulator/state", data=body.encode(), method="POST"
+        )
+        try:
+            urllib.request.urlopen(req, timeout=2).read()
+        except OSError:
+            pass
+
+
+def finish(action, result, ended_by):
+    action["result"] = result
+    action["ended_by"] = ended_by
+    action["ended"] = now()
+    others = [
+        a
+        for a in ACTIONS
+        if a["instance_id"] == action["instance_id"] and a["result"] is None
+    ]
+    if others:
+        return
+    state, group = action["_state"], action["_group"]
+    state.lifecycle_state = "Terminated"
+    if state in group.instance_states:
+        group.instance_states.remove(state)
+    try:
+        group.autoscaling_backend.ec2_backend.terminate_instances([action["instance_id"]])
+    except Exception:  # already gone
+        pass
+
+
+_orig_set_desired_capacity = asm.FakeAutoScalingGroup.set_desired_capacity
+
+
+def set_desired_capacity(self, new_capacity):
+    hooks = terminate_hooks(self)
+    if hooks:
+        target = self.min_size if new_capacity is None else new_capacity
+        active = [s for s in self.instance_states if s.lifecycle_state == "InService"]
+        surplus = len(active) - int(target or 0)
+        if surplus > 0:
+            for state in [s for s in active if not s.protected_from_scale_in][:surplus]:
+                start_wait(self, state, hooks)
+    _orig_set_desired_capacity(self, new_capacity)
+
+
+asm.FakeAutoScalingGroup.set_desired_capacity = set_desired_capacity
+
+
+def find_action(resp, operation):
+    group = resp._get_param("AutoScalingGroupName")
+    hook = resp._get_param("LifecycleHookName")
+    token = resp._get_param("LifecycleActionToken")
+    instance_id = resp._get_param("InstanceId")
+    call = {
+        "operation": operation,
+        "time": now(),
+        "token": token,
+        "instance_id": instance_id,
+        "result": resp._get_param("LifecycleActionResult"),
+    }
+    with LOCK:
+        hooks = resp.autoscaling_backend.lifecycle_hooks
+        if f"{group}_{hook}" not in hooks:
+            raise ValidationError(f"No Lifecycle Hook found with name {hook} for group {group}")
+        if not token and not instance_id:
+            raise ValidationError("Either LifecycleActionToken or InstanceId must be specified")
+        for a in ACTIONS:
+            if a["result"] is not None or a["group"] != group or a["hook"] != hook:
+                continue
+            if (token and a["token"] == token) or (not token and a["instance_id"] == instance_id):
+                a["calls"].append(call)
+                return a, call
+        # Record calls that found nothing on the most recent matching action, for the tests.
+        for a in reversed(ACTIONS):
+            if a["instance_id"] == instance_id or a["token"] == token:
+                a["calls"].append(dict(call, outcome="no active action"))
+                break
+    what = f"token {token}" if token else f"instance ID {instance_id}"
+    raise ValidationError(f"No active Lifecycle Action found with {what}")
+
+
+def complete_lifecycle_action(self):
+    result = self._get_param("LifecycleActionResult")
+    if result not in ("CONTINUE", "ABANDON"):
+        raise ValidationError(f"Invalid LifecycleActionResult {result}")
+    action, _ = find_action(self, "CompleteLifecycleAction")
+    with LOCK:
+        finish(action, result, "completed")
+    return EmptyResult()
+
+
+def record_lifecycle_action_heartbeat(self):
+    action, _ = find_action(self, "RecordLifecycleActionHeartbeat")
+    with LOCK:
+        action["deadline"] = min(now() + action["heartbeat_timeout"], action["global_deadline"])
+    return EmptyResult()
+
+
+AutoScalingResponse.complete_lifecycle_action = complete_lifecycle_action
+AutoScalingResponse.record_lifecycle_action_heartbeat = record_lifecycle_action_heartbeat
+
+
+def expire_loop():
+    while True:
+        time.sleep(0.1)
+        with LOCK:
+            for a in ACTIONS:
+                if a["result"] is None and now() >= a["deadline"]:
+                    finish(a, a["default_result"], "timeout")
+
+
+class Control(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def reply(self, status, body):
+        data = body.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        if self.path != "/actions":
+            return self.reply(404, "{}")
+        with LOCK:
+            public = [{k: v for k, v in a.items() if not k.startswith("_")} for a in ACTIONS]
+        self.reply(200, json.dumps(public))
+
+    def do_POST(self):
+        if self.path != "/reset":
+            return self.reply(404, "{}")
+        with LOCK:
+            ACTIONS.clear()
+        self.reply(200, "{}")
+
+
+def main():
+    global IMDS_URL
+    p = argparse.ArgumentParser()
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--control-port", type=int, required=True)
+    p.add_argument("--imds-url")
+    a = p.parse_args()
+    IMDS_URL = a.imds_url
+    threading.Thread(target=expire_loop, daemon=True).start()
+    control = ThreadingHTTPServer((a.host, a.control_port), Control)
+    control.daemon_threads = True
+    threading.Thread(target=control.serve_forever, daemon=True).start()
+    from moto.server import main as moto_main
+
+    moto_main(["-H", a.host, "-p", str(a.port)])
+
+
+if __name__ == "__main__":
+    main()
