@@ -3,6 +3,7 @@
 
 mod backup;
 mod cli;
+mod daemon;
 mod failures;
 mod restore;
 mod support;

@@ -42,6 +42,8 @@ pub struct Server {
     pub kind: Kind,
     /// `http://127.0.0.1:PORT`.
     pub endpoint: String,
+    /// moto's lifecycle-action control API (`tests/emulators/moto_lifecycle.py`).
+    pub control: Option<String>,
     /// s3s-fs keeps objects as files here.
     pub data_dir: Option<PathBuf>,
     _guard: Child,
@@ -92,24 +94,118 @@ fn scratch() -> &'static Path {
         .path()
 }
 
-/// moto's server, started once.
+/// moto's server with Auto Scaling lifecycle actions (`tests/emulators/moto_lifecycle.py`),
+/// started once.
 pub fn moto() -> &'static Server {
     static MOTO: OnceLock<Server> = OnceLock::new();
     MOTO.get_or_init(|| {
         let port = free_port();
+        let control = free_port();
+        let script = root().join("tests/emulators/moto_lifecycle.py");
         let guard = spawn_guarded(
-            &root().join(".venv/bin/moto_server"),
-            &["-H", "127.0.0.1", "-p", &port.to_string()],
+            &root().join(".venv/bin/python"),
+            &[
+                script.to_str().unwrap(),
+                "--port",
+                &port.to_string(),
+                "--control-port",
+                &control.to_string(),
+            ],
             &scratch().join("moto.log"),
         );
         wait_listening(port, "moto_server");
+        wait_listening(control, "moto lifecycle control");
         Server {
             kind: Kind::Moto,
             endpoint: format!("http://127.0.0.1:{port}"),
+            control: Some(format!("http://127.0.0.1:{control}")),
             data_dir: None,
             _guard: guard,
         }
     })
+}
+
+/// An IMDSv2 emulator (`tests/emulators/imds.py`), one per test; killed when dropped.
+pub struct Imds {
+    /// `http://127.0.0.1:PORT`.
+    pub endpoint: String,
+    guard: Child,
+}
+
+impl Imds {
+    /// Starts an emulator for `instance_id` in `group`.
+    pub fn start(instance_id: &str, group: &str) -> Self {
+        let port = free_port();
+        let script = root().join("tests/emulators/imds.py");
+        let guard = spawn_guarded(
+            &root().join(".venv/bin/python"),
+            &[
+                script.to_str().unwrap(),
+                "--port",
+                &port.to_string(),
+                "--instance-id",
+                instance_id,
+                "--group",
+                group,
+            ],
+            &scratch().join(format!("imds-{port}.log")),
+        );
+        wait_listening(port, "the IMDS emulator");
+        Self {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            guard,
+        }
+    }
+
+    /// Merges `json` into the emulator's state.
+    pub fn set(&self, json: &str) {
+        http("POST", &format!("{}/_emulator/state", self.endpoint), json);
+    }
+}
+
+impl Drop for Imds {
+    fn drop(&mut self) {
+        let _ = self.guard.kill();
+    }
+}
+
+/// A plain HTTP/1.0 request to a loopback server; returns (status, body).
+pub fn http(method: &str, url: &str, body: &str) -> (u16, String) {
+    let rest = url.strip_prefix("http://").expect("http URL");
+    let (host, path) = rest
+        .split_once('/')
+        .map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")));
+    let mut stream = TcpStream::connect(host).expect("connect");
+    write!(
+        stream,
+        "{method} {path} HTTP/1.0\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    (status, body)
+}
+
+/// Polls `probe` until it returns `Some`, failing the test after `limit`.
+pub fn eventually<T>(what: &str, limit: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// s3s-fs, started once.
@@ -138,6 +234,7 @@ pub fn s3s_fs() -> &'static Server {
         Server {
             kind: Kind::S3sFs,
             endpoint: format!("http://127.0.0.1:{port}"),
+            control: None,
             data_dir: Some(data),
             _guard: guard,
         }
@@ -164,6 +261,40 @@ pub fn bucket_name(test: &str) -> String {
 }
 
 impl Server {
+    /// Lifecycle actions recorded by moto's extension (JSON array).
+    pub fn actions(&self) -> serde_json::Value {
+        let url = format!("{}/actions", self.control.as_ref().expect("moto"));
+        let (status, body) = http("GET", &url, "");
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// An Auto Scaling client for this server.
+    pub fn autoscaling(&self) -> aws_sdk_autoscaling::Client {
+        let creds =
+            aws_sdk_s3::config::Credentials::new(ACCESS_KEY, SECRET_KEY, None, None, "test");
+        let conf = aws_sdk_autoscaling::config::Builder::new()
+            .behavior_version(aws_sdk_autoscaling::config::BehaviorVersion::latest())
+            .endpoint_url(&self.endpoint)
+            .region(aws_sdk_autoscaling::config::Region::new(REGION))
+            .credentials_provider(creds)
+            .build();
+        aws_sdk_autoscaling::Client::from_conf(conf)
+    }
+
+    /// An SNS client for this server.
+    pub fn sns(&self) -> aws_sdk_sns::Client {
+        let creds =
+            aws_sdk_s3::config::Credentials::new(ACCESS_KEY, SECRET_KEY, None, None, "test");
+        let conf = aws_sdk_sns::config::Builder::new()
+            .behavior_version(aws_sdk_sns::config::BehaviorVersion::latest())
+            .endpoint_url(&self.endpoint)
+            .region(aws_sdk_sns::config::Region::new(REGION))
+            .credentials_provider(creds)
+            .build();
+        aws_sdk_sns::Client::from_conf(conf)
+    }
+
     /// The test's own S3 client (not lifeboat's code).
     pub fn client(&self) -> Client {
         let creds =
