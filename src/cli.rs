@@ -144,7 +144,6 @@ pub fn main() -> ExitCode {
         print!("{}", config.to_toml());
         return ExitCode::from(EXIT_OK);
     }
-    let daemon = matches!(cli.command, Command::Run);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("lifeboat")
@@ -157,23 +156,41 @@ pub fn main() -> ExitCode {
         }
     };
     let code = runtime.block_on(dispatch(cli.command, config));
-    let _ = daemon;
     // Part uploads are aborted or finished by now; do not wait for idle connection tasks.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     ExitCode::from(code)
 }
 
+/// Logs: structured fields to journald when systemd connected stderr to the journal, readable
+/// text on stderr otherwise. `LIFEBOAT_LOG` sets the filter (`debug`, `lifeboat=trace`, …).
 fn init_logging(daemon: bool) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::prelude::*;
     let default = if daemon { "info" } else { "warn" };
     let filter = EnvFilter::try_from_env("LIFEBOAT_LOG").unwrap_or_else(|_| {
-        EnvFilter::new(format!("{default},aws_config=warn,aws_smithy_runtime=warn"))
+        EnvFilter::new(format!(
+            "{default},aws_config=error,aws_smithy_runtime=warn"
+        ))
     });
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    let journal = std::env::var_os("JOURNAL_STREAM")
+        .and_then(|_| tracing_journald::layer().ok())
+        .map(|l| l.with_syslog_identifier("lifeboat".into()));
+    match journal {
+        Some(layer) => tracing_subscriber::registry()
+            .with(filter)
+            .with(layer)
+            .init(),
+        None => tracing_subscriber::registry()
+            .with(filter)
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(std::io::stderr().is_terminal())
+                    .with_target(false),
+            )
+            .init(),
+    }
 }
 
 async fn dispatch(command: Command, config: Config) -> u8 {
