@@ -5,7 +5,7 @@
 //! `AWS_EC2_METADATA_SERVICE_ENDPOINT`). Polls `autoscaling/target-lifecycle-state` and, when
 //! enabled, `spot/instance-action` and the rebalance recommendation, every poll interval. Errors
 //! (503, timeouts, IMDS disabled) never end the watch and never spin: a state change is logged
-//! once, polling backs off to a minute, and resumes its pace when metadata answers again.
+//! once, polling backs off to ten seconds, and resumes its pace when metadata answers again.
 
 use std::time::{Duration, SystemTime};
 
@@ -17,7 +17,9 @@ use tokio_util::sync::CancellationToken;
 
 /// How long a Spot instance has after its notice, when the notice's time cannot be read.
 pub const SPOT_NOTICE: Duration = Duration::from_secs(120);
-const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// The longest pause between polls while metadata fails: a Spot notice gives two minutes, so
+/// backing off further would risk missing most of them.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 /// Where a notice came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,16 +92,23 @@ fn is_not_found(e: &ImdsError) -> bool {
     matches!(e, ImdsError::ErrorResponse(r) if r.response().status().as_u16() == 404)
 }
 
+fn is_unauthorized(e: &ImdsError) -> bool {
+    matches!(e, ImdsError::ErrorResponse(r) if r.response().status().as_u16() == 401)
+}
+
+fn imds_client() -> ImdsClient {
+    ImdsClient::builder()
+        .max_attempts(2)
+        .connect_timeout(Duration::from_secs(1))
+        .read_timeout(Duration::from_secs(2))
+        .build()
+}
+
 impl ImdsWatcher {
     /// A watcher polling every `poll`; `spot` and `rebalance` enable those sources.
     pub fn new(poll: Duration, spot: bool, rebalance: bool) -> Self {
-        let client = ImdsClient::builder()
-            .max_attempts(2)
-            .connect_timeout(Duration::from_secs(1))
-            .read_timeout(Duration::from_secs(2))
-            .build();
         Self {
-            client,
+            client: imds_client(),
             poll,
             spot,
             rebalance,
@@ -196,7 +205,11 @@ impl ImdsWatcher {
     }
 
     /// Polls until `shutdown`, sending each notice once on `notices`.
-    pub async fn run(self, notices: mpsc::Sender<TerminationNotice>, shutdown: CancellationToken) {
+    pub async fn run(
+        mut self,
+        notices: mpsc::Sender<TerminationNotice>,
+        shutdown: CancellationToken,
+    ) {
         let mut seen = Seen::default();
         let mut failing: Option<String> = None;
         let mut pause = self.poll;
@@ -215,6 +228,11 @@ impl ImdsWatcher {
                     }
                 }
                 Err(e) => {
+                    if is_unauthorized(&e) {
+                        // The SDK client keeps its session token until the TTL runs out; a 401
+                        // means the token is no good now: start a new session.
+                        self.client = imds_client();
+                    }
                     let what = describe(&e);
                     if failing.as_deref() != Some(what.as_str()) {
                         tracing::warn!(error = %what, "instance metadata unavailable; backing off");

@@ -15,6 +15,11 @@ RecordLifecycleActionHeartbeat with HTTP 500. This wrapper patches its Auto Scal
 
 A control server on --control-port answers GET /actions with every action and every call made
 on it, with times, so tests can read what was called and when; POST /reset forgets them.
+POST /faults injects trouble, scoped so parallel tests do not disturb each other:
+  {"group": G, "throttle": {"RecordLifecycleActionHeartbeat": N, "CompleteLifecycleAction": N}}
+      answer the next N calls of each operation on group G with Throttling ("Rate exceeded");
+  {"bucket": B, "s3_part_delay_ms": D}   hold every UploadPart into bucket B for D ms.
+GET /throttled lists the throttled calls.
 
 Usage: moto_lifecycle.py --port PORT --control-port PORT [--imds-url URL]
 """
@@ -35,6 +40,14 @@ TERMINATING = "autoscaling:EC2_INSTANCE_TERMINATING"
 LOCK = threading.RLock()
 ACTIONS = []  # dicts, see start_wait
 IMDS_URL = None
+FAULTS = {"throttle": {}, "s3_delay": {}}
+
+
+class Throttling(ValidationError):
+    code = "Throttling"
+
+    def __init__(self):
+        super().__init__("Rate exceeded")
 
 
 def now():
@@ -126,6 +139,12 @@ asm.FakeAutoScalingGroup.set_desired_capacity = set_desired_capacity
 
 def find_action(resp, operation):
     group = resp._get_param("AutoScalingGroupName")
+    with LOCK:
+        left = FAULTS["throttle"].get((group, operation), 0)
+        if left > 0:
+            FAULTS["throttle"][(group, operation)] = left - 1
+            THROTTLED.append({"operation": operation, "group": group, "time": now()})
+            raise Throttling()
     hook = resp._get_param("LifecycleHookName")
     token = resp._get_param("LifecycleActionToken")
     instance_id = resp._get_param("InstanceId")
@@ -174,8 +193,25 @@ def record_lifecycle_action_heartbeat(self):
     return EmptyResult()
 
 
+THROTTLED = []
+
 AutoScalingResponse.complete_lifecycle_action = complete_lifecycle_action
 AutoScalingResponse.record_lifecycle_action_heartbeat = record_lifecycle_action_heartbeat
+
+
+from moto.s3.responses import S3Response  # noqa: E402
+
+_orig_upload_part = S3Response.upload_part
+
+
+def upload_part(self):
+    delay = FAULTS["s3_delay"].get(self.bucket_name, 0)
+    if delay:
+        time.sleep(delay / 1000)
+    return _orig_upload_part(self)
+
+
+S3Response.upload_part = upload_part
 
 
 def expire_loop():
@@ -202,6 +238,9 @@ class Control(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self):
+        if self.path == "/throttled":
+            with LOCK:
+                return self.reply(200, json.dumps(THROTTLED))
         if self.path != "/actions":
             return self.reply(404, "{}")
         with LOCK:
@@ -209,6 +248,15 @@ class Control(BaseHTTPRequestHandler):
         self.reply(200, json.dumps(public))
 
     def do_POST(self):
+        if self.path == "/faults":
+            n = int(self.headers.get("Content-Length") or 0)
+            update = json.loads(self.rfile.read(n) or b"{}")
+            with LOCK:
+                for op, n in update.get("throttle", {}).items():
+                    FAULTS["throttle"][(update.get("group"), op)] = int(n)
+                if "s3_part_delay_ms" in update:
+                    FAULTS["s3_delay"][update.get("bucket")] = int(update["s3_part_delay_ms"])
+            return self.reply(200, "{}")
         if self.path != "/reset":
             return self.reply(404, "{}")
         with LOCK:

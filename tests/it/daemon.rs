@@ -112,6 +112,73 @@ fn notifications(
     out
 }
 
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// Incompressible bytes (xorshift), `len` of them.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Starts `lifeboat run` against `imds` and waits for its control socket.
+fn start_daemon(lb: &Lifeboat, imds: &Imds, env: &[(&str, &str)]) -> std::process::Child {
+    let mut cmd = lb.command(&["run"]);
+    cmd.env("AWS_EC2_METADATA_SERVICE_ENDPOINT", &imds.endpoint);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().unwrap();
+    let socket = lb.dir.join("run/control.sock");
+    eventually(
+        "the daemon's control socket",
+        Duration::from_secs(30),
+        || socket.exists().then_some(()),
+    );
+    child
+}
+
+/// Stops the daemon with SIGTERM and returns its output.
+fn stop_daemon(daemon: std::process::Child) -> crate::support::Run {
+    let pid = daemon.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    wait_output(daemon, Duration::from_secs(60), &["run"])
+}
+
+fn scale_in(server: &Server, group: &str) {
+    rt().block_on(
+        server
+            .autoscaling()
+            .set_desired_capacity()
+            .auto_scaling_group_name(group)
+            .desired_capacity(0)
+            .send(),
+    )
+    .unwrap();
+}
+
+fn fault(server: &Server, json: &str) {
+    let url = format!("{}/faults", server.control.as_ref().unwrap());
+    assert_eq!(http("POST", &url, json).0, 200);
+}
+
 fn daemon_config(bucket: &str, data: &std::path::Path, topic: &str, extra: &str) -> String {
     format!(
         "[backup]\npaths = [{:?}]\ncompression = \"none\"\n[s3]\nbucket = \"{bucket}\"\nprefix = \"backups/\"\npart_size = \"5MiB\"\nconcurrency = 1\n[sns]\ntopic_arn = \"{topic}\"\n[lifecycle]\nheartbeat_interval = \"1s\"\n{extra}\n[watch]\npoll_interval = \"1s\"\n",
@@ -139,6 +206,10 @@ fn scale_in_is_backed_up_heartbeated_reported_and_completed() {
         .collect();
     write(&data.join("state.db"), &blob);
     let bucket = server.bucket("daemon");
+    fault(
+        server,
+        &format!(r#"{{"bucket": "{bucket}", "s3_part_delay_ms": 300}}"#),
+    );
     let lb = Lifeboat::new(
         dir.path(),
         &server.endpoint,
@@ -164,11 +235,28 @@ fn scale_in_is_backed_up_heartbeated_reported_and_completed() {
             .send(),
     )
     .unwrap();
+    let noticed_from = unix_now();
     imds.set(r#"{"target_lifecycle_state": "Terminated"}"#);
 
     let action = finished_action(server, &instance);
     assert_eq!(action["result"], "CONTINUE", "{action:#}");
     assert_eq!(action["ended_by"], "completed", "{action:#}");
+    // Within poll interval (1 s) + backup time + 2 s.
+    let state_file = dir.path().join("state/state.json");
+    let backup_s = eventually(
+        "the job's result in state.json",
+        Duration::from_secs(30),
+        || {
+            let state: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&state_file).ok()?).ok()?;
+            state["last_job"]["duration_seconds"].as_f64()
+        },
+    );
+    let took = action["ended"].as_f64().unwrap() - noticed_from;
+    assert!(
+        took <= 1.0 + backup_s + 2.0,
+        "completed {took:.2} s after the notice, backup {backup_s:.2} s"
+    );
     let calls = action["calls"].as_array().unwrap();
     let beats = calls
         .iter()
@@ -343,4 +431,345 @@ fn run_off_ec2_says_so_and_exits_2() {
         out.stderr.contains("instance metadata is not available"),
         "{out:#?}"
     );
+}
+
+#[test]
+fn throttled_heartbeats_and_completion_still_complete() {
+    let server = moto();
+    let (group, instance, topic) = group_with_hook(server, "throttle", 60);
+    let imds = Imds::start(&instance, &group);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write(&data.join("db"), &noise(20 << 20, 7));
+    let bucket = server.bucket("throttle");
+    // A slowed S3 keeps the job running long enough for heartbeats.
+    fault(
+        server,
+        &format!(r#"{{"bucket": "{bucket}", "s3_part_delay_ms": 700}}"#),
+    );
+    fault(
+        server,
+        &format!(
+            r#"{{"group": "{group}", "throttle": {{"RecordLifecycleActionHeartbeat": 3, "CompleteLifecycleAction": 4}}}}"#
+        ),
+    );
+    let lb = Lifeboat::new(
+        dir.path(),
+        &server.endpoint,
+        &daemon_config(&bucket, &data, &topic, ""),
+    );
+    let daemon = start_daemon(&lb, &imds, &[]);
+    scale_in(server, &group);
+    imds.set(r#"{"target_lifecycle_state": "Terminated"}"#);
+    let action = finished_action(server, &instance);
+    assert_eq!(action["result"], "CONTINUE", "{action:#}");
+    assert_eq!(action["ended_by"], "completed", "{action:#}");
+    let (_, body) = http(
+        "GET",
+        &format!("{}/throttled", server.control.as_ref().unwrap()),
+        "",
+    );
+    let throttled: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let count = |op: &str| {
+        throttled
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| t["group"] == group.as_str() && t["operation"] == op)
+            .count()
+    };
+    assert_eq!(count("CompleteLifecycleAction"), 4, "{throttled:#}");
+    assert!(
+        count("RecordLifecycleActionHeartbeat") >= 1,
+        "{throttled:#}"
+    );
+    assert_eq!(stop_daemon(daemon).code, Some(0));
+}
+
+#[test]
+fn s3_down_still_completes_with_on_failure_and_reports_why() {
+    let server = moto();
+    let (group, instance, topic) = group_with_hook(server, "s3down", 60);
+    let imds = Imds::start(&instance, &group);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write(&data.join("a.log"), b"x\n");
+    let lb = Lifeboat::new(
+        dir.path(),
+        &server.endpoint,
+        &daemon_config("lb-s3-down", &data, &topic, "on_failure = \"ABANDON\"")
+            .replace("concurrency = 1", "concurrency = 1\nretry_budget = \"10s\""),
+    );
+    // S3 is a closed port; Auto Scaling and SNS still answer.
+    let daemon = start_daemon(&lb, &imds, &[("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")]);
+    scale_in(server, &group);
+    imds.set(r#"{"target_lifecycle_state": "Terminated"}"#);
+    let action = finished_action(server, &instance);
+    assert_eq!(action["result"], "ABANDON", "{action:#}");
+    assert_eq!(action["ended_by"], "completed", "{action:#}");
+    let took = action["ended"].as_f64().unwrap() - action["started"].as_f64().unwrap();
+    assert!(
+        took < 10.0 + 10.0,
+        "completion took {took:.1} s with a 10 s retry budget"
+    );
+    let sent = notifications(server, &topic);
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0].1["status"], "failed");
+    assert!(
+        sent[0].1["error"]
+            .as_str()
+            .unwrap()
+            .contains("s3://lb-s3-down/"),
+        "{sent:?}"
+    );
+    assert_eq!(sent[0].1["lifecycle_result"], "ABANDON");
+    assert_eq!(stop_daemon(daemon).code, Some(0));
+}
+
+#[test]
+fn sns_down_does_not_block_completion() {
+    let server = moto();
+    let (group, instance, _topic) = group_with_hook(server, "snsdown", 60);
+    let imds = Imds::start(&instance, &group);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write(&data.join("a.log"), b"x\n");
+    let bucket = server.bucket("snsdown");
+    let topic = "arn:aws:sns:us-east-1:123456789012:nowhere";
+    let lb = Lifeboat::new(
+        dir.path(),
+        &server.endpoint,
+        &daemon_config(&bucket, &data, topic, ""),
+    );
+    let daemon = start_daemon(
+        &lb,
+        &imds,
+        &[("AWS_ENDPOINT_URL_SNS", "http://127.0.0.1:9")],
+    );
+    scale_in(server, &group);
+    imds.set(r#"{"target_lifecycle_state": "Terminated"}"#);
+    let action = finished_action(server, &instance);
+    assert_eq!(action["result"], "CONTINUE", "{action:#}");
+    let out = stop_daemon(daemon);
+    assert!(out.stderr.contains("SNS report failed"), "{out:#?}");
+}
+
+#[test]
+fn imds_flapping_neither_crashes_nor_misses_the_notice() {
+    let server = moto();
+    let (group, instance, topic) = group_with_hook(server, "flap", 60);
+    let imds = Imds::start(&instance, &group);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write(&data.join("a.log"), b"x\n");
+    let bucket = server.bucket("flap");
+    let lb = Lifeboat::new(
+        dir.path(),
+        &server.endpoint,
+        &daemon_config(&bucket, &data, &topic, ""),
+    );
+    let daemon = start_daemon(&lb, &imds, &[]);
+    let emulator = |json: &str| {
+        assert_eq!(
+            http("POST", &format!("{}/_emulator/fault", imds.endpoint), json).0,
+            200
+        );
+    };
+    emulator(r#"{"status": 503, "count": 3}"#);
+    emulator(r#"{"drop": 2}"#);
+    emulator(r#"{"expire_tokens": true}"#);
+    emulator(r#"{"delay_ms": 3000, "count": 1}"#);
+    scale_in(server, &group);
+    imds.set(r#"{"target_lifecycle_state": "Terminated"}"#);
+    let action = finished_action(server, &instance);
+    assert_eq!(action["result"], "CONTINUE", "{action:#}");
+    let (_, log) = http("GET", &format!("{}/_emulator/log", imds.endpoint), "");
+    assert!(log.contains("503"), "the faults were served: {log}");
+    // After the tokens were forgotten (401), the daemon started a new session.
+    assert!(
+        log.matches(r#""method": "PUT""#).count() >= 2,
+        "no new token after 401: {log}"
+    );
+    assert_eq!(stop_daemon(daemon).code, Some(0));
+}
+
+#[test]
+fn duplicate_triggers_make_exactly_one_archive() {
+    let server = moto();
+    let (group, instance, topic) = group_with_hook(server, "dupes", 60);
+    let imds = Imds::start(&instance, &group);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write(&data.join("db"), &noise(25 << 20, 11));
+    let bucket = server.bucket("dupes");
+    fault(
+        server,
+        &format!(r#"{{"bucket": "{bucket}", "s3_part_delay_ms": 600}}"#),
+    );
+    let lb = Lifeboat::new(
+        dir.path(),
+        &server.endpoint,
+        &daemon_config(&bucket, &data, &topic, ""),
+    );
+    let daemon = start_daemon(&lb, &imds, &[]);
+    scale_in(server, &group);
+    // IMDS, a Spot notice, and two SSM-style invocations, all at once.
+    imds.set(r#"{"target_lifecycle_state": "Terminated"}"#);
+    let when = time::OffsetDateTime::now_utc() + time::Duration::minutes(10);
+    let spot_time = when
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    imds.set(&format!(
+        r#"{{"spot_action": {{"action": "terminate", "time": "{spot_time}"}}}}"#
+    ));
+    let args = [
+        "backup",
+        "--complete-lifecycle",
+        "--hook",
+        "lifeboat",
+        "--asg",
+        group.as_str(),
+        "--instance-id",
+        instance.as_str(),
+    ];
+    let calls: Vec<_> = (0..2).map(|_| lb.command(&args).spawn().unwrap()).collect();
+    let outs: Vec<_> = calls
+        .into_iter()
+        .map(|c| wait_output(c, Duration::from_secs(120), &args))
+        .collect();
+    let action = finished_action(server, &instance);
+    assert_eq!(action["result"], "CONTINUE", "{action:#}");
+    let archives: Vec<_> = server
+        .keys(&bucket)
+        .into_iter()
+        .filter(|k| k.ends_with(".tar"))
+        .collect();
+    assert_eq!(archives.len(), 1, "{archives:?}");
+    for out in outs {
+        assert!(
+            out.ok()
+                .contains(&format!("stored s3://{bucket}/{}", archives[0])),
+            "{out:#?}"
+        );
+    }
+    let completions = action["calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["operation"] == "CompleteLifecycleAction")
+        .count();
+    assert_eq!(completions, 1, "{action:#}");
+    assert_eq!(stop_daemon(daemon).code, Some(0));
+}
+
+#[test]
+fn spot_notice_too_short_for_the_data_gives_a_valid_partial_archive_in_time() {
+    let server = moto();
+    let instance = crate::support::bucket_name("i-spot");
+    let imds = Imds::start(&instance, "");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    for i in 0..3 {
+        write(
+            &data.join(format!("part-{i}.bin")),
+            &noise(40 << 20, 100 + i),
+        );
+    }
+    let bucket = server.bucket("spot");
+    // About 5 MB/s into S3: 120 MB would take 24 s, the notice gives 20.
+    fault(
+        server,
+        &format!(r#"{{"bucket": "{bucket}", "s3_part_delay_ms": 1000}}"#),
+    );
+    let sns = server.sns();
+    let topic = rt()
+        .block_on(
+            sns.create_topic()
+                .name(crate::support::bucket_name("spot"))
+                .send(),
+        )
+        .unwrap()
+        .topic_arn()
+        .unwrap()
+        .to_owned();
+    let config = daemon_config(&bucket, &data, &topic, "").replace("compression = \"none\"", "");
+    let lb = Lifeboat::new(dir.path(), &server.endpoint, &config);
+    let daemon = start_daemon(&lb, &imds, &[]);
+    let when = time::OffsetDateTime::now_utc() + time::Duration::seconds(20);
+    let spot_time = when
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    imds.set(&format!(
+        r#"{{"spot_action": {{"action": "terminate", "time": "{spot_time}"}}}}"#
+    ));
+    let manifest_key = eventually("the manifest", Duration::from_secs(60), || {
+        server
+            .keys(&bucket)
+            .into_iter()
+            .find(|k| k.ends_with(".manifest.json"))
+    });
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&server.get(&bucket, &manifest_key)).unwrap();
+    assert_eq!(manifest["partial"], true, "{manifest:#}");
+    assert_eq!(manifest["reason"], "spot-terminate");
+    let finished = time::OffsetDateTime::parse(
+        manifest["finished_at"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    assert!(
+        finished < when,
+        "finished {finished}, the notice said {when}"
+    );
+    // The partial archive is valid: verify reads it whole.
+    let key = manifest["key"].as_str().unwrap();
+    let out = lb.run(&["verify", "--key", key]);
+    assert!(out.ok().contains("partial"), "{out:#?}");
+    let sent = notifications(server, &topic);
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0].1["status"], "partial");
+    assert_eq!(sent[0].1["partial"], true);
+    assert_eq!(stop_daemon(daemon).code, Some(0));
+}
+
+#[test]
+fn a_backup_longer_than_the_heartbeat_timeout_survives_by_heartbeats() {
+    let server = moto();
+    // AWS's smallest heartbeat timeout.
+    let (group, instance, topic) = group_with_hook(server, "longjob", 30);
+    let imds = Imds::start(&instance, &group);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write(&data.join("db"), &noise(40 << 20, 5));
+    let bucket = server.bucket("longjob");
+    // Eight 5 MiB parts at 5 s each: 40 s, past the 30 s timeout.
+    fault(
+        server,
+        &format!(r#"{{"bucket": "{bucket}", "s3_part_delay_ms": 5000}}"#),
+    );
+    let config =
+        daemon_config(&bucket, &data, &topic, "").replace("heartbeat_interval = \"1s\"", "");
+    let lb = Lifeboat::new(dir.path(), &server.endpoint, &config);
+    let daemon = start_daemon(&lb, &imds, &[]);
+    scale_in(server, &group);
+    imds.set(r#"{"target_lifecycle_state": "Terminated"}"#);
+    let action = finished_action(server, &instance);
+    assert_eq!(
+        action["ended_by"], "completed",
+        "timed out instead: {action:#}"
+    );
+    assert_eq!(action["result"], "CONTINUE", "{action:#}");
+    let took = action["ended"].as_f64().unwrap() - action["started"].as_f64().unwrap();
+    assert!(
+        took > 30.0,
+        "the job was not longer than the hook's timeout ({took:.1} s)"
+    );
+    let beats = action["calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["operation"] == "RecordLifecycleActionHeartbeat")
+        .count();
+    assert!(beats >= 2, "{action:#}");
+    assert_eq!(stop_daemon(daemon).code, Some(0));
 }
