@@ -13,7 +13,7 @@ port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); pr
 .venv/bin/python tests/emulators/imds.py --port "$port" >"$work/imds.log" 2>&1 &
 imds_pid=$!
 daemon_pid=
-trap 'kill $imds_pid $daemon_pid 2>/dev/null; rm -rf "$work"' EXIT
+trap 'kill $imds_pid $daemon_pid 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
 for _ in $(seq 1 500); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.01; done
 printf '[s3]\nbucket = "idle-bench"\n' >"$work/lifeboat.toml"
 AWS_EC2_METADATA_SERVICE_ENDPOINT="http://127.0.0.1:$port" AWS_REGION=us-east-1 \
