@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use crate::support::{Lifeboat, Server, config_for, moto, s3s_fs, write};
 
@@ -184,7 +185,11 @@ fn round_trip(server: &Server, sparse: bool, compression: &str) {
         ),
     );
     let (stop, appender) = start_appender(growing.clone());
-    let out = lb.run(&["backup", "--reason", "round trip"]);
+    // Generous: 8 GiB of holes go through the pipeline, on a machine shared with other tests.
+    let out = lb.run_with_limit(
+        &["backup", "--reason", "round trip"],
+        Duration::from_secs(900),
+    );
     stop.store(true, Ordering::Relaxed);
     appender.join().unwrap();
     let key = out.stored_key();

@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use crate::support::{Imds, Lifeboat, Server, eventually, http, moto, rt, wait_output, write};
+use crate::support::{
+    Imds, Lifeboat, Server, eventually, http, moto, noise, rt, wait_output, write,
+};
 
 /// A group with one instance and a terminate hook; returns (group, instance id, topic ARN).
 fn group_with_hook(
@@ -119,19 +121,6 @@ fn unix_now() -> f64 {
         .as_secs_f64()
 }
 
-/// Incompressible bytes (xorshift), `len` of them.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// Starts `lifeboat run` against `imds` and waits for its control socket.
 fn start_daemon(lb: &Lifeboat, imds: &Imds, env: &[(&str, &str)]) -> std::process::Child {
     let mut cmd = lb.command(&["run"]);
@@ -195,16 +184,10 @@ fn scale_in_is_backed_up_heartbeated_reported_and_completed() {
     let data = dir.path().join("data");
     // Incompressible and stored in 5 MiB parts one at a time: the job lasts a few seconds, long
     // enough for one-second heartbeats.
-    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
-    let blob: Vec<u8> = (0..48 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    write(&data.join("state.db"), &blob);
+    write(
+        &data.join("state.db"),
+        &noise(48 << 20, 0x2545_F491_4F6C_DD1D),
+    );
     let bucket = server.bucket("daemon");
     fault(
         server,

@@ -4,7 +4,7 @@
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
-use crate::support::{Lifeboat, config_for, moto, s3s_fs, wait_output, write};
+use crate::support::{Lifeboat, config_for, moto, noise, s3s_fs, wait_output, write};
 
 fn small_tree(dir: &std::path::Path) -> std::path::PathBuf {
     let data = dir.join("data");
@@ -76,17 +76,10 @@ fn sigterm_mid_upload_aborts_the_multipart_upload() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     // Incompressible data, stored uncompressed in 5 MiB parts one at a time: many parts.
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    let blob: Vec<u8> = (0..160 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    write(&data.join("big.bin"), &blob);
-    drop(blob);
+    write(
+        &data.join("big.bin"),
+        &noise(160 << 20, 0x9E37_79B9_7F4A_7C15),
+    );
     let bucket = server.bucket("sigterm");
     let lb = Lifeboat::new(
         dir.path(),

@@ -165,7 +165,9 @@ impl Imds {
 
 impl Drop for Imds {
     fn drop(&mut self) {
-        let _ = self.guard.kill();
+        // Closing the guard's stdin makes it kill the emulator and exit.
+        drop(self.guard.stdin.take());
+        let _ = self.guard.wait();
     }
 }
 
@@ -423,9 +425,10 @@ impl Lifeboat {
         wait_output(child, limit, args)
     }
 
-    /// Runs to completion within five minutes.
+    /// Runs to completion within fifteen minutes (the 8 GiB sparse round trips are slow on a
+    /// busy 2-core machine; a hang still fails the test).
     pub fn run(&self, args: &[&str]) -> Run {
-        self.run_with_limit(args, Duration::from_secs(300))
+        self.run_with_limit(args, Duration::from_secs(900))
     }
 }
 
@@ -500,6 +503,19 @@ pub fn config_for(bucket: &str, paths: &[&Path], backup_extra: &str, s3_extra: &
         "[backup]\npaths = [{}]\n{backup_extra}\n[s3]\nbucket = \"{bucket}\"\nprefix = \"backups/\"\n{s3_extra}\n",
         paths.join(", ")
     )
+}
+
+/// Incompressible bytes (xorshift), `len` of them.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
 }
 
 /// Writes `data` to `path`, creating parents.
