@@ -184,34 +184,13 @@ impl<W: Write + Send> BlockParallel<W> {
     }
 }
 
-/// Whether `block` is all zeros (the holes of sparse files, preallocated space).
-pub fn all_zero(block: &[u8]) -> bool {
-    // OR-folding a page at a time vectorises; the early exit is per page.
-    block
-        .chunks(4096)
-        .all(|page| page.iter().fold(0u8, |acc, &b| acc | b) == 0)
-}
-
 fn compress_worker(jobs: &Mutex<Receiver<Job>>, codec: Codec) {
-    // A full block of zeros always compresses to the same unit: compute it once, so the holes of
-    // an 8 GiB sparse file cost a scan, not 8 GiB of deflate.
-    let mut zero_unit: Option<Vec<u8>> = None;
     loop {
         // Hold the lock only to take a job, never while compressing.
         let job = jobs.lock().map(|rx| rx.recv());
         let Ok(Ok((block, reply))) = job else { return };
-        let unit = if block.len() == codec.block_size() && all_zero(&block) {
-            match &zero_unit {
-                Some(u) => Ok(u.clone()),
-                None => codec
-                    .compress(&block)
-                    .inspect(|u| zero_unit = Some(u.clone())),
-            }
-        } else {
-            codec.compress(&block)
-        };
         // The writer may have gone away after an error; nothing to do then.
-        let _ = reply.send(unit);
+        let _ = reply.send(codec.compress(&block));
     }
 }
 
@@ -282,27 +261,6 @@ mod tests {
             .read_to_end(&mut back)
             .unwrap();
         assert_eq!(back, data);
-    }
-
-    #[test]
-    fn zero_blocks_reuse_one_unit_and_still_decode() {
-        for kind in [CompressionKind::Gzip, CompressionKind::Zstd] {
-            let mut data = vec![0u8; 3 * ZSTD_BLOCK];
-            data[ZSTD_BLOCK + 17] = 1;
-            let mut c = compressor(kind, 3, 2, Vec::new()).unwrap();
-            c.write_all(&data).unwrap();
-            let out = c.finish().unwrap();
-            let mut back = Vec::new();
-            decompressor(kind, &out[..])
-                .unwrap()
-                .read_to_end(&mut back)
-                .unwrap();
-            assert_eq!(back, data, "{kind:?}");
-        }
-        assert!(all_zero(&[0u8; 10_000]));
-        let mut one = [0u8; 10_000];
-        one[9_999] = 1;
-        assert!(!all_zero(&one));
     }
 
     #[test]

@@ -310,7 +310,7 @@ fn write_file(
             break;
         }
         let chunk = &buf[..n];
-        if crate::compress::all_zero(chunk) {
+        if chunk.iter().all(|&b| b == 0) {
             file.seek(SeekFrom::Current(n as i64)).map_err(failed)?;
         } else {
             file.write_all(chunk).map_err(failed)?;
