@@ -5,17 +5,27 @@
 //! file that changes while it is read at the size its header declared (cut or zero-padded, like
 //! GNU tar), recording it as changed. A file that cannot be opened is skipped; neither aborts the
 //! archive. Only a failure of the output writer does.
+//!
+//! A file with holes (at least [`SPARSE_MIN_HOLES`] of them, found with `SEEK_DATA`/`SEEK_HOLE`) is
+//! stored as a GNU sparse entry: only its data regions are read and archived, with a map GNU tar,
+//! bsdtar and `lifeboat restore` use to recreate the holes.
 
 use std::collections::HashMap;
 use std::fs::{File, Metadata};
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use globset::GlobSet;
 use serde::{Deserialize, Serialize};
+
+/// Holes smaller than this in total are archived as zeros: a plain entry is simpler for readers.
+pub const SPARSE_MIN_HOLES: u64 = 1 << 20;
+
+/// tar's block size: sparse data regions start on it.
+const BLOCK: u64 = 512;
 
 /// What to archive.
 #[derive(Debug, Clone, Copy)]
@@ -302,7 +312,13 @@ pub fn plan(opts: &ArchiveOptions<'_>) -> Plan {
                     plan.hardlinks += 1;
                 } else {
                     plan.files += 1;
-                    plan.bytes += meta.len();
+                    // What will be read: a sparse file's allocated blocks, not its holes.
+                    let allocated = meta.blocks().saturating_mul(512);
+                    plan.bytes += if allocated + SPARSE_MIN_HOLES <= meta.len() {
+                        allocated
+                    } else {
+                        meta.len()
+                    };
                 }
             }
         }
@@ -483,18 +499,18 @@ impl<W: Write> TarWriter<'_, W> {
         }
         let declared = meta.len();
         let mut header = header_for(&meta);
-        let mut reader = LiveReader {
-            file: &file,
-            remaining: declared,
-            read: 0,
-            padded: false,
-            error: None,
-            counters: self.counters,
-            stop: Some(self.stop),
-            cut: false,
+        let regions = data_regions(&file, &meta);
+        let (map, ext_blocks) = match &regions {
+            Some(regions) => sparse_header(&mut header, regions, declared),
+            None => (vec![(0, declared)], Vec::new()),
         };
+        let mut reader = LiveReader::new(&file, map, self.counters, Some(self.stop));
         self.builder
-            .append_data(&mut header, &name, &mut reader)
+            .append_data(
+                &mut header,
+                &name,
+                &mut io::Cursor::new(ext_blocks).chain(&mut reader),
+            )
             .map_err(|source| ArchiveError::Write {
                 path: path.display().to_string(),
                 source,
@@ -560,12 +576,82 @@ fn header_for(meta: &Metadata) -> tar::Header {
     header
 }
 
-/// Yields exactly `remaining` bytes of a file that may change while read: stops at the declared
-/// size, and pads with zeros if the file ends early or a read fails. Never returns an error, so an
-/// error out of the tar builder is always the output's.
+/// The data regions of a file with holes, as `(offset, length)` pairs starting on tar blocks, or
+/// `None` when the file has fewer than [`SPARSE_MIN_HOLES`] bytes of holes (or the file system
+/// cannot say). Regions are widened to whole 512-byte blocks; the last may end at end of file.
+fn data_regions(file: &File, meta: &Metadata) -> Option<Vec<(u64, u64)>> {
+    let size = meta.len();
+    // Cheap first test: a file with as many blocks as bytes has no holes.
+    if meta.blocks().saturating_mul(512) + SPARSE_MIN_HOLES > size {
+        return None;
+    }
+    let mut regions: Vec<(u64, u64)> = Vec::new();
+    let mut pos = 0;
+    while pos < size {
+        let start = match rustix::fs::seek(file, rustix::fs::SeekFrom::Data(pos)) {
+            Ok(start) if start < size => start,
+            Ok(_) | Err(rustix::io::Errno::NXIO) => break,
+            Err(_) => return None,
+        };
+        let end = rustix::fs::seek(file, rustix::fs::SeekFrom::Hole(start)).ok()?;
+        let start = start - start % BLOCK;
+        let end = end.min(size).next_multiple_of(BLOCK).min(size);
+        match regions.last_mut() {
+            Some((off, len)) if *off + *len >= start => *len = end - *off,
+            _ => regions.push((start, end - start)),
+        }
+        pos = end;
+    }
+    let data: u64 = regions.iter().map(|r| r.1).sum();
+    (size - data >= SPARSE_MIN_HOLES).then_some(regions)
+}
+
+/// Turns `header` into an old-GNU sparse header for `regions` of a file of `size` bytes; returns
+/// the regions to read and the extension blocks (21 map entries each) that follow the header when
+/// the map does not fit in its four slots.
+fn sparse_header(
+    header: &mut tar::Header,
+    regions: &[(u64, u64)],
+    size: u64,
+) -> (Vec<(u64, u64)>, Vec<u8>) {
+    let mut map = regions.to_vec();
+    // GNU tar marks a trailing hole (and an empty map) with an empty region at the end.
+    if map.last().is_none_or(|(off, len)| off + len < size) {
+        map.push((size, 0));
+    }
+    header.set_entry_type(tar::EntryType::GNUSparse);
+    header.set_size(map.iter().map(|r| r.1).sum());
+    let gnu = header.as_gnu_mut().expect("a GNU header");
+    gnu.set_real_size(size);
+    let (first, rest) = map.split_at(map.len().min(gnu.sparse.len()));
+    for (slot, &(off, len)) in gnu.sparse.iter_mut().zip(first) {
+        slot.set_offset(off);
+        slot.set_length(len);
+    }
+    gnu.set_is_extended(!rest.is_empty());
+    let mut ext_blocks = Vec::new();
+    let mut chunks = rest
+        .chunks(tar::GnuExtSparseHeader::new().sparse.len())
+        .peekable();
+    while let Some(chunk) = chunks.next() {
+        let mut ext = tar::GnuExtSparseHeader::new();
+        for (slot, &(off, len)) in ext.sparse.iter_mut().zip(chunk) {
+            slot.set_offset(off);
+            slot.set_length(len);
+        }
+        ext.set_is_extended(chunks.peek().is_some());
+        ext_blocks.extend_from_slice(ext.as_bytes());
+    }
+    (map, ext_blocks)
+}
+
+/// Yields exactly the bytes of `regions` of a file that may change while read: stops at each
+/// region's declared end, and pads with zeros if the file ends early or a read fails. Never returns
+/// an error, so an error out of the tar builder is always the output's.
 struct LiveReader<'a> {
     file: &'a File,
-    remaining: u64,
+    /// `(offset, length)` still to read, in order; the front one is partly read.
+    regions: std::collections::VecDeque<(u64, u64)>,
     read: u64,
     padded: bool,
     error: Option<io::Error>,
@@ -575,14 +661,34 @@ struct LiveReader<'a> {
     cut: bool,
 }
 
+impl<'a> LiveReader<'a> {
+    fn new(
+        file: &'a File,
+        regions: Vec<(u64, u64)>,
+        counters: &'a Counters,
+        stop: Option<&'a AtomicBool>,
+    ) -> Self {
+        LiveReader {
+            file,
+            regions: regions.into_iter().filter(|r| r.1 > 0).collect(),
+            read: 0,
+            padded: false,
+            error: None,
+            counters,
+            stop,
+            cut: false,
+        }
+    }
+}
+
 impl Read for LiveReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.remaining == 0 {
+        let Some((offset, remaining)) = self.regions.front_mut() else {
             return Ok(0);
-        }
+        };
         let want = buf
             .len()
-            .min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
+            .min(usize::try_from(*remaining).unwrap_or(usize::MAX));
         let buf = &mut buf[..want];
         if !self.cut && self.stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
             self.cut = true;
@@ -591,7 +697,7 @@ impl Read for LiveReader<'_> {
             0
         } else {
             loop {
-                match (&*self.file).read(buf) {
+                match self.file.read_at(buf, *offset) {
                     Ok(n) => break n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
@@ -601,20 +707,25 @@ impl Read for LiveReader<'_> {
                 }
             }
         };
-        if n == 0 {
+        let n = if n == 0 {
             // End of file before the declared size (or an error): zero-fill the rest.
             if self.error.is_none() && !self.cut {
                 self.padded = true;
             }
             buf.fill(0);
-            self.remaining -= want as u64;
-            return Ok(want);
+            want
+        } else {
+            self.read += n as u64;
+            self.counters
+                .bytes_read
+                .fetch_add(n as u64, Ordering::Relaxed);
+            n
+        };
+        *offset += n as u64;
+        *remaining -= n as u64;
+        if *remaining == 0 {
+            self.regions.pop_front();
         }
-        self.read += n as u64;
-        self.remaining -= n as u64;
-        self.counters
-            .bytes_read
-            .fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)
     }
 }
@@ -732,20 +843,84 @@ mod tests {
         std::fs::write(&path, b"abc").unwrap();
         let file = File::open(&path).unwrap();
         let counters = Counters::default();
-        let mut r = LiveReader {
-            file: &file,
-            remaining: 6,
-            read: 0,
-            padded: false,
-            error: None,
-            counters: &counters,
-            stop: None,
-            cut: false,
-        };
+        let mut r = LiveReader::new(&file, vec![(0, 6)], &counters, None);
         let mut out = Vec::new();
         r.read_to_end(&mut out).unwrap();
         assert_eq!(out, b"abc\0\0\0");
         assert!(r.padded);
+    }
+
+    #[test]
+    fn files_with_holes_become_gnu_sparse_entries() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let size = 300 << 20;
+        // 40 data regions: the map needs extension blocks after the header.
+        let path = dir.path().join("sparse");
+        let f = File::create(&path).unwrap();
+        f.set_len(size).unwrap();
+        let mut expected = Vec::new();
+        for i in 0..40u64 {
+            let off = i * (7 << 20) + 1000;
+            let data = format!("region {i} ").repeat(700);
+            f.write_all_at(data.as_bytes(), off).unwrap();
+            expected.push((off, data));
+        }
+        drop(f);
+        let paths = vec![path.clone()];
+        let exclude = GlobSet::empty();
+        let counters = Counters::default();
+        let (out, report) = write_archive(
+            &options(&paths, &exclude),
+            Vec::new(),
+            &counters,
+            &AtomicBool::new(false),
+        )
+        .unwrap();
+        assert!(report.changed.is_empty(), "{:?}", report.changed);
+        assert!(
+            out.len() < 2 << 20,
+            "archive holds the holes: {} bytes",
+            out.len()
+        );
+        assert_eq!(
+            counters.bytes_read.load(Ordering::Relaxed),
+            report.bytes_read
+        );
+        let mut archive = tar::Archive::new(&out[..]);
+        let mut entries = archive.entries().unwrap();
+        let mut entry = entries.next().unwrap().unwrap();
+        assert_eq!(entry.header().entry_type(), tar::EntryType::GNUSparse);
+        assert_eq!(entry.size(), size);
+        let mut content = Vec::new();
+        entry.read_to_end(&mut content).unwrap();
+        assert_eq!(content.len() as u64, size);
+        let mut want = vec![0u8; size as usize];
+        for (off, data) in &expected {
+            want[*off as usize..][..data.len()].copy_from_slice(data.as_bytes());
+        }
+        assert!(content == want, "sparse content differs");
+        drop(entry);
+        assert!(entries.next().is_none());
+    }
+
+    #[test]
+    fn a_file_of_holes_only_is_an_empty_sparse_map() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("empty");
+        File::create(&path).unwrap().set_len(5 << 20).unwrap();
+        let paths = vec![path];
+        let exclude = GlobSet::empty();
+        let (out, _) = write_archive(
+            &options(&paths, &exclude),
+            Vec::new(),
+            &Counters::default(),
+            &AtomicBool::new(false),
+        )
+        .unwrap();
+        let (_, kind, content) = entries(&out).remove(0);
+        assert_eq!(kind, tar::EntryType::GNUSparse);
+        assert!(content.len() == 5 << 20 && content.iter().all(|&b| b == 0));
     }
 
     #[test]

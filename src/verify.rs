@@ -51,7 +51,9 @@ impl<R: Read> Read for Hashing<R> {
 
 fn kind_of(t: tar::EntryType) -> Option<EntryKind> {
     Some(match t {
-        tar::EntryType::Regular | tar::EntryType::Continuous => EntryKind::File,
+        tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
+            EntryKind::File
+        }
         tar::EntryType::Directory => EntryKind::Dir,
         tar::EntryType::Symlink => EntryKind::Symlink,
         tar::EntryType::Link => EntryKind::Hardlink,
@@ -86,6 +88,8 @@ pub fn verify(raw: impl Read, compression: CompressionKind, manifest: &Manifest)
                 name.pop();
             }
             let shown = String::from_utf8_lossy(&name).into_owned();
+            // The file's size: a sparse entry's header holds only the size of its data.
+            let size = entry.size();
             let h = entry.header();
             match expected.remove(&name) {
                 None => report
@@ -93,7 +97,6 @@ pub fn verify(raw: impl Read, compression: CompressionKind, manifest: &Manifest)
                     .push(format!("{shown}: in the archive but not in the manifest")),
                 Some(f) => {
                     let kind = kind_of(h.entry_type());
-                    let size = h.size().unwrap_or(u64::MAX);
                     if kind != Some(f.kind) {
                         report.problems.push(format!(
                             "{shown}: kind {:?} in the archive, {:?} in the manifest",

@@ -89,7 +89,7 @@ fn start_appender(path: PathBuf) -> (Arc<AtomicBool>, std::thread::JoinHandle<()
             writeln!(f, "appended line {n}").unwrap();
             n += 1;
             // Pacing, like a real log writer: not a wait for a condition.
-            std::thread::sleep(std::time::Duration::from_micros(200));
+            std::thread::sleep(Duration::from_micros(200));
         }
     });
     (stop, handle)
@@ -185,11 +185,7 @@ fn round_trip(server: &Server, sparse: bool, compression: &str) {
         ),
     );
     let (stop, appender) = start_appender(growing.clone());
-    // Generous: 8 GiB of holes go through the pipeline, on a machine shared with other tests.
-    let out = lb.run_with_limit(
-        &["backup", "--reason", "round trip"],
-        Duration::from_secs(900),
-    );
+    let out = lb.run(&["backup", "--reason", "round trip"]);
     stop.store(true, Ordering::Relaxed);
     appender.join().unwrap();
     let key = out.stored_key();
@@ -238,10 +234,6 @@ fn round_trip(server: &Server, sparse: bool, compression: &str) {
         .arg("-C")
         .arg(&gnu)
         .arg("--numeric-owner");
-    if sparse {
-        // 8 GiB of zeros would be written out in full by GNU tar; it is listed below instead.
-        tar.arg("--exclude=*/sparse.img");
-    }
     let out = tar.output().unwrap();
     assert!(out.status.success(), "GNU tar failed: {out:?}");
     assert!(
@@ -252,6 +244,8 @@ fn round_trip(server: &Server, sparse: bool, compression: &str) {
     let rel = data.strip_prefix("/").unwrap();
     compare_trees(&data, &gnu.join(rel), &growing, sparse);
     if sparse {
+        // Stored as a GNU sparse entry: GNU tar recreates the holes and lists the full size.
+        check_sparse(&gnu.join(rel).join("sparse.img"));
         let out = Command::new("tar")
             .args(["-t", "-v", decompress, "--numeric-owner", "-f"])
             .arg(&archive)
