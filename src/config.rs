@@ -88,15 +88,7 @@ impl CompressionKind {
     }
 }
 
-/// Result given to the lifecycle action when the backup failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "UPPERCASE")]
-pub enum LifecycleResult {
-    /// Let the group's other hooks run; the instance terminates.
-    Continue,
-    /// Skip remaining hooks; with a retention policy the instance is kept.
-    Abandon,
-}
+pub use crate::lifecycle::LifecycleResult;
 
 /// The validated configuration.
 #[derive(Debug, Clone)]

@@ -16,13 +16,13 @@ pub mod config;
 pub mod daemon;
 pub mod identity;
 pub mod job;
-pub mod lifecycle;
 pub mod manifest;
 pub mod progress;
-pub mod report;
 pub mod restore;
 pub mod runner;
 pub mod state;
 pub mod upload;
 pub mod verify;
 pub mod watch;
+
+pub use lifeboat_common::{lifecycle, report};

@@ -414,10 +414,7 @@ impl Runner {
                 .checked_sub(COMPLETE_MARGIN)
                 .unwrap_or_else(Instant::now);
             lifecycle = Some(self.complete(&a, result, until).await);
-            result_sent = Some(match result {
-                LifecycleResult::Continue => "CONTINUE",
-                LifecycleResult::Abandon => "ABANDON",
-            });
+            result_sent = Some(result.as_str());
         }
 
         let exit_code = match status {
@@ -515,13 +512,7 @@ impl Runner {
             }
         }
         match lc.complete(a, result, until).await {
-            Ok(Completed::Now) => format!(
-                "completed with {}",
-                match result {
-                    LifecycleResult::Continue => "CONTINUE",
-                    LifecycleResult::Abandon => "ABANDON",
-                }
-            ),
+            Ok(Completed::Now) => format!("completed with {}", result.as_str()),
             Ok(Completed::AlreadyDone) => "already completed".into(),
             Err(e) => format!("not completed: {e}"),
         }

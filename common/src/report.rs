@@ -9,7 +9,7 @@ use serde::Serialize;
 /// A job's outcome, as published.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
-    /// `succeeded`, `partial` or `failed`.
+    /// `succeeded`, `partial`, `failed`, or `not-run` (the Lambda could not start the backup).
     pub status: String,
     /// The instance.
     pub instance_id: String,
@@ -38,11 +38,38 @@ pub struct Report {
 }
 
 impl Report {
+    /// A report for a backup that never ran (or whose command failed), with why.
+    pub fn without_backup(
+        status: &str,
+        instance_id: &str,
+        group: &str,
+        reason: &str,
+        error: String,
+        lifecycle_result: Option<String>,
+    ) -> Self {
+        Report {
+            status: status.into(),
+            instance_id: instance_id.into(),
+            group: group.into(),
+            reason: reason.into(),
+            partial: false,
+            file_count: 0,
+            bytes_read: 0,
+            bytes_stored: 0,
+            duration_seconds: 0.0,
+            object_url: None,
+            skipped: 0,
+            error: Some(error),
+            lifecycle_result,
+        }
+    }
+
     /// The SNS subject: at most 100 characters, no newlines, printable ASCII.
     pub fn subject(&self) -> String {
         let verb = match self.status.as_str() {
             "succeeded" => "backup succeeded",
             "partial" => "backup partial",
+            "not-run" => "backup did not run",
             _ => "backup failed",
         };
         let s = format!("lifeboat: {verb} on {} ({})", self.instance_id, self.group);

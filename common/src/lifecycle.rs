@@ -13,16 +13,46 @@ use std::time::Duration;
 use aws_sdk_autoscaling::Client;
 use aws_sdk_autoscaling::config::http::HttpResponse;
 use aws_sdk_autoscaling::error::ProvideErrorMetadata;
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
-
-use crate::config::LifecycleResult;
 
 /// The terminating transition's name in hooks and events.
 pub const TERMINATING: &str = "autoscaling:EC2_INSTANCE_TERMINATING";
 /// The lifecycle state while a terminate hook holds the instance.
 pub const TERMINATING_WAIT: &str = "Terminating:Wait";
-/// How long "no active lifecycle action" is retried before it is taken as done.
-const NOT_ACTIVE_GRACE: Duration = Duration::from_secs(15);
+/// How long "no active lifecycle action" is retried before it is taken as done, by default.
+pub const NOT_ACTIVE_GRACE: Duration = Duration::from_secs(15);
+
+/// Result given to the lifecycle action when the backup failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum LifecycleResult {
+    /// Let the group's other hooks run; the instance terminates.
+    Continue,
+    /// Skip remaining hooks; with a retention policy the instance is kept.
+    Abandon,
+}
+
+impl LifecycleResult {
+    /// The name the API takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LifecycleResult::Continue => "CONTINUE",
+            LifecycleResult::Abandon => "ABANDON",
+        }
+    }
+}
+
+impl std::str::FromStr for LifecycleResult {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "CONTINUE" => Ok(LifecycleResult::Continue),
+            "ABANDON" => Ok(LifecycleResult::Abandon),
+            other => Err(format!("{other:?} is not CONTINUE or ABANDON")),
+        }
+    }
+}
 
 /// Why a lifecycle call failed.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +66,8 @@ pub enum LifecycleError {
         instance_id: String,
         /// The service's or the connection's error.
         message: String,
+        /// Throttling, a 5xx or a connection failure: worth trying again later.
+        retryable: bool,
     },
     /// The instance is not in an Auto Scaling group.
     #[error("instance {instance_id} is not in an Auto Scaling group")]
@@ -67,6 +99,19 @@ pub enum LifecycleError {
         /// The configured name.
         hook: String,
     },
+}
+
+impl LifecycleError {
+    /// Whether the same call could succeed later (throttling, 5xx, connection failures).
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            LifecycleError::Call {
+                retryable: true,
+                ..
+            }
+        )
+    }
 }
 
 /// Which lifecycle action a job completes.
@@ -171,12 +216,24 @@ pub fn backoff(attempt: u32, base: Duration, cap: Duration) -> Duration {
 #[derive(Debug, Clone)]
 pub struct Lifecycle {
     client: Client,
+    not_active_grace: Duration,
 }
 
 impl Lifecycle {
     /// Wraps an Auto Scaling client.
     pub fn new(client: Client) -> Self {
-        Self { client }
+        Self {
+            client,
+            not_active_grace: NOT_ACTIVE_GRACE,
+        }
+    }
+
+    /// How long completion retries "no active lifecycle action" before taking it as done. The
+    /// agent waits [`NOT_ACTIVE_GRACE`] (the answer is seen briefly right after
+    /// `Terminating:Wait`); the Lambda, which acts after the agent, takes it at once.
+    pub fn with_not_active_grace(mut self, grace: Duration) -> Self {
+        self.not_active_grace = grace;
+        self
     }
 
     /// The group and lifecycle state of `instance_id` (DescribeAutoScalingInstances).
@@ -323,10 +380,7 @@ impl Lifecycle {
         result: LifecycleResult,
         until: Instant,
     ) -> Result<Completed, LifecycleError> {
-        let result_name = match result {
-            LifecycleResult::Continue => "CONTINUE",
-            LifecycleResult::Abandon => "ABANDON",
-        };
+        let result_name = result.as_str();
         let mut attempt = 0;
         let mut not_active_since: Option<Instant> = None;
         loop {
@@ -353,7 +407,7 @@ impl Lifecycle {
                 }
                 Err(e) if classify(&e) == Class::NotActive => {
                     let since = *not_active_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() >= NOT_ACTIVE_GRACE || Instant::now() >= until {
+                    if since.elapsed() >= self.not_active_grace || Instant::now() >= until {
                         tracing::info!(
                             instance_id = %action.instance_id,
                             "no active lifecycle action: already completed"
@@ -399,6 +453,7 @@ impl Lifecycle {
             operation,
             instance_id: instance_id.to_owned(),
             message: message(err),
+            retryable: classify(err) == Class::Retry,
         };
         if classify(err) != Class::Retry {
             return Err(fail());

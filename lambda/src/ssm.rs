@@ -1,0 +1,287 @@
+//! Run Command, as the Lambda uses it: is the document there (cached while warm), was this token's
+//! command already sent, and SendCommand with jittered retries inside the invocation's budget.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use aws_sdk_ssm::Client;
+use aws_sdk_ssm::config::http::HttpResponse;
+use aws_sdk_ssm::error::ProvideErrorMetadata;
+use aws_sdk_ssm::types::{CloudWatchOutputConfig, CommandFilter, CommandFilterKey};
+use lifeboat_common::document::{BackupParams, TOKEN};
+use lifeboat_common::lifecycle::backoff;
+use tokio::time::Instant;
+
+use crate::config::{Config, Output};
+
+/// How long a document found to exist is trusted without asking again.
+const DOCUMENT_TTL: Duration = Duration::from_secs(300);
+
+/// Why Run Command did not take the command.
+#[derive(Debug, thiserror::Error)]
+pub enum SsmError {
+    /// The instance is not managed by SSM (no agent, no role, or gone).
+    #[error("instance {instance_id} is not managed by SSM ({message})")]
+    NotManaged {
+        /// The instance.
+        instance_id: String,
+        /// SSM's answer.
+        message: String,
+    },
+    /// The document does not exist or is not active.
+    #[error("SSM document {document} is missing or not active ({message})")]
+    NoDocument {
+        /// The document.
+        document: String,
+        /// SSM's answer.
+        message: String,
+    },
+    /// Throttling, 5xx or connection failures until the time budget ran out.
+    #[error("{operation} kept failing until the time budget ran out: {message}")]
+    Exhausted {
+        /// The API operation.
+        operation: &'static str,
+        /// The last error.
+        message: String,
+    },
+    /// Anything else SSM refused (parameters, permissions).
+    #[error("{operation} refused: {message}")]
+    Refused {
+        /// The API operation.
+        operation: &'static str,
+        /// SSM's answer.
+        message: String,
+    },
+}
+
+type SdkError<E> = aws_sdk_ssm::error::SdkError<E, HttpResponse>;
+
+fn retryable<E: ProvideErrorMetadata>(err: &SdkError<E>) -> bool {
+    match err {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            true
+        }
+        SdkError::ServiceError(se) => {
+            matches!(
+                se.err().code(),
+                Some("ThrottlingException" | "Throttling" | "InternalServerError")
+            ) || se.raw().status().as_u16() >= 500
+        }
+        _ => false,
+    }
+}
+
+fn message<E>(err: &SdkError<E>) -> String
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    match (err.code(), err.message()) {
+        (Some(code), Some(msg)) => format!("{code}: {msg}"),
+        (Some(code), None) => code.to_owned(),
+        _ => aws_sdk_ssm::error::DisplayErrorContext(err).to_string(),
+    }
+}
+
+/// SSM for one warm function.
+#[derive(Debug)]
+pub struct Ssm {
+    client: Client,
+    /// When the document was last seen active.
+    document_seen: Mutex<Option<Instant>>,
+}
+
+impl Ssm {
+    /// Wraps a client (built with the SDK's retries off: the loops here own the time budget).
+    pub fn new(client: Client) -> Self {
+        Ssm {
+            client,
+            document_seen: Mutex::new(None),
+        }
+    }
+
+    /// Retries `call` on throttling, 5xx and connection errors with jittered backoff until
+    /// `until`; other errors go to `fail`.
+    async fn retry<T, E, F, Fut>(
+        operation: &'static str,
+        until: Instant,
+        mut call: F,
+        fail: impl Fn(&SdkError<E>) -> SsmError,
+    ) -> Result<T, SsmError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, SdkError<E>>>,
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        let mut attempt = 0;
+        loop {
+            match call().await {
+                Ok(v) => return Ok(v),
+                Err(e) if retryable(&e) => {
+                    attempt += 1;
+                    let pause =
+                        backoff(attempt, Duration::from_millis(100), Duration::from_secs(5));
+                    if Instant::now() + pause >= until {
+                        return Err(SsmError::Exhausted {
+                            operation,
+                            message: message(&e),
+                        });
+                    }
+                    tracing::debug!(operation, attempt, error = %message(&e), "retrying");
+                    tokio::time::sleep(pause).await;
+                }
+                Err(e) => return Err(fail(&e)),
+            }
+        }
+    }
+
+    /// Checks that `document` exists and is active, at most once per [`DOCUMENT_TTL`].
+    pub async fn check_document(&self, document: &str, until: Instant) -> Result<(), SsmError> {
+        let fresh = self
+            .document_seen
+            .lock()
+            .expect("not poisoned")
+            .is_some_and(|seen| seen.elapsed() < DOCUMENT_TTL);
+        if fresh {
+            return Ok(());
+        }
+        let out = Self::retry(
+            "DescribeDocument",
+            until,
+            || self.client.describe_document().name(document).send(),
+            |e| SsmError::NoDocument {
+                document: document.to_owned(),
+                message: message(e),
+            },
+        )
+        .await?;
+        let status = out
+            .document()
+            .and_then(|d| d.status())
+            .map(|s| s.as_str().to_owned())
+            .unwrap_or_else(|| "Active".into());
+        if status != "Active" {
+            return Err(SsmError::NoDocument {
+                document: document.to_owned(),
+                message: format!("status {status}"),
+            });
+        }
+        *self.document_seen.lock().expect("not poisoned") = Some(Instant::now());
+        Ok(())
+    }
+
+    /// The id of a command already sent to this instance with this document and token that has
+    /// not failed, if any: a duplicate event then sends nothing.
+    pub async fn already_sent(
+        &self,
+        document: &str,
+        params: &BackupParams,
+        until: Instant,
+    ) -> Result<Option<String>, SsmError> {
+        if params.token.is_empty() {
+            return Ok(None);
+        }
+        let out = Self::retry(
+            "ListCommands",
+            until,
+            || {
+                self.client
+                    .list_commands()
+                    .instance_id(&params.instance_id)
+                    .filters(
+                        CommandFilter::builder()
+                            .key(CommandFilterKey::DocumentName)
+                            .value(document)
+                            .build()
+                            .expect("key and value are set"),
+                    )
+                    .send()
+            },
+            |e| SsmError::Refused {
+                operation: "ListCommands",
+                message: message(e),
+            },
+        )
+        .await?;
+        Ok(out
+            .commands()
+            .iter()
+            .filter(|c| c.document_name() == Some(document))
+            .filter(|c| {
+                c.parameters()
+                    .and_then(|p| p.get(TOKEN.name))
+                    .and_then(|v| v.first())
+                    .is_some_and(|t| *t == params.token)
+            })
+            .find(|c| {
+                !matches!(
+                    c.status().map(|s| s.as_str()),
+                    Some("Failed" | "Cancelled" | "TimedOut")
+                )
+            })
+            .and_then(|c| c.command_id().map(str::to_owned)))
+    }
+
+    /// Sends the document to the instance; returns the command id.
+    pub async fn send(
+        &self,
+        config: &Config,
+        params: &BackupParams,
+        until: Instant,
+    ) -> Result<String, SsmError> {
+        let timeout = i32::try_from(config.delivery_timeout.as_secs()).unwrap_or(i32::MAX);
+        let comment: String = format!(
+            "lifeboat backup of {} ({})",
+            params.instance_id, params.reason
+        )
+        .chars()
+        .take(100)
+        .collect();
+        let out = Self::retry(
+            "SendCommand",
+            until,
+            || {
+                let mut req = self
+                    .client
+                    .send_command()
+                    .document_name(&config.document)
+                    .instance_ids(&params.instance_id)
+                    .set_parameters(Some(params.to_parameters()))
+                    .timeout_seconds(timeout)
+                    .comment(comment.clone());
+                req = match &config.output {
+                    Output::None => req,
+                    Output::S3 { bucket, prefix } => req
+                        .output_s3_bucket_name(bucket)
+                        .output_s3_key_prefix(prefix),
+                    Output::CloudWatch { log_group } => req.cloud_watch_output_config(
+                        CloudWatchOutputConfig::builder()
+                            .cloud_watch_log_group_name(log_group)
+                            .cloud_watch_output_enabled(true)
+                            .build(),
+                    ),
+                };
+                req.send()
+            },
+            |e| match e.code() {
+                Some("InvalidInstanceId") => SsmError::NotManaged {
+                    instance_id: params.instance_id.clone(),
+                    message: message(e),
+                },
+                Some("InvalidDocument" | "InvalidDocumentVersion") => SsmError::NoDocument {
+                    document: config.document.clone(),
+                    message: message(e),
+                },
+                _ => SsmError::Refused {
+                    operation: "SendCommand",
+                    message: message(e),
+                },
+            },
+        )
+        .await?;
+        Ok(out
+            .command()
+            .and_then(|c| c.command_id())
+            .unwrap_or_default()
+            .to_owned())
+    }
+}
