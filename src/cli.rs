@@ -477,10 +477,14 @@ async fn backup(
     let cancel = CancellationToken::new();
     cancel_on_signals(cancel.clone());
     let mut identity = InstanceIdentity::discover().await;
-    if let Some(id) = instance_id
-        && !identity.on_ec2
-    {
-        identity.instance_id = id;
+    // Off EC2 (or without metadata) the command line names the instance and its group.
+    if !identity.on_ec2 {
+        if let Some(id) = instance_id {
+            identity.instance_id = id;
+        }
+        if let Some(group) = &notice.group {
+            identity.group = group.clone();
+        }
     }
     let region = identity.on_ec2.then_some(identity.region.as_str());
     let services = services(&config, region).await;

@@ -20,6 +20,10 @@ POST /faults injects trouble, scoped so parallel tests do not disturb each other
       answer the next N calls of each operation on group G with Throttling ("Rate exceeded");
   {"bucket": B, "s3_part_delay_ms": D}   hold every UploadPart into bucket B for D ms.
 GET /throttled lists the throttled calls.
+POST /events {"group": G, "url": U} plays EventBridge for group G: each instance entering
+Terminating:Wait is announced to U as an `EC2 Instance-terminate Lifecycle Action` event.
+
+It also carries the SSM agent stand-in (tests/emulators/ssm_agent.py), controlled under /ssm/.
 
 Usage: moto_lifecycle.py --port PORT --control-port PORT [--imds-url URL]
 """
@@ -36,11 +40,14 @@ from moto.autoscaling.exceptions import ValidationError
 from moto.autoscaling.responses import AutoScalingResponse
 from moto.core.responses import EmptyResult
 
+import ssm_agent
+
 TERMINATING = "autoscaling:EC2_INSTANCE_TERMINATING"
 LOCK = threading.RLock()
 ACTIONS = []  # dicts, see start_wait
 IMDS_URL = None
 FAULTS = {"throttle": {}, "s3_delay": {}}
+EVENT_TARGETS = {}  # group -> URL receiving lifecycle events
 
 
 class Throttling(ValidationError):
@@ -87,6 +94,11 @@ def start_wait(group, state, hooks):
                     "_group": group,
                 }
             )
+    with LOCK:
+        target = EVENT_TARGETS.get(group.name)
+        events = [lifecycle_event(a) for a in ACTIONS[-len(hooks):]] if target else []
+    for event in events:
+        threading.Thread(target=ssm_agent.post_to, args=(target, event), daemon=True).start()
     if IMDS_URL:
         body = json.dumps({"target_lifecycle_state": "Terminated", "only_for": state.instance.id})
         req = urllib.request.Request(
@@ -96,6 +108,32 @@ def start_wait(group, state, hooks):
             urllib.request.urlopen(req, timeout=2).read()
         except OSError:
             pass
+
+
+def lifecycle_event(action):
+    region = "us-east-1"
+    return {
+        "version": "0",
+        "id": str(uuid.uuid4()),
+        "detail-type": "EC2 Instance-terminate Lifecycle Action",
+        "source": "aws.autoscaling",
+        "account": "123456789012",
+        "time": ssm_agent.iso(),
+        "region": region,
+        "resources": [
+            f"arn:aws:autoscaling:{region}:123456789012:autoScalingGroup:{uuid.uuid4()}:"
+            f"autoScalingGroupName/{action['group']}"
+        ],
+        "detail": {
+            "LifecycleActionToken": action["token"],
+            "AutoScalingGroupName": action["group"],
+            "LifecycleHookName": action["hook"],
+            "EC2InstanceId": action["instance_id"],
+            "LifecycleTransition": TERMINATING,
+            "Origin": "AutoScalingGroup",
+            "Destination": "EC2",
+        },
+    }
 
 
 def finish(action, result, ended_by):
@@ -237,7 +275,14 @@ class Control(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def body(self):
+        n = int(self.headers.get("Content-Length") or 0)
+        return json.loads(self.rfile.read(n) or b"{}")
+
     def do_GET(self):
+        ours = ssm_agent.control("GET", self.path, None)
+        if ours:
+            return self.reply(*ours)
         if self.path == "/throttled":
             with LOCK:
                 return self.reply(200, json.dumps(THROTTLED))
@@ -248,9 +293,16 @@ class Control(BaseHTTPRequestHandler):
         self.reply(200, json.dumps(public))
 
     def do_POST(self):
+        body = self.body()
+        ours = ssm_agent.control("POST", self.path, body)
+        if ours:
+            return self.reply(*ours)
+        if self.path == "/events":
+            with LOCK:
+                EVENT_TARGETS[body["group"]] = body["url"]
+            return self.reply(200, "{}")
         if self.path == "/faults":
-            n = int(self.headers.get("Content-Length") or 0)
-            update = json.loads(self.rfile.read(n) or b"{}")
+            update = body
             with LOCK:
                 for op, n in update.get("throttle", {}).items():
                     FAULTS["throttle"][(update.get("group"), op)] = int(n)

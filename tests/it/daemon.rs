@@ -5,121 +5,9 @@
 use std::time::Duration;
 
 use crate::support::{
-    Imds, Lifeboat, Server, eventually, http, moto, noise, rt, wait_output, write,
+    Imds, Lifeboat, daemon_config, eventually, fault, finished_action, group_with_hook, http, moto,
+    noise, notifications, rt, scale_in, unix_now, wait_output, write,
 };
-
-/// A group with one instance and a terminate hook; returns (group, instance id, topic ARN).
-fn group_with_hook(
-    server: &Server,
-    name: &str,
-    heartbeat_timeout: i32,
-) -> (String, String, String) {
-    let asg = server.autoscaling();
-    let group = crate::support::bucket_name(name);
-    rt().block_on(async {
-        asg.create_launch_configuration()
-            .launch_configuration_name(&group)
-            .image_id("ami-12c6146b")
-            .instance_type("t3.micro")
-            .send()
-            .await
-            .unwrap();
-        asg.create_auto_scaling_group()
-            .auto_scaling_group_name(&group)
-            .launch_configuration_name(&group)
-            .min_size(0)
-            .max_size(2)
-            .desired_capacity(1)
-            .availability_zones("us-east-1a")
-            .send()
-            .await
-            .unwrap();
-        asg.put_lifecycle_hook()
-            .auto_scaling_group_name(&group)
-            .lifecycle_hook_name("lifeboat")
-            .lifecycle_transition("autoscaling:EC2_INSTANCE_TERMINATING")
-            .heartbeat_timeout(heartbeat_timeout)
-            .default_result("ABANDON")
-            .send()
-            .await
-            .unwrap();
-    });
-    let instance = rt()
-        .block_on(
-            asg.describe_auto_scaling_groups()
-                .auto_scaling_group_names(&group)
-                .send(),
-        )
-        .unwrap()
-        .auto_scaling_groups()[0]
-        .instances()[0]
-        .instance_id()
-        .unwrap()
-        .to_owned();
-    let topic = rt()
-        .block_on(server.sns().create_topic().name(&group).send())
-        .unwrap()
-        .topic_arn()
-        .unwrap()
-        .to_owned();
-    (group, instance, topic)
-}
-
-/// The lifecycle action of `instance` once it has a result.
-fn finished_action(server: &Server, instance: &str) -> serde_json::Value {
-    eventually(
-        "the lifecycle action to end",
-        Duration::from_secs(120),
-        || {
-            server
-                .actions()
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|a| a["instance_id"] == instance && !a["result"].is_null())
-                .cloned()
-        },
-    )
-}
-
-/// SNS messages moto holds for `topic`: (subject, message JSON, attributes).
-fn notifications(
-    server: &Server,
-    topic: &str,
-) -> Vec<(String, serde_json::Value, serde_json::Value)> {
-    // moto's data.json answers 500 while any multipart upload has parts: poll past that.
-    let body = eventually("moto's data.json", Duration::from_secs(60), || {
-        let (status, body) = http(
-            "GET",
-            &format!("{}/moto-api/data.json", server.endpoint),
-            "",
-        );
-        (status == 200).then_some(body)
-    });
-    let data: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let mut out = Vec::new();
-    for t in data["sns"]["Topic"].as_array().into_iter().flatten() {
-        if t["arn"] != topic {
-            continue;
-        }
-        for n in t["sent_notifications"].as_array().into_iter().flatten() {
-            let message = serde_json::from_str(n[1].as_str().unwrap()).unwrap();
-            out.push((
-                n[2].as_str().unwrap_or_default().to_owned(),
-                message,
-                n[3].clone(),
-            ));
-        }
-    }
-    out
-}
-
-fn unix_now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64()
-}
 
 /// Starts `lifeboat run` against `imds` and waits for its control socket.
 fn start_daemon(lb: &Lifeboat, imds: &Imds, env: &[(&str, &str)]) -> std::process::Child {
@@ -149,30 +37,6 @@ fn stop_daemon(daemon: std::process::Child) -> crate::support::Run {
             .success()
     );
     wait_output(daemon, Duration::from_secs(60), &["run"])
-}
-
-fn scale_in(server: &Server, group: &str) {
-    rt().block_on(
-        server
-            .autoscaling()
-            .set_desired_capacity()
-            .auto_scaling_group_name(group)
-            .desired_capacity(0)
-            .send(),
-    )
-    .unwrap();
-}
-
-fn fault(server: &Server, json: &str) {
-    let url = format!("{}/faults", server.control.as_ref().unwrap());
-    assert_eq!(http("POST", &url, json).0, 200);
-}
-
-fn daemon_config(bucket: &str, data: &std::path::Path, topic: &str, extra: &str) -> String {
-    format!(
-        "[backup]\npaths = [{:?}]\ncompression = \"none\"\n[s3]\nbucket = \"{bucket}\"\nprefix = \"backups/\"\npart_size = \"5MiB\"\nconcurrency = 1\n[sns]\ntopic_arn = \"{topic}\"\n[lifecycle]\nheartbeat_interval = \"1s\"\n{extra}\n[watch]\npoll_interval = \"1s\"\n",
-        data.display().to_string()
-    )
 }
 
 #[test]

@@ -5,5 +5,6 @@ mod backup;
 mod cli;
 mod daemon;
 mod failures;
+mod lambda;
 mod restore;
 mod support;

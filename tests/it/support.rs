@@ -297,6 +297,19 @@ impl Server {
         aws_sdk_sns::Client::from_conf(conf)
     }
 
+    /// An SSM client for this server.
+    pub fn ssm(&self) -> aws_sdk_ssm::Client {
+        let creds =
+            aws_sdk_s3::config::Credentials::new(ACCESS_KEY, SECRET_KEY, None, None, "test");
+        let conf = aws_sdk_ssm::config::Builder::new()
+            .behavior_version(aws_sdk_ssm::config::BehaviorVersion::latest())
+            .endpoint_url(&self.endpoint)
+            .region(aws_sdk_ssm::config::Region::new(REGION))
+            .credentials_provider(creds)
+            .build();
+        aws_sdk_ssm::Client::from_conf(conf)
+    }
+
     /// The test's own S3 client (not lifeboat's code).
     pub fn client(&self) -> Client {
         let creds =
@@ -396,23 +409,34 @@ impl Lifeboat {
         self
     }
 
+    /// lifeboat's environment (besides PATH) in the tests.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        let path = |p: PathBuf| p.display().to_string();
+        vec![
+            ("HOME", path(self.dir.clone())),
+            ("LIFEBOAT_CONFIG", path(self.config.clone())),
+            // Each test has its own lock file, control socket and state file.
+            ("RUNTIME_DIRECTORY", path(self.dir.join("run"))),
+            ("STATE_DIRECTORY", path(self.dir.join("state"))),
+            ("AWS_ENDPOINT_URL", self.endpoint.clone()),
+            ("AWS_ACCESS_KEY_ID", ACCESS_KEY.into()),
+            ("AWS_SECRET_ACCESS_KEY", self.secret.clone()),
+            ("AWS_REGION", REGION.into()),
+            // Off EC2: nothing listens on the discard port, so metadata fails fast.
+            (
+                "AWS_EC2_METADATA_SERVICE_ENDPOINT",
+                "http://127.0.0.1:9".into(),
+            ),
+        ]
+    }
+
     /// The command, environment set, not started.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_lifeboat"));
         cmd.args(args)
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("HOME", &self.dir)
-            .env("LIFEBOAT_CONFIG", &self.config)
-            // Each test has its own lock file, control socket and state file.
-            .env("RUNTIME_DIRECTORY", self.dir.join("run"))
-            .env("STATE_DIRECTORY", self.dir.join("state"))
-            .env("AWS_ENDPOINT_URL", &self.endpoint)
-            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-            .env("AWS_SECRET_ACCESS_KEY", &self.secret)
-            .env("AWS_REGION", REGION)
-            // Off EC2: nothing listens on the discard port, so metadata fails fast.
-            .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://127.0.0.1:9")
+            .envs(self.env())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -523,4 +547,246 @@ pub fn write(path: &Path, data: &[u8]) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     let mut f = std::fs::File::create(path).unwrap();
     f.write_all(data).unwrap();
+}
+
+// Auto Scaling groups, lifecycle actions and reports in moto, shared by the daemon and Lambda tests.
+
+/// A group with one instance and a terminate hook; returns (group, instance id, topic ARN).
+pub fn group_with_hook(
+    server: &Server,
+    name: &str,
+    heartbeat_timeout: i32,
+) -> (String, String, String) {
+    let asg = server.autoscaling();
+    let group = crate::support::bucket_name(name);
+    rt().block_on(async {
+        asg.create_launch_configuration()
+            .launch_configuration_name(&group)
+            .image_id("ami-12c6146b")
+            .instance_type("t3.micro")
+            .send()
+            .await
+            .unwrap();
+        asg.create_auto_scaling_group()
+            .auto_scaling_group_name(&group)
+            .launch_configuration_name(&group)
+            .min_size(0)
+            .max_size(2)
+            .desired_capacity(1)
+            .availability_zones("us-east-1a")
+            .send()
+            .await
+            .unwrap();
+        asg.put_lifecycle_hook()
+            .auto_scaling_group_name(&group)
+            .lifecycle_hook_name("lifeboat")
+            .lifecycle_transition("autoscaling:EC2_INSTANCE_TERMINATING")
+            .heartbeat_timeout(heartbeat_timeout)
+            .default_result("ABANDON")
+            .send()
+            .await
+            .unwrap();
+    });
+    let instance = rt()
+        .block_on(
+            asg.describe_auto_scaling_groups()
+                .auto_scaling_group_names(&group)
+                .send(),
+        )
+        .unwrap()
+        .auto_scaling_groups()[0]
+        .instances()[0]
+        .instance_id()
+        .unwrap()
+        .to_owned();
+    let topic = rt()
+        .block_on(
+            server
+                .sns()
+                .create_topic()
+                .name(group.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "-"))
+                .send(),
+        )
+        .unwrap()
+        .topic_arn()
+        .unwrap()
+        .to_owned();
+    (group, instance, topic)
+}
+
+/// The lifecycle action of `instance` once it has a result.
+pub fn finished_action(server: &Server, instance: &str) -> serde_json::Value {
+    eventually(
+        "the lifecycle action to end",
+        Duration::from_secs(120),
+        || {
+            server
+                .actions()
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|a| a["instance_id"] == instance && !a["result"].is_null())
+                .cloned()
+        },
+    )
+}
+
+/// SNS messages moto holds for `topic`: (subject, message JSON, attributes).
+pub fn notifications(
+    server: &Server,
+    topic: &str,
+) -> Vec<(String, serde_json::Value, serde_json::Value)> {
+    // moto's data.json answers 500 while any multipart upload has parts: poll past that.
+    let body = eventually("moto's data.json", Duration::from_secs(60), || {
+        let (status, body) = http(
+            "GET",
+            &format!("{}/moto-api/data.json", server.endpoint),
+            "",
+        );
+        (status == 200).then_some(body)
+    });
+    let data: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let mut out = Vec::new();
+    for t in data["sns"]["Topic"].as_array().into_iter().flatten() {
+        if t["arn"] != topic {
+            continue;
+        }
+        for n in t["sent_notifications"].as_array().into_iter().flatten() {
+            let message = serde_json::from_str(n[1].as_str().unwrap()).unwrap();
+            out.push((
+                n[2].as_str().unwrap_or_default().to_owned(),
+                message,
+                n[3].clone(),
+            ));
+        }
+    }
+    out
+}
+
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+pub fn scale_in(server: &Server, group: &str) {
+    rt().block_on(
+        server
+            .autoscaling()
+            .set_desired_capacity()
+            .auto_scaling_group_name(group)
+            .desired_capacity(0)
+            .send(),
+    )
+    .unwrap();
+}
+
+pub fn fault(server: &Server, json: &str) {
+    let url = format!("{}/faults", server.control.as_ref().unwrap());
+    assert_eq!(http("POST", &url, json).0, 200);
+}
+
+pub fn daemon_config(bucket: &str, data: &std::path::Path, topic: &str, extra: &str) -> String {
+    format!(
+        "[backup]\npaths = [{:?}]\ncompression = \"none\"\n[s3]\nbucket = \"{bucket}\"\nprefix = \"backups/\"\npart_size = \"5MiB\"\nconcurrency = 1\n[sns]\ntopic_arn = \"{topic}\"\n[lifecycle]\nheartbeat_interval = \"1s\"\n{extra}\n[watch]\npoll_interval = \"1s\"\n",
+        data.display().to_string()
+    )
+}
+
+/// The companion Lambda's `bootstrap`, built beside `lifeboat` by `cargo test --workspace`.
+pub fn bootstrap() -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_lifeboat")).with_file_name("bootstrap");
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` (scripts/test.sh)",
+        path.display()
+    );
+    path
+}
+
+/// The Lambda under a local Runtime API (`tests/emulators/lambda_runtime.py`); killed on drop.
+pub struct LambdaRuntime {
+    /// `http://127.0.0.1:PORT`.
+    pub endpoint: String,
+    guard: Child,
+}
+
+impl LambdaRuntime {
+    /// Starts `bootstrap` with the Lambda's variables `env` (AWS endpoint and keys added).
+    pub fn start(server: &Server, env: &[(&str, &str)]) -> Self {
+        let port = free_port();
+        let script = root().join("tests/emulators/lambda_runtime.py");
+        let mut line = vec![
+            "env".to_owned(),
+            format!("AWS_ENDPOINT_URL={}", server.endpoint),
+            format!("AWS_ACCESS_KEY_ID={ACCESS_KEY}"),
+            format!("AWS_SECRET_ACCESS_KEY={SECRET_KEY}"),
+            format!("AWS_REGION={REGION}"),
+            "AWS_LAMBDA_LOG_LEVEL=debug".to_owned(),
+        ];
+        line.extend(env.iter().map(|(k, v)| format!("{k}={v}")));
+        line.push(bootstrap().display().to_string());
+        let mut args = vec![
+            script.display().to_string(),
+            "--port".into(),
+            port.to_string(),
+            "--".into(),
+        ];
+        args.extend(line);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let guard = spawn_guarded(
+            &root().join(".venv/bin/python"),
+            &args,
+            &scratch().join(format!("lambda-{port}.log")),
+        );
+        wait_listening(port, "the Lambda runtime emulator");
+        Self {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            guard,
+        }
+    }
+
+    /// Where EventBridge-style asynchronous events go.
+    pub fn events_url(&self) -> String {
+        format!("{}/events", self.endpoint)
+    }
+
+    /// Invokes synchronously; returns the invocation record (`ok`, `result` or `error`).
+    pub fn invoke(&self, event: &serde_json::Value) -> serde_json::Value {
+        let (status, body) = http(
+            "POST",
+            &format!("{}/invoke", self.endpoint),
+            &event.to_string(),
+        );
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// Every invocation so far.
+    pub fn invocations(&self) -> Vec<serde_json::Value> {
+        let (_, body) = http("GET", &format!("{}/invocations", self.endpoint), "");
+        serde_json::from_str(&body).unwrap()
+    }
+}
+
+impl Drop for LambdaRuntime {
+    fn drop(&mut self) {
+        drop(self.guard.stdin.take());
+        let _ = self.guard.wait();
+    }
+}
+
+/// POSTs `json` to the moto extension's control server at `path`.
+pub fn control(server: &Server, path: &str, json: &serde_json::Value) -> serde_json::Value {
+    let url = format!("{}{path}", server.control.as_ref().unwrap());
+    let (status, body) = http("POST", &url, &json.to_string());
+    assert_eq!(status, 200, "{path}: {body}");
+    serde_json::from_str(&body).unwrap_or_default()
+}
+
+/// What the SSM agent stand-in ran (one record per command and instance).
+pub fn ssm_commands(server: &Server) -> Vec<serde_json::Value> {
+    let url = format!("{}/ssm/commands", server.control.as_ref().unwrap());
+    serde_json::from_str(&http("GET", &url, "").1).unwrap()
 }

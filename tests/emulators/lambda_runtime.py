@@ -1,0 +1,191 @@
+#!/usr/bin/env python3
+"""A local Lambda Runtime API: runs a `provided.al2023` function binary the way Lambda does.
+
+It starts the function process (its `bootstrap`) with the variables the Lambda service sets,
+serves the Runtime API it polls (`/2018-06-01/runtime/invocation/next`, `.../response`,
+`.../error`, `/runtime/init/error`), and takes invocations over HTTP:
+
+  POST /invoke   synchronous: the event in, {"ok": bool, "result"|"error", "duration_ms"} out
+  POST /events   asynchronous, as EventBridge invokes: 202 at once; a failed invocation is retried
+                 twice (after 0.5 s and 1 s; Lambda waits minutes), as Lambda retries async events
+  GET  /invocations   every invocation: event, outcome, duration, attempt
+  GET  /init          {"init_ms": time from spawn to the first /next, "exited": code or null}
+
+Usage: lambda_runtime.py --port PORT [--timeout SECONDS] -- BOOTSTRAP [ARGS...]
+Measured times are wall clock on this machine (the handler's own time, between handing the event
+out on /next and receiving its response).
+"""
+import argparse
+import json
+import os
+import queue
+import subprocess
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+LOCK = threading.Lock()
+PENDING = queue.Queue()
+INVOCATIONS = []  # records
+WAITERS = {}  # request id -> threading.Event
+STATE = {"spawned": None, "first_next": None, "process": None, "init_error": None}
+ARGS = None
+
+
+def enqueue(event, sync, attempt=1):
+    rid = str(uuid.uuid4())
+    record = {
+        "id": rid,
+        "event": event,
+        "sync": sync,
+        "attempt": attempt,
+        "queued": time.time(),
+        "started": None,
+        "duration_ms": None,
+        "ok": None,
+        "result": None,
+        "error": None,
+    }
+    done = threading.Event()
+    with LOCK:
+        INVOCATIONS.append(record)
+        WAITERS[rid] = done
+    PENDING.put(record)
+    return record, done
+
+
+def finished(record):
+    if record["sync"] or record["ok"] or record["attempt"] >= 3:
+        return
+    delay = 0.5 * record["attempt"]
+
+    def retry():
+        time.sleep(delay)
+        enqueue(record["event"], False, record["attempt"] + 1)
+
+    threading.Thread(target=retry, daemon=True).start()
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def reply(self, status, body, headers=None):
+        data = body.encode() if isinstance(body, str) else body
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def body(self):
+        n = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(n)
+
+    def do_GET(self):
+        if self.path == "/2018-06-01/runtime/invocation/next":
+            with LOCK:
+                if STATE["first_next"] is None:
+                    STATE["first_next"] = time.time()
+            record = PENDING.get()
+            record["started"] = time.time()
+            deadline_ms = int((record["started"] + ARGS.timeout) * 1000)
+            return self.reply(
+                200,
+                json.dumps(record["event"]),
+                {
+                    "Lambda-Runtime-Aws-Request-Id": record["id"],
+                    "Lambda-Runtime-Deadline-Ms": str(deadline_ms),
+                    "Lambda-Runtime-Invoked-Function-Arn": "arn:aws:lambda:us-east-1:123456789012:function:lifeboat",
+                    "Lambda-Runtime-Trace-Id": "Root=1-00000000-000000000000000000000000",
+                },
+            )
+        if self.path == "/invocations":
+            with LOCK:
+                return self.reply(200, json.dumps(INVOCATIONS))
+        if self.path == "/init":
+            with LOCK:
+                init = None
+                if STATE["first_next"] is not None:
+                    init = (STATE["first_next"] - STATE["spawned"]) * 1000
+                p = STATE["process"]
+                return self.reply(
+                    200,
+                    json.dumps(
+                        {
+                            "init_ms": init,
+                            "exited": p.poll() if p else None,
+                            "init_error": STATE["init_error"],
+                        }
+                    ),
+                )
+        self.reply(404, "{}")
+
+    def do_POST(self):
+        body = self.body()
+        prefix = "/2018-06-01/runtime/invocation/"
+        if self.path.startswith(prefix):
+            rid, _, kind = self.path[len(prefix):].partition("/")
+            with LOCK:
+                record = next((r for r in INVOCATIONS if r["id"] == rid), None)
+                done = WAITERS.pop(rid, None)
+            if record is None or done is None:
+                return self.reply(400, '{"errorType":"InvalidRequestID"}')
+            record["duration_ms"] = (time.time() - record["started"]) * 1000
+            payload = json.loads(body or b"null")
+            record["ok"] = kind == "response"
+            record["result" if record["ok"] else "error"] = payload
+            done.set()
+            finished(record)
+            return self.reply(202, '{"status":"OK"}')
+        if self.path == "/2018-06-01/runtime/init/error":
+            with LOCK:
+                STATE["init_error"] = json.loads(body or b"null")
+            return self.reply(202, '{"status":"OK"}')
+        if self.path in ("/invoke", "/events"):
+            event = json.loads(body or b"null")
+            record, done = enqueue(event, self.path == "/invoke")
+            if self.path == "/events":
+                return self.reply(202, json.dumps({"id": record["id"]}))
+            done.wait(ARGS.timeout + 5)
+            return self.reply(200, json.dumps(record))
+        self.reply(404, "{}")
+
+
+def main():
+    global ARGS
+    p = argparse.ArgumentParser()
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("command", nargs="+")
+    ARGS = p.parse_args()
+    server = ThreadingHTTPServer(("127.0.0.1", ARGS.port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = dict(os.environ)
+    env.update(
+        {
+            "AWS_LAMBDA_RUNTIME_API": f"127.0.0.1:{ARGS.port}",
+            "AWS_LAMBDA_FUNCTION_NAME": "lifeboat",
+            "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST",
+            "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "128",
+            "AWS_LAMBDA_LOG_GROUP_NAME": "/aws/lambda/lifeboat",
+            "AWS_LAMBDA_LOG_STREAM_NAME": "local",
+            "LAMBDA_TASK_ROOT": os.path.dirname(os.path.abspath(ARGS.command[0])),
+        }
+    )
+    STATE["spawned"] = time.time()
+    STATE["process"] = subprocess.Popen(ARGS.command, env=env)
+    code = STATE["process"].wait()
+    print(f"function exited with {code}", flush=True)
+    # Keep answering /init so a test can read why the function stopped.
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()

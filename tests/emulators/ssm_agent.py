@@ -1,0 +1,253 @@
+"""An SSM agent stand-in inside moto's server: Run Command that really runs the document.
+
+moto's SendCommand reports Success at once and accepts a missing document, unknown parameters
+and nonexistent instances. Imported by moto_lifecycle.py, this patches moto's SSM backend so that
+SendCommand does what SSM and its agent do, on this machine:
+
+- the document must exist in moto (CreateDocument), else InvalidDocument;
+- parameters are checked as SSM checks them: unknown names and missing required ones are
+  InvalidParameters, defaults fill the rest, and every value must match its `allowedPattern`
+  (searched like Java's regex: `$` also matches before a final line break);
+- the instance must be registered with this stand-in (POST /ssm/agents), else InvalidInstanceId,
+  as for an instance that is not SSM-managed; a registered but offline agent ends Undeliverable;
+- each `aws:runShellScript` step is rendered as the agent renders it: `{{ Name }}` replaced by the
+  value in the text, and with `interpolationType: ENV_VAR` each value also in `SSM_<Name>` (an
+  agent registered as "legacy", older than 3.3.2746.0, sets no variables), then run with `sh`
+  under the registered environment and the step's `timeoutSeconds` (or the registration's
+  `execution_timeout`), ending Success, Failed or TimedOut;
+- every status change is recorded (GET /ssm/commands) and sent, as the EventBridge event
+  `EC2 Command Status-change Notification`, to the registration's `events_url` (or the target
+  set with POST /ssm/target).
+"""
+import json
+import os
+import re
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from datetime import datetime, timezone
+
+from moto.ssm import models as ssm_models
+from moto.ssm.exceptions import SSMException
+
+LOCK = threading.RLock()
+AGENTS = {}  # instance id -> {"env": {...}, "path": "...", "legacy": bool, "online": bool, ...}
+COMMANDS = []  # public records
+TARGET = {"url": None}
+FAULTS = {"throttle_send": 0}
+
+
+class InvalidInstanceId(SSMException):
+    def __init__(self, ids):
+        super().__init__(
+            "InvalidInstanceId",
+            f"Instances [{ids}] not in a valid state for account",
+        )
+
+
+class InvalidParameters(SSMException):
+    def __init__(self, message):
+        super().__init__("InvalidParameters", message)
+
+
+class Throttling(SSMException):
+    def __init__(self):
+        super().__init__("ThrottlingException", "Rate exceeded")
+
+
+def iso(t=None):
+    t = t or time.time()
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def post_event(record, event):
+    url = record.get("target") or TARGET["url"]
+    if url:
+        post_to(url, event)
+
+
+def post_to(url, event):
+    req = urllib.request.Request(url, data=json.dumps(event).encode(), method="POST")
+    try:
+        urllib.request.urlopen(req, timeout=5).read()
+    except OSError:
+        pass
+
+
+def emit(record, status):
+    with LOCK:
+        record["statuses"].append(status)
+        record["status"] = status
+    post_event(
+        record,
+        {
+            "version": "0",
+            "id": str(uuid.uuid4()),
+            "detail-type": "EC2 Command Status-change Notification",
+            "source": "aws.ssm",
+            "account": "123456789012",
+            "time": iso(),
+            "region": record["region"],
+            "resources": [
+                f"arn:aws:ec2:{record['region']}:123456789012:instance/{record['instance_id']}"
+            ],
+            "detail": {
+                "command-id": record["command_id"],
+                "document-name": record["document_name"],
+                "expire-after": iso(time.time() + 3600),
+                "parameters": record["parameters"],
+                "requested-date-time": iso(record["requested"]),
+                "status": status,
+            },
+        }
+    )
+
+
+def check_parameters(declared, given):
+    """SSM's parameter handling: unknown, missing, defaults, allowedPattern."""
+    for name in given:
+        if name not in declared:
+            raise InvalidParameters(f"Parameter \"{name}\" is not defined in the document.")
+    values = {}
+    for name, spec in declared.items():
+        if name in given:
+            vals = given[name]
+            value = vals[0] if vals else ""
+        elif "default" in spec:
+            value = str(spec["default"])
+        else:
+            raise InvalidParameters(f"Parameter \"{name}\" is required.")
+        pattern = spec.get("allowedPattern")
+        if pattern is not None and re.search(pattern, value) is None:
+            raise InvalidParameters(
+                f"Parameter \"{name}\" \"{value}\" failed to satisfy constraint: "
+                f"Member must satisfy regular expression pattern: {pattern}"
+            )
+        values[name] = value
+    return values
+
+
+def render(step, values, legacy):
+    inputs = step["inputs"]
+    text = "\n".join(inputs["runCommand"]) + "\n"
+    for name, value in values.items():
+        text = re.sub(r"\{\{\s*" + re.escape(name) + r"\s*\}\}", lambda _m: value, text)
+    env = {}
+    if inputs.get("interpolationType") == "ENV_VAR" and not legacy:
+        env = {f"SSM_{name}": value for name, value in values.items()}
+    return text, env
+
+
+def run(record, doc, values, agent):
+    if not agent.get("online", True):
+        time.sleep(0.2)
+        record["output"] = "agent offline"
+        emit(record, "Undeliverable")
+        return
+    emit(record, "InProgress")
+    status = "Success"
+    for step in doc["mainSteps"]:
+        if step["action"] != "aws:runShellScript":
+            continue
+        text, step_env = render(step, values, agent.get("legacy", False))
+        env = dict(agent.get("env", {}))
+        env["PATH"] = agent.get("path", "/usr/bin:/bin")
+        env.update(step_env)
+        timeout = agent.get("execution_timeout") or int(step["inputs"].get("timeoutSeconds", 3600))
+        with tempfile.NamedTemporaryFile("w", suffix=".sh", delete=False) as f:
+            f.write(text)
+            script = f.name
+        try:
+            p = subprocess.run(
+                ["sh", script],
+                env=env,
+                cwd=agent.get("cwd") or "/",
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+            record["exit_code"] = p.returncode
+            record["stdout"] = p.stdout[-24000:]
+            record["stderr"] = p.stderr[-8000:]
+            if p.returncode != 0:
+                status = "Failed"
+        except subprocess.TimeoutExpired as e:
+            record["stdout"] = (e.stdout or b"")[-24000:].decode(errors="replace")
+            status = "TimedOut"
+        finally:
+            os.unlink(script)
+        if status != "Success":
+            break
+    emit(record, status)
+
+
+_orig_send_command = ssm_models.SimpleSystemManagerBackend.send_command
+
+
+def send_command(self, **kw):
+    with LOCK:
+        if FAULTS["throttle_send"] > 0:
+            FAULTS["throttle_send"] -= 1
+            raise Throttling()
+    name = kw.get("document_name")
+    document = self.get_document(name, None, None, "JSON")
+    doc = json.loads(document["Content"])
+    values = check_parameters(doc.get("parameters", {}), kw.get("parameters") or {})
+    ids = list(kw.get("instance_ids") or [])
+    with LOCK:
+        unknown = [i for i in ids if i not in AGENTS]
+    if unknown:
+        raise InvalidInstanceId(", ".join(unknown))
+    command = _orig_send_command(self, **dict(kw, instance_ids=list(ids)))
+    # moto adds every instance in the region when no Targets are given: keep the ones named.
+    command.instance_ids = ids
+    command.status = "InProgress"
+    for instance_id in ids:
+        record = {
+            "command_id": command.command_id,
+            "document_name": name,
+            "instance_id": instance_id,
+            "parameters": {k: [v] for k, v in values.items()},
+            "region": self.region_name,
+            "requested": time.time(),
+            "status": "Pending",
+            "statuses": [],
+            "target": AGENTS[instance_id].get("events_url"),
+        }
+        with LOCK:
+            COMMANDS.append(record)
+            agent = dict(AGENTS[instance_id])
+
+        def go(record=record, agent=agent):
+            run(record, doc, values, agent)
+            command.status = record["status"]
+
+        threading.Thread(target=go, daemon=True).start()
+    return command
+
+
+ssm_models.SimpleSystemManagerBackend.send_command = send_command
+
+
+def control(method, path, body):
+    """Control routes under /ssm; returns (status, json) or None when the path is not ours."""
+    if method == "GET" and path == "/ssm/commands":
+        with LOCK:
+            return 200, json.dumps(COMMANDS)
+    if method != "POST":
+        return None
+    if path == "/ssm/agents":
+        with LOCK:
+            AGENTS[body["instance_id"]] = body
+        return 200, "{}"
+    if path == "/ssm/target":
+        TARGET["url"] = body.get("url")
+        return 200, "{}"
+    if path == "/ssm/faults":
+        with LOCK:
+            FAULTS["throttle_send"] = int(body.get("throttle_send", 0))
+        return 200, "{}"
+    return None

@@ -1,0 +1,459 @@
+//! The Run Command path: moto (with lifecycle actions and the SSM agent stand-in that really runs
+//! the project's document), the companion Lambda's `bootstrap` under a local Runtime API, and
+//! `lifeboat backup --complete-lifecycle` run by the stand-in. moto plays EventBridge: a group's
+//! lifecycle events and its commands' status changes are posted to the Lambda as async events.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::support::{
+    LambdaRuntime, Lifeboat, Server, control, daemon_config, eventually, finished_action,
+    group_with_hook, moto, notifications, root, rt, scale_in, ssm_commands, write,
+};
+
+/// A group with a waiting-to-be-terminated instance, the document, the Lambda and the stand-in.
+struct Bench {
+    _dir: tempfile::TempDir,
+    dir: PathBuf,
+    group: String,
+    instance: String,
+    topic: String,
+    bucket: String,
+    document: String,
+    lambda: LambdaRuntime,
+    lb: Lifeboat,
+}
+
+/// Registers the document under a name of this test's own (moto is shared).
+fn create_document(server: &Server, name: &str) {
+    let content =
+        std::fs::read_to_string(root().join("ssm-documents/lifeboat-backup.json")).unwrap();
+    rt().block_on(
+        server
+            .ssm()
+            .create_document()
+            .name(name)
+            .content(content)
+            .document_type(aws_sdk_ssm::types::DocumentType::Command)
+            .document_format(aws_sdk_ssm::types::DocumentFormat::Json)
+            .send(),
+    )
+    .unwrap();
+}
+
+fn bench(test: &str, group_name: &str, lambda_env: &[(&str, &str)]) -> Bench {
+    let server = moto();
+    let (group, instance, topic) = group_with_hook(server, group_name, 60);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_owned();
+    let data = path.join("data");
+    write(&data.join("app.log"), b"precious\n");
+    let bucket = server.bucket(test);
+    let lb = Lifeboat::new(
+        &path,
+        &server.endpoint,
+        &daemon_config(&bucket, &data, &topic, "on_failure = \"ABANDON\""),
+    );
+    let document = crate::support::bucket_name(&format!("doc-{test}"));
+    create_document(server, &document);
+    let mut env = vec![
+        ("LIFEBOAT_DOCUMENT", document.as_str()),
+        ("LIFEBOAT_SNS_TOPIC_ARN", topic.as_str()),
+        ("LIFEBOAT_ON_FAILURE", "ABANDON"),
+    ];
+    env.extend_from_slice(lambda_env);
+    let lambda = LambdaRuntime::start(server, &env);
+    control(
+        server,
+        "/events",
+        &json!({ "group": group, "url": lambda.events_url() }),
+    );
+    Bench {
+        _dir: dir,
+        dir: path,
+        group,
+        instance,
+        topic,
+        bucket,
+        document,
+        lambda,
+        lb,
+    }
+}
+
+impl Bench {
+    /// Makes the instance SSM-managed: the stand-in runs its commands with `path` as PATH.
+    fn register(&self, path: &str, extra: Value) {
+        let env: serde_json::Map<String, Value> = self
+            .lb
+            .env()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), Value::String(v)))
+            .collect();
+        let mut agent = json!({
+            "instance_id": self.instance,
+            "env": env,
+            "path": path,
+            "cwd": self.dir,
+            "events_url": self.lambda.events_url(),
+        });
+        agent
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        control(moto(), "/ssm/agents", &agent);
+    }
+
+    /// PATH with the built `lifeboat` first.
+    fn path_with_lifeboat() -> String {
+        let bin = Path::new(env!("CARGO_BIN_EXE_lifeboat")).parent().unwrap();
+        format!("{}:/usr/bin:/bin", bin.display())
+    }
+
+    /// Outcomes of the Lambda's finished invocations, in order.
+    fn outcomes(&self) -> Vec<Value> {
+        self.lambda
+            .invocations()
+            .into_iter()
+            .filter(|i| i["ok"] == true)
+            .map(|i| i["result"].clone())
+            .collect()
+    }
+
+    /// Waits for an invocation whose outcome is `kind`.
+    fn outcome(&self, kind: &str) -> Value {
+        eventually(
+            &format!("a Lambda outcome {kind:?}"),
+            Duration::from_secs(120),
+            || self.outcomes().into_iter().find(|o| o["outcome"] == kind),
+        )
+    }
+
+    fn completions(&self, action: &Value) -> Vec<Value> {
+        action["calls"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["operation"] == "CompleteLifecycleAction" && c["outcome"].is_null())
+            .cloned()
+            .collect()
+    }
+
+    fn commands(&self) -> Vec<Value> {
+        ssm_commands(moto())
+            .into_iter()
+            .filter(|c| c["instance_id"] == self.instance)
+            .collect()
+    }
+
+    /// SendCommand of the document to this instance, past the Lambda; the command id, or the
+    /// error as text.
+    fn send_command(&self, params: &[(&str, &str)]) -> Result<String, String> {
+        let mut map = std::collections::HashMap::from([(
+            "InstanceId".to_owned(),
+            vec![self.instance.clone()],
+        )]);
+        map.extend(
+            params
+                .iter()
+                .map(|(k, v)| (k.to_string(), vec![v.to_string()])),
+        );
+        rt().block_on(
+            moto()
+                .ssm()
+                .send_command()
+                .document_name(&self.document)
+                .instance_ids(&self.instance)
+                .set_parameters(Some(map))
+                .send(),
+        )
+        .map(|out| out.command().unwrap().command_id().unwrap().to_owned())
+        .map_err(|e| aws_sdk_ssm::error::DisplayErrorContext(&e).to_string())
+    }
+
+    /// A lifecycle event for this instance, with `detail` fields overridden.
+    fn event(&self, token: &str, overrides: Value) -> Value {
+        let mut detail = json!({
+            "LifecycleActionToken": token,
+            "AutoScalingGroupName": self.group,
+            "LifecycleHookName": "lifeboat",
+            "EC2InstanceId": self.instance,
+            "LifecycleTransition": "autoscaling:EC2_INSTANCE_TERMINATING",
+            "Origin": "AutoScalingGroup",
+            "Destination": "EC2",
+        });
+        detail
+            .as_object_mut()
+            .unwrap()
+            .extend(overrides.as_object().unwrap().clone());
+        json!({
+            "version": "0", "id": "test", "source": "aws.autoscaling",
+            "detail-type": "EC2 Instance-terminate Lifecycle Action",
+            "account": "123456789012", "region": "us-east-1", "resources": [],
+            "detail": detail,
+        })
+    }
+}
+
+#[test]
+fn lifecycle_event_runs_the_document_and_the_agent_completes_continue() {
+    let b = bench("lambda-e2e", "lambda-e2e", &[]);
+    b.register(&Bench::path_with_lifeboat(), json!({}));
+    scale_in(moto(), &b.group);
+
+    let action = finished_action(moto(), &b.instance);
+    assert_eq!(action["result"], "CONTINUE", "{action:#}");
+    assert_eq!(b.completions(&action).len(), 1, "{action:#}");
+    let sent = b.outcome("sent");
+    let command = eventually("the command to succeed", Duration::from_secs(60), || {
+        b.commands().into_iter().find(|c| c["status"] == "Success")
+    });
+    assert_eq!(sent["command_id"], command["command_id"]);
+    assert_eq!(command["statuses"], json!(["InProgress", "Success"]));
+    let keys = moto().keys(&b.bucket);
+    let prefix = format!("backups/{}/{}/", b.group, b.instance);
+    assert!(
+        keys.iter()
+            .any(|k| k.starts_with(&prefix) && k.ends_with("-scale-in.tar")),
+        "{keys:?}"
+    );
+    // The Success status change reaches the Lambda and changes nothing.
+    eventually("the Success event ignored", Duration::from_secs(30), || {
+        b.outcomes().into_iter().find(|o| {
+            o["outcome"] == "ignored" && o["why"].as_str().unwrap().ends_with("is Success")
+        })
+    });
+    let reports = notifications(moto(), &b.topic);
+    assert!(
+        reports.iter().any(|(_, m, _)| m["status"] == "succeeded"),
+        "{reports:?}"
+    );
+}
+
+#[test]
+fn instance_not_managed_by_ssm_is_completed_by_the_lambda_in_one_invocation() {
+    let b = bench("lambda-unmanaged", "lambda-unmanaged", &[]);
+    scale_in(moto(), &b.group);
+
+    let action = finished_action(moto(), &b.instance);
+    assert_eq!(action["result"], "ABANDON", "{action:#}");
+    assert_eq!(action["ended_by"], "completed");
+    let done = b.outcome("completed");
+    assert!(
+        done["why"].as_str().unwrap().contains("not managed by SSM"),
+        "{done}"
+    );
+    let lifecycle_invocations: Vec<Value> = b
+        .lambda
+        .invocations()
+        .into_iter()
+        .filter(|i| i["event"]["detail-type"] == "EC2 Instance-terminate Lifecycle Action")
+        .collect();
+    assert_eq!(lifecycle_invocations.len(), 1, "{lifecycle_invocations:#?}");
+    let reports = eventually("the SNS report", Duration::from_secs(30), || {
+        let r = notifications(moto(), &b.topic);
+        (!r.is_empty()).then_some(r)
+    });
+    let (subject, message, attributes) = &reports[0];
+    assert!(subject.contains("backup did not run"), "{subject}");
+    assert_eq!(message["status"], "not-run");
+    assert_eq!(message["lifecycle_result"], "ABANDON");
+    assert!(
+        message["error"]
+            .as_str()
+            .unwrap()
+            .contains("InvalidInstanceId"),
+        "{message}"
+    );
+    assert!(attributes.to_string().contains("not-run"), "{attributes}");
+}
+
+#[test]
+fn failed_command_completes_exactly_once() {
+    // lifeboat is not installed: the script fails, nobody completed the action, the Lambda does.
+    let b = bench("lambda-missing", "lambda-missing", &[]);
+    b.register("/usr/bin:/bin", json!({}));
+    scale_in(moto(), &b.group);
+    let action = finished_action(moto(), &b.instance);
+    assert_eq!(action["result"], "ABANDON", "{action:#}");
+    assert_eq!(b.completions(&action).len(), 1, "{action:#}");
+    let command = b.commands().pop().unwrap();
+    assert_eq!(command["status"], "Failed");
+    assert_eq!(command["exit_code"], 127);
+    assert!(
+        command["stderr"]
+            .as_str()
+            .unwrap()
+            .contains("lifeboat is not installed"),
+        "{command}"
+    );
+    let done = b.outcome("completed");
+    assert!(done["why"].as_str().unwrap().contains("Failed"), "{done}");
+
+    // lifeboat runs but the backup fails (no such bucket): the agent completes with its
+    // on_failure and exits 1; the Failed status then finds no active action, which is success.
+    let c = bench("lambda-fails", "lambda-fails", &[]);
+    std::fs::write(
+        &c.lb.config,
+        daemon_config(
+            "no-such-bucket-lifeboat",
+            &c.dir.join("data"),
+            &c.topic,
+            "on_failure = \"ABANDON\"",
+        ),
+    )
+    .unwrap();
+    c.register(&Bench::path_with_lifeboat(), json!({}));
+    scale_in(moto(), &c.group);
+    let action = finished_action(moto(), &c.instance);
+    assert_eq!(action["result"], "ABANDON", "{action:#}");
+    let already = c.outcome("already-completed");
+    assert!(
+        already["why"].as_str().unwrap().contains("Failed"),
+        "{already}"
+    );
+    let action = finished_action(moto(), &c.instance);
+    assert_eq!(c.completions(&action).len(), 1, "{action:#}");
+    assert!(c.lambda.invocations().iter().all(|i| i["ok"] == true));
+}
+
+#[test]
+fn injection_attempts_are_refused_or_inert_and_nothing_executes() {
+    let marker = |dir: &Path| dir.join("pwned");
+    // A real group whose name a shell would misread: the Lambda refuses to send it, completes the
+    // action (by token, an API call, no shell) and reports why.
+    let b = bench("lambda-inject", "lambda-inject$(touch pwned)'", &[]);
+    b.register(&Bench::path_with_lifeboat(), json!({}));
+    let m = marker(&b.dir);
+    let bad = m.display().to_string();
+    scale_in(moto(), &b.group);
+    let action = finished_action(moto(), &b.instance);
+    assert_eq!(action["result"], "ABANDON", "{action:#}");
+    let done = b.outcome("completed");
+    assert!(
+        done["why"]
+            .as_str()
+            .unwrap()
+            .contains("AutoScalingGroupName"),
+        "{done}"
+    );
+
+    // Tokens and hook names with quotes, $(…), backticks, newlines: refused before SendCommand.
+    for (field, value) in [
+        ("LifecycleActionToken", format!("'; touch {bad} #")),
+        ("LifecycleHookName", format!("$(touch {bad})")),
+        ("LifecycleHookName", format!("`touch {bad}`")),
+        ("LifecycleActionToken", format!("x\ntouch {bad}\n")),
+    ] {
+        let out = b.lambda.invoke(&b.event("", json!({ field: value })));
+        assert_ne!(out["result"]["outcome"], "sent", "{out:#}");
+    }
+
+    // Straight to Run Command, past the Lambda: SSM's allowedPattern refuses them.
+    for (name, value) in [
+        ("LifecycleActionToken", format!("'; touch {bad} #")),
+        ("AutoScalingGroupName", format!("web$(touch {bad})")),
+        ("Reason", format!("x`touch {bad}`")),
+        ("LifecycleHookName", format!("h\ntouch {bad}")),
+    ] {
+        let err = b
+            .send_command(&[
+                ("AutoScalingGroupName", "web"),
+                ("LifecycleHookName", "lifeboat"),
+                (name, &value),
+            ])
+            .unwrap_err();
+        assert!(err.contains("InvalidParameters"), "{err}");
+    }
+
+    // What the patterns admit reaches lifeboat as inert text, with a current agent and with one
+    // older than 3.3.2746.0 (no SSM_* variables: the script's interpolated fallback).
+    let stub = b.dir.join("stub");
+    write(
+        &stub.join("lifeboat"),
+        b"#!/bin/sh\nprintf '%s\\n' \"$@\" > \"$HOME/argv-$SSM_MODE\"\n",
+    );
+    std::fs::set_permissions(
+        stub.join("lifeboat"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    for legacy in [false, true] {
+        let mode = if legacy { "legacy" } else { "current" };
+        b.register(
+            &format!("{}:/usr/bin:/bin", stub.display()),
+            json!({ "legacy": legacy, "env": {
+                "HOME": b.dir, "SSM_MODE": mode,
+            }}),
+        );
+        let id = b
+            .send_command(&[
+                ("AutoScalingGroupName", "web tier, blue:green/x@y+z=w"),
+                ("LifecycleHookName", "lifeboat"),
+                ("Reason", "two  words"),
+            ])
+            .unwrap();
+        let cmd = eventually("the stub to run", Duration::from_secs(30), || {
+            b.commands()
+                .into_iter()
+                .find(|c| c["command_id"] == id && c["status"] == "Success")
+        });
+        let argv = std::fs::read_to_string(b.dir.join(format!("argv-{mode}"))).unwrap();
+        assert_eq!(
+            argv.lines().collect::<Vec<_>>(),
+            [
+                "backup",
+                "--reason",
+                "two  words",
+                "--complete-lifecycle",
+                "--hook",
+                "lifeboat",
+                "--asg",
+                "web tier, blue:green/x@y+z=w",
+                "--instance-id",
+                &b.instance,
+            ],
+            "{mode}: {cmd}"
+        );
+    }
+    assert!(!m.exists(), "an injected command ran");
+    assert!(!b.dir.join("data/pwned").exists() && !Path::new("/pwned").exists());
+}
+
+#[test]
+fn duplicate_events_for_one_token_make_one_backup() {
+    let b = bench("lambda-dup", "lambda-dup", &[]);
+    b.register(&Bench::path_with_lifeboat(), json!({}));
+    // No scale-in events from moto for this one: the test delivers them itself, twice.
+    control(moto(), "/events", &json!({ "group": b.group, "url": "" }));
+    scale_in(moto(), &b.group);
+    let token = eventually("the action", Duration::from_secs(30), || {
+        moto()
+            .actions()
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["instance_id"] == b.instance)
+            .map(|a| a["token"].as_str().unwrap().to_owned())
+    });
+    let event = b.event(&token, json!({}));
+    let first = b.lambda.invoke(&event);
+    let second = b.lambda.invoke(&event);
+    assert_eq!(first["result"]["outcome"], "sent", "{first:#}");
+    assert_eq!(second["result"]["outcome"], "duplicate", "{second:#}");
+    assert_eq!(
+        second["result"]["command_id"],
+        first["result"]["command_id"]
+    );
+    let action = finished_action(moto(), &b.instance);
+    assert_eq!(action["result"], "CONTINUE", "{action:#}");
+    assert_eq!(b.commands().len(), 1);
+    let archives: Vec<String> = moto()
+        .keys(&b.bucket)
+        .into_iter()
+        .filter(|k| k.ends_with(".tar"))
+        .collect();
+    assert_eq!(archives.len(), 1, "{archives:?}");
+}
