@@ -468,11 +468,13 @@ async fn backup(
     let since = crate::manifest::rfc3339(time::OffsetDateTime::now_utc());
     let (_lock, waited) = lock().await;
     let state_file = Arc::new(StateFile::open(&state::state_dir()));
-    if waited
-        && let Some(last) = state_file.snapshot().last_job
-        && last.finished_at >= since
-    {
-        return Ok(print_result(&last));
+    if let Some(last) = state_file.snapshot().last_job {
+        // Joined a job that finished while this one waited for the lock, or the same lifecycle
+        // action again (Run Command and EventBridge deliver duplicates): that job's result.
+        let same_action = notice.token.is_some() && last.token == notice.token;
+        if (waited && last.finished_at >= since) || same_action {
+            return Ok(print_result(&last));
+        }
     }
     let cancel = CancellationToken::new();
     cancel_on_signals(cancel.clone());

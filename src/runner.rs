@@ -86,6 +86,10 @@ pub struct JobResult {
     pub duration_seconds: f64,
     /// The process exit code this result maps to.
     pub exit_code: u8,
+    /// The token of the lifecycle action this job completed (a duplicate trigger with the same
+    /// token gets this result instead of a second backup).
+    #[serde(default)]
+    pub token: Option<String>,
 }
 
 /// The clients a job needs.
@@ -402,8 +406,10 @@ impl Runner {
         }
         let mut lifecycle = lifecycle_error.map(|e| format!("not completed: {e}"));
         let mut result_sent = None;
+        let mut completed_token = None;
         if let Some((mut a, hook)) = action {
             a.token = a.token.or(latest.token);
+            completed_token.clone_from(&a.token);
             let result = if matches!(status, JobStatus::Succeeded | JobStatus::Partial) {
                 LifecycleResult::Continue
             } else {
@@ -438,6 +444,7 @@ impl Runner {
             changed: manifest.map_or(0, |m| m.changed.len() as u64),
             duration_seconds: clock.elapsed().as_secs_f64(),
             exit_code,
+            token: completed_token,
         };
         if let Some(topic) = &self.config.sns.topic_arn {
             let report = Report {
