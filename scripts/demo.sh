@@ -3,13 +3,18 @@
 # lifecycle actions, and an IMDSv2 emulator). Nothing leaves this machine.
 #   1. by hand: back up a sample tree, list, verify, restore, compare;
 #   2. the daemon: an Auto Scaling group with a terminate hook, `lifeboat run` watching instance
-#      metadata, a scale-in, the archive in S3, the SNS report, the action completed.
+#      metadata, a scale-in, the archive in S3, the SNS report, the action completed;
+#   3. Run Command: the lifecycle event to the companion Lambda (under a local Runtime API), the
+#      lifeboat-backup document run on the instance by the SSM agent stand-in, `lifeboat backup
+#      --complete-lifecycle`, the action completed; and an instance SSM cannot reach, completed by
+#      the Lambda itself with a report saying the backup did not run.
 # Installs what is missing first (scripts/bootstrap.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
-cargo build --quiet --bin lifeboat
+cargo build --quiet --workspace --bins
 LIFEBOAT="$PWD/target/debug/lifeboat"
+BOOTSTRAP="$PWD/target/debug/bootstrap"
 PY="$PWD/.venv/bin/python"
 
 work=$(mktemp -d /tmp/lifeboat-demo.XXXXXX)
@@ -22,7 +27,8 @@ imds_pid=$!
   --imds-url "http://127.0.0.1:$imds_port" >"$work/moto.log" 2>&1 &
 moto_pid=$!
 daemon_pid=
-trap 'kill $moto_pid $imds_pid $daemon_pid 2>/dev/null; rm -rf "$work"' EXIT
+lambda_pid=
+trap 'kill $moto_pid $imds_pid $daemon_pid $lambda_pid 2>/dev/null; rm -rf "$work"' EXIT
 wait_port "$port"; wait_port "$control"; wait_port "$imds_port"
 
 export AWS_ENDPOINT_URL="http://127.0.0.1:$port" AWS_REGION=us-east-1 AWS_DEFAULT_REGION=us-east-1
@@ -129,3 +135,78 @@ for t in data["sns"]["Topic"]:
 PY
 echo; echo "== lifeboat status"; "$LIFEBOAT" status
 kill -TERM "$daemon_pid"; wait "$daemon_pid" || true; daemon_pid=
+
+echo; echo "######## 3. Run Command: EventBridge -> companion Lambda -> lifeboat-backup document -> lifeboat"
+lambda_port=$(free_port)
+read -r api_instance batch_instance topic2 < <("$PY" - <<'PY'
+import boto3
+asg, sns, ssm = boto3.client("autoscaling"), boto3.client("sns"), boto3.client("ssm")
+ids = []
+for name in ("api", "batch"):
+    asg.create_auto_scaling_group(AutoScalingGroupName=name, LaunchConfigurationName="web",
+                                  MinSize=0, MaxSize=2, DesiredCapacity=1, AvailabilityZones=["us-east-1a"])
+    asg.put_lifecycle_hook(AutoScalingGroupName=name, LifecycleHookName="lifeboat",
+                           LifecycleTransition="autoscaling:EC2_INSTANCE_TERMINATING",
+                           HeartbeatTimeout=60, DefaultResult="ABANDON")
+    ids.append(asg.describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"][0]["Instances"][0]["InstanceId"])
+ssm.create_document(Name="lifeboat-backup", Content=open("ssm-documents/lifeboat-backup.json").read(),
+                    DocumentType="Command", DocumentFormat="JSON")
+topic = sns.create_topic(Name="lifeboat-lambda-reports")["TopicArn"]
+print(ids[0], ids[1], topic)
+PY
+)
+echo "groups api ($api_instance, SSM-managed) and batch ($batch_instance, not managed); document lifeboat-backup"
+env LIFEBOAT_SNS_TOPIC_ARN="$topic2" LIFEBOAT_ON_FAILURE=ABANDON \
+  "$PY" tests/emulators/lambda_runtime.py --port "$lambda_port" -- "$BOOTSTRAP" >"$work/lambda.log" 2>&1 &
+lambda_pid=$!
+wait_port "$lambda_port"
+# The stand-in runs commands for api's instance with lifeboat on its PATH, off EC2 like part 1.
+"$PY" - "$control" "$api_instance" "$lambda_port" "$(dirname "$LIFEBOAT")" "$work" <<'PY'
+import json, os, sys, urllib.request
+control, instance, lambda_port, bindir, work = sys.argv[1:]
+def post(path, body):
+    urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{control}{path}", json.dumps(body).encode(), method="POST"))
+env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "LIFEBOAT_CONFIG")}
+env.update(AWS_EC2_METADATA_SERVICE_ENDPOINT="http://127.0.0.1:9", RUNTIME_DIRECTORY=f"{work}/run-ssm", STATE_DIRECTORY=f"{work}/state-ssm")
+post("/ssm/agents", {"instance_id": instance, "env": env, "path": f"{bindir}:/usr/bin:/bin",
+                     "events_url": f"http://127.0.0.1:{lambda_port}/events"})
+for group in ("api", "batch"):
+    post("/events", {"group": group, "url": f"http://127.0.0.1:{lambda_port}/events"})
+PY
+echo; echo "== scale in both groups: desired capacity 1 -> 0"
+"$PY" -c "import boto3; c = boto3.client('autoscaling'); [c.set_desired_capacity(AutoScalingGroupName=g, DesiredCapacity=0) for g in ('api', 'batch')]"
+"$PY" - "$control" "$lambda_port" "$api_instance" "$batch_instance" <<'PY'
+import json, sys, time, urllib.request
+control, lambda_port, instances = sys.argv[1], sys.argv[2], sys.argv[3:]
+get = lambda url: json.load(urllib.request.urlopen(url))
+deadline = time.time() + 120
+while time.time() < deadline:
+    actions = [a for a in get(f"http://127.0.0.1:{control}/actions") if a["instance_id"] in instances]
+    if len(actions) == 2 and all(a["result"] for a in actions):
+        break
+    time.sleep(0.2)
+else:
+    sys.exit("the lifecycle actions were never completed")
+time.sleep(0.5)  # let the last status-change event reach the Lambda, for the listing below
+print("   Lambda invocations (event -> outcome, handler time):")
+for i in get(f"http://127.0.0.1:{lambda_port}/invocations"):
+    r = i["result"] or {}
+    what = r.get("command_id") or r.get("why") or r.get("result") or ""
+    print(f"     {i['event']['detail-type'][:40]:40} -> {r.get('outcome', i['error'])}: {str(what)[:90]}  ({i['duration_ms']:.0f} ms)")
+print("   Run Command on the instance (SSM agent stand-in):")
+for c in get(f"http://127.0.0.1:{control}/ssm/commands"):
+    print(f"     {c['command_id']} {c['instance_id']}: {' -> '.join(c['statuses'])}, exit {c.get('exit_code')}")
+for a in actions:
+    print(f"   {a['group']:5} {a['instance_id']}: lifecycle action {a['result']} ({a['ended_by']}) after {a['ended'] - a['started']:.1f} s")
+PY
+echo; echo "== lifeboat list --instance-id $api_instance"; "$LIFEBOAT" list --instance-id "$api_instance"
+echo; echo "== the Lambda's SNS report for batch"
+"$PY" - "$topic2" <<'PY'
+import json, sys, urllib.request, os
+data = json.load(urllib.request.urlopen(os.environ["AWS_ENDPOINT_URL"] + "/moto-api/data.json"))
+for t in data["sns"]["Topic"]:
+    if t["arn"] == sys.argv[1]:
+        for _id, message, subject, attributes, _group in t["sent_notifications"]:
+            print("   subject:", subject)
+            print("   message:", json.dumps(json.loads(message), indent=2).replace("\n", "\n   "))
+PY
