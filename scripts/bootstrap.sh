@@ -17,6 +17,10 @@ need_apt=()
 for tool in tar gzip zstd; do
   command -v "$tool" >/dev/null 2>&1 || need_apt+=("$tool")
 done
+# systemd-analyze checks the unit (verify, security) in the tests.
+for tool in systemd-analyze:systemd; do
+  command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool##*:}")
+done
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]} with apt-get"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null

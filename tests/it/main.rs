@@ -8,3 +8,4 @@ mod failures;
 mod lambda;
 mod restore;
 mod support;
+mod systemd;
