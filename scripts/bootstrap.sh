@@ -2,14 +2,20 @@
 # Installs what the tests, the demo and the benchmark need, into project-local paths, so the
 # README's commands work on a fresh machine:
 #   .venv/   Python venv with moto's server (S3, and later Auto Scaling, SNS, SSM, STS)
-#   .tools/  s3s-fs, a real S3 server written in Rust (fast, checks SigV4)
-# and, when missing, the Debian tools the tests compare against (GNU tar, gzip, zstd).
+#   .tools/  s3s-fs, a real S3 server written in Rust (fast, checks SigV4), cargo-deb and
+#            cargo-generate-rpm (the packages)
+#   .venv/   also cfn-lint (the deployment template)
+# and, when missing, the Debian tools the tests use (GNU tar, gzip, zstd, systemd-analyze,
+# lintian, rpmlint).
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 MOTO_VERSION=5.2.5
 S3S_FS_VERSION=0.14.1
+CARGO_DEB_VERSION=3.8.0
+CARGO_GENERATE_RPM_VERSION=0.21.1
+CFN_LINT_VERSION=1.58.0
 
 log() { printf 'bootstrap: %s\n' "$*" >&2; }
 
@@ -18,7 +24,7 @@ for tool in tar gzip zstd; do
   command -v "$tool" >/dev/null 2>&1 || need_apt+=("$tool")
 done
 # systemd-analyze checks the unit (verify, security) in the tests.
-for tool in systemd-analyze:systemd; do
+for tool in systemd-analyze:systemd lintian:lintian rpmlint:rpmlint; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool##*:}")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -36,4 +42,16 @@ if ! [ -x .tools/bin/s3s-fs ]; then
   log "building s3s-fs $S3S_FS_VERSION into .tools (about three minutes)"
   cargo install --quiet "s3s-fs@$S3S_FS_VERSION" --features binary --locked --root .tools
 fi
-log "ready: .venv/bin/moto_server, .tools/bin/s3s-fs"
+if ! .venv/bin/python -c "import importlib.metadata as m, sys; sys.exit(m.version('cfn-lint') != '$CFN_LINT_VERSION')" 2>/dev/null; then
+  log "installing cfn-lint $CFN_LINT_VERSION into .venv"
+  .venv/bin/pip install --quiet --disable-pip-version-check "cfn-lint==$CFN_LINT_VERSION"
+fi
+if ! [ -x .tools/bin/cargo-deb ]; then
+  log "building cargo-deb $CARGO_DEB_VERSION into .tools (about two minutes)"
+  cargo install --quiet "cargo-deb@$CARGO_DEB_VERSION" --locked --root .tools
+fi
+if ! [ -x .tools/bin/cargo-generate-rpm ]; then
+  log "building cargo-generate-rpm $CARGO_GENERATE_RPM_VERSION into .tools (about two minutes)"
+  cargo install --quiet "cargo-generate-rpm@$CARGO_GENERATE_RPM_VERSION" --locked --root .tools
+fi
+log "ready: .venv/bin/moto_server, .venv/bin/cfn-lint, .tools/bin/{s3s-fs,cargo-deb,cargo-generate-rpm}"

@@ -4,8 +4,10 @@
 mod backup;
 mod cli;
 mod daemon;
+mod deployment;
 mod failures;
 mod lambda;
+mod packages;
 mod restore;
 mod support;
 mod systemd;

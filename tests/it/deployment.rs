@@ -1,0 +1,165 @@
+//! The deployment files: the CloudFormation template passes cfn-lint, embeds the shipped
+//! document, and scopes every IAM statement to named resources ("*" only where IAM cannot scope
+//! the action, each such statement commented); the shipped IAM policies likewise; and the
+//! packaged default configuration lists every key with the default the code applies.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::support::{Lifeboat, root};
+
+/// The template as JSON (parsed by PyYAML in the test venv; it uses no short-form tags).
+fn template() -> Value {
+    let out = Command::new(root().join(".venv/bin/python"))
+        .args([
+            "-c",
+            "import json, sys, yaml; json.dump(yaml.safe_load(open(sys.argv[1])), sys.stdout)",
+        ])
+        .arg(root().join("packaging/cloudformation/lifeboat.yaml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn cfn_lint_passes_on_the_template() {
+    let out = Command::new(root().join(".venv/bin/cfn-lint"))
+        .arg(root().join("packaging/cloudformation/lifeboat.yaml"))
+        .output()
+        .expect("cfn-lint (scripts/bootstrap.sh installs it)");
+    assert!(
+        out.status.success(),
+        "cfn-lint:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn the_template_embeds_the_shipped_document() {
+    let shipped: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("ssm-documents/lifeboat-backup.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        template()["Resources"]["BackupDocument"]["Properties"]["Content"],
+        shipped
+    );
+}
+
+/// Every Allow statement of every policy document in `docs`: (policy, Sid, statement).
+fn allow_statements(docs: Vec<(String, Value)>) -> Vec<(String, String, Value)> {
+    let mut out = Vec::new();
+    for (name, doc) in docs {
+        for st in doc["Statement"].as_array().unwrap() {
+            if st["Effect"] == "Allow" && st.get("Principal").is_none() {
+                let sid = st["Sid"].as_str().unwrap_or_default().to_owned();
+                out.push((name.clone(), sid, st.clone()));
+            }
+        }
+    }
+    out
+}
+
+fn is_star(resource: &Value) -> bool {
+    resource == "*"
+        || resource
+            .as_array()
+            .is_some_and(|a| a.iter().any(|r| r == "*"))
+}
+
+#[test]
+fn every_iam_statement_in_the_template_names_its_resources() {
+    let t = template();
+    let text =
+        std::fs::read_to_string(root().join("packaging/cloudformation/lifeboat.yaml")).unwrap();
+    let mut docs = Vec::new();
+    for (name, r) in t["Resources"].as_object().unwrap() {
+        let p = &r["Properties"];
+        match r["Type"].as_str().unwrap() {
+            "AWS::IAM::ManagedPolicy" => docs.push((name.clone(), p["PolicyDocument"].clone())),
+            "AWS::IAM::Role" => {
+                for policy in p["Policies"].as_array().into_iter().flatten() {
+                    docs.push((name.clone(), policy["PolicyDocument"].clone()));
+                }
+            }
+            _ => {}
+        }
+    }
+    let statements = allow_statements(docs);
+    assert!(statements.len() >= 10, "{statements:?}");
+    for (policy, sid, st) in statements {
+        let resource = st
+            .get("Resource")
+            .unwrap_or_else(|| panic!("{policy}/{sid}: no Resource"));
+        if is_star(resource) {
+            // The statement must say why, in a comment right above it.
+            let line = text
+                .lines()
+                .position(|l| l.trim() == format!("- Sid: {sid}"))
+                .unwrap();
+            let above = text.lines().nth(line - 1).unwrap().trim();
+            assert!(
+                above.starts_with('#') && above.contains("cannot be scoped"),
+                "{policy}/{sid}: Resource \"*\" without a comment saying why"
+            );
+            let actions = st["Action"].to_string();
+            assert!(
+                actions.contains("Describe") || actions.contains("ListCommands"),
+                "{policy}/{sid}: only describe/list calls may use \"*\": {actions}"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_shipped_iam_policies_name_their_resources() {
+    for file in ["instance-policy.json", "lambda-policy.json"] {
+        let doc: Value = serde_json::from_str(
+            &std::fs::read_to_string(root().join("packaging/iam").join(file)).unwrap(),
+        )
+        .unwrap();
+        for (_, sid, st) in allow_statements(vec![(file.into(), doc)]) {
+            if is_star(&st["Resource"]) {
+                assert!(sid.ends_with("CannotBeScopedToAResource"), "{file}/{sid}");
+            }
+        }
+    }
+}
+
+#[test]
+fn the_packaged_config_lists_every_key_with_the_codes_default() {
+    let shipped = std::fs::read_to_string(root().join("packaging/lifeboat.toml")).unwrap();
+    // Uncomment every `# key = value` line and fill in the one required value.
+    let uncommented: String = shipped
+        .lines()
+        .map(|l| match l.strip_prefix("# ") {
+            Some(rest) if rest.contains(" = ") && !rest.contains(':') => rest.to_owned(),
+            _ => l.replace("bucket = \"\"", "bucket = \"my-backups\""),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let dir = tempfile::tempdir().unwrap();
+    let lb = Lifeboat::new(dir.path(), "http://127.0.0.1:9", &uncommented);
+    let effective = lb.run(&["config", "check"]);
+    let effective = effective.ok();
+    // Every effective line is in the file as written, and the file has no key the code lacks.
+    for line in effective.lines().filter(|l| l.contains(" = ")) {
+        assert!(
+            uncommented.lines().any(|l| l.trim() == line.trim()),
+            "the packaged config lacks or differs on: {line}"
+        );
+    }
+    let keys = |s: &str| {
+        s.lines()
+            .filter(|l| l.contains(" = ") && !l.starts_with('#'))
+            .count()
+    };
+    assert_eq!(keys(&uncommented), keys(effective), "{uncommented}");
+}
