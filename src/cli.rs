@@ -109,6 +109,9 @@ enum Command {
     },
     /// Show the daemon's state and last job.
     Status,
+    /// Check, on an instance, everything a backup at termination needs (metadata, credentials,
+    /// bucket, topic, group and hook, time for the data), with a fix for each failure.
+    Doctor,
     /// Configuration commands.
     Config {
         #[command(subcommand)]
@@ -197,6 +200,14 @@ async fn dispatch(command: Command, config: Config) -> u8 {
     let result = match command {
         Command::Run => run(config).await,
         Command::Status => status().await,
+        Command::Doctor => {
+            let checks = crate::doctor::run(&config).await;
+            Ok(if crate::doctor::print(&checks) {
+                EXIT_OK
+            } else {
+                EXIT_CHECK
+            })
+        }
         Command::Backup {
             reason,
             dry_run: true,

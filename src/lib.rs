@@ -14,6 +14,7 @@ pub mod cli;
 pub mod compress;
 pub mod config;
 pub mod daemon;
+pub mod doctor;
 pub mod identity;
 pub mod job;
 pub mod manifest;

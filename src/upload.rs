@@ -532,6 +532,27 @@ pub fn crc32c_base64(data: &[u8]) -> String {
     aws_smithy_types::base64::encode(crc.to_be_bytes())
 }
 
+/// Proves `d` is writable the way a backup writes it (CreateMultipartUpload with the configured
+/// encryption, storage class and owner check), then aborts, leaving nothing behind. Needs only
+/// the permissions a backup needs (`s3:PutObject`, `s3:AbortMultipartUpload`).
+pub async fn probe_write(client: &Client, d: &Destination) -> Result<(), UploadError> {
+    let upload_id = create_upload(client, d).await?;
+    client
+        .abort_multipart_upload()
+        .bucket(&d.bucket)
+        .key(&d.key)
+        .upload_id(upload_id)
+        .set_expected_bucket_owner(d.expected_bucket_owner.clone())
+        .send()
+        .await
+        .map_err(|e| UploadError::Create {
+            bucket: d.bucket.clone(),
+            key: d.key.clone(),
+            message: format!("created, but the abort failed: {}", sdk_message(&e)),
+        })?;
+    Ok(())
+}
+
 async fn create_upload(client: &Client, d: &Destination) -> Result<String, UploadError> {
     let out = client
         .create_multipart_upload()

@@ -5,6 +5,7 @@ mod backup;
 mod cli;
 mod daemon;
 mod deployment;
+mod doctor;
 mod failures;
 mod lambda;
 mod packages;

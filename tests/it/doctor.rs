@@ -1,0 +1,97 @@
+//! `lifeboat doctor` against the loopback bench: everything in place gives ok on every line and
+//! exit 0; a missing bucket, no topic and no instance metadata each give their FAIL or WARN line
+//! with the fix, and exit 3.
+
+use std::time::Duration;
+
+use crate::support::{
+    Imds, Lifeboat, Run, daemon_config, group_with_hook, moto, wait_output, write,
+};
+
+fn doctor(lb: &Lifeboat, imds: Option<&Imds>) -> Run {
+    let mut cmd = lb.command(&["doctor"]);
+    if let Some(imds) = imds {
+        cmd.env("AWS_EC2_METADATA_SERVICE_ENDPOINT", &imds.endpoint);
+    }
+    wait_output(cmd.spawn().unwrap(), Duration::from_secs(120), &["doctor"])
+}
+
+#[test]
+fn doctor_is_all_ok_on_a_protected_instance() {
+    let server = moto();
+    let (group, instance, topic) = group_with_hook(server, "doctor-ok", 300);
+    let imds = Imds::start(&instance, &group);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write(&data.join("app.log"), &vec![b'x'; 10_000]);
+    let bucket = server.bucket("doctor-ok");
+    let lb = Lifeboat::new(
+        dir.path(),
+        &server.endpoint,
+        &daemon_config(&bucket, &data, &topic, ""),
+    );
+    let out = doctor(&lb, Some(&imds));
+    let text = out.stdout.clone();
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    for name in [
+        "instance metadata (IMDSv2)",
+        "credentials",
+        "bucket writable under the prefix",
+        "report topic",
+        "group and terminate hook",
+        "time for the data",
+    ] {
+        assert!(
+            text.contains(&format!("  ok    {name}: ")),
+            "{name}:\n{text}"
+        );
+    }
+    assert!(text.contains(&format!(
+        "group {group}, hook lifeboat (heartbeat timeout 300 s"
+    )));
+    // The probe left no upload behind.
+    assert_eq!(server.open_uploads(&bucket), 0);
+}
+
+#[test]
+fn doctor_names_each_failure_with_its_fix() {
+    let server = moto();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write(&data.join("app.log"), b"x");
+    let lb = Lifeboat::new(
+        dir.path(),
+        &server.endpoint,
+        &format!(
+            "[backup]\npaths = [{:?}]\n[s3]\nbucket = \"no-such-bucket-for-doctor\"\n",
+            data.display().to_string()
+        ),
+    );
+    // Off EC2 (nothing answers metadata), no such bucket, no topic.
+    let out = doctor(&lb, None);
+    let text = out.stdout.clone();
+    assert_eq!(out.code, Some(3), "{out:#?}");
+    assert!(
+        text.contains("  FAIL  instance metadata (IMDSv2): no IMDSv2 answer"),
+        "{text}"
+    );
+    assert!(text.contains("--http-put-response-hop-limit 2"), "{text}");
+    assert!(
+        text.contains("  FAIL  bucket writable under the prefix"),
+        "{text}"
+    );
+    assert!(text.contains("NoSuchBucket"), "{text}");
+    assert!(
+        text.contains("fix: create the bucket no-such-bucket-for-doctor"),
+        "{text}"
+    );
+    assert!(
+        text.contains("  WARN  report topic: no sns.topic_arn"),
+        "{text}"
+    );
+    assert!(
+        text.contains("  FAIL  group and terminate hook: skipped"),
+        "{text}"
+    );
+    assert!(text.contains("  ok    credentials"), "{text}");
+}
