@@ -13,6 +13,9 @@ if [ "${newest#GLIBC_2.}" -gt 34 ]; then
   echo "package: target/release/lifeboat needs $newest; Amazon Linux 2023 and RHEL 9 have 2.34" >&2
   exit 1
 fi
+rm -rf target/man
+target/release/lifeboat manpage target/man
+gzip -9n target/man/*.1
 PATH="$PWD/.tools/bin:$PATH" cargo deb --no-build --quiet
 PATH="$PWD/.tools/bin:$PATH" cargo generate-rpm
 ls -l target/debian/*.deb target/generate-rpm/*.rpm

@@ -8,7 +8,7 @@
 //! - 3: a check failed: `verify` found a mismatch, or `restore` refused entries;
 //! - 130 / 143: interrupted by SIGINT / SIGTERM (any upload was aborted).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -112,6 +112,13 @@ enum Command {
     /// Check, on an instance, everything a backup at termination needs (metadata, credentials,
     /// bucket, topic, group and hook, time for the data), with a fix for each failure.
     Doctor,
+    /// Write the manual pages (lifeboat.1 and one per command) into a directory; the packages
+    /// ship them.
+    #[command(hide = true)]
+    Manpage {
+        /// Output directory.
+        dir: PathBuf,
+    },
     /// Configuration commands.
     Config {
         #[command(subcommand)]
@@ -125,12 +132,32 @@ enum ConfigCommand {
     Check,
 }
 
+/// Renders the manual pages from the same definitions as `--help`, so the two never differ.
+fn manpage(dir: &Path) -> ExitCode {
+    use clap::CommandFactory;
+    let written = std::fs::create_dir_all(dir)
+        .and_then(|()| clap_mangen::generate_to(Cli::command().name("lifeboat"), dir));
+    match written {
+        Ok(()) => ExitCode::from(EXIT_OK),
+        Err(e) => {
+            eprintln!(
+                "lifeboat: writing the manual pages into {}: {e}",
+                dir.display()
+            );
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
 /// The signal that interrupted the command (0: none).
 static SIGNAL: AtomicI32 = AtomicI32::new(0);
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Manpage { dir } = &cli.command {
+        return manpage(dir);
+    }
     init_logging(matches!(cli.command, Command::Run));
     let config = match Config::load(&cli.config) {
         Ok(c) => c,
@@ -241,7 +268,9 @@ async fn dispatch(command: Command, config: Config) -> u8 {
             latest: _,
         } => restore(&config, key, instance_id, to).await,
         Command::Verify { key } => verify(&config, &key).await,
-        Command::Config { .. } => unreachable!("handled before the runtime starts"),
+        Command::Config { .. } | Command::Manpage { .. } => {
+            unreachable!("handled before the runtime starts")
+        }
     };
     match result {
         Ok(code) => code,

@@ -62,6 +62,8 @@ fn expected_files() -> BTreeMap<&'static str, u32> {
         ("/usr/share/lifeboat/iam/lambda-policy.json", 0o644),
         ("/usr/share/lifeboat/cloudformation/lifeboat.yaml", 0o644),
         ("/usr/share/doc/lifeboat/README.md", 0o644),
+        ("/usr/share/man/man1/lifeboat.1.gz", 0o644),
+        ("/usr/share/man/man1/lifeboat-backup.1.gz", 0o644),
     ])
 }
 
@@ -326,4 +328,27 @@ fn deb_installs_upgrades_removes_and_purges_in_a_scratch_root() {
         "{calls}"
     );
     assert!(calls.contains("deluser --system lifeboat"), "{calls}");
+}
+
+#[test]
+fn the_packaged_binary_needs_glibc_2_34_at_most() {
+    // Amazon Linux 2023 and RHEL 9 ship glibc 2.34; Debian 12 2.36; Ubuntu 22.04 2.35.
+    let deb = package("debian", "deb");
+    let dir = tempfile::tempdir().unwrap();
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(dir.path()));
+    let symbols = text(&run(Command::new("objdump")
+        .arg("-T")
+        .arg(dir.path().join("usr/bin/lifeboat"))));
+    let newest = symbols
+        .split("GLIBC_2.")
+        .skip(1)
+        .filter_map(|s| {
+            s.split(|c: char| !c.is_ascii_digit())
+                .next()
+                .and_then(|n| n.parse::<u32>().ok())
+        })
+        .max()
+        .unwrap();
+    println!("the packaged binary needs GLIBC_2.{newest}");
+    assert!(newest <= 34, "needs GLIBC_2.{newest}");
 }
