@@ -23,8 +23,8 @@ need_apt=()
 for tool in tar gzip zstd; do
   command -v "$tool" >/dev/null 2>&1 || need_apt+=("$tool")
 done
-# systemd-analyze checks the unit (verify, security) in the tests.
-for tool in systemd-analyze:systemd lintian:lintian rpmlint:rpmlint; do
+# systemd-analyze checks the unit; lintian, rpmlint, rpm and objdump the packages.
+for tool in systemd-analyze:systemd lintian:lintian rpmlint:rpmlint rpm:rpm objdump:binutils; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool##*:}")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
