@@ -5,6 +5,7 @@
 #   scripts/bench.sh [TREE]      TREE defaults to this machine's Python standard library
 #   RUNS=5 scripts/bench.sh      runs per contender (default 3); medians are printed
 #   MEMORY=0 scripts/bench.sh    skip the 1 GB vs 4 GB peak-RSS check
+#   ONLY=zstd scripts/bench.sh   only the zstd contenders (ONLY=gzip: only the gzip ones)
 #
 # For each contender: wall time, MB/s of input (apparent file bytes), bytes stored, peak RSS
 # (GNU time's maximum resident set of the largest process). Needs pigz and an AWS CLI: installs
@@ -103,11 +104,15 @@ s3cp="'$AWS' s3 cp --only-show-errors - s3://bench/pipe.tar"
 echo
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r); $($LIFEBOAT --version); $("$AWS" --version 2>&1 | cut -d' ' -f1)"
 header
-measure "lifeboat backup (gzip -6)" "$TREE" "'$LIFEBOAT' --config '$gz_cfg' backup"
-measure "tar czf - | aws s3 cp -" "$TREE" "tar czf - '$TREE' 2>/dev/null | $s3cp"
-measure "tar cf - | pigz | aws s3 cp -" "$TREE" "tar cf - '$TREE' 2>/dev/null | pigz | $s3cp"
-measure "lifeboat backup (zstd -3)" "$TREE" "'$LIFEBOAT' --config '$zst_cfg' backup"
-measure "tar cf - | zstd -T0 | aws s3 cp -" "$TREE" "tar cf - '$TREE' 2>/dev/null | zstd -q -T0 | $s3cp"
+if [ "${ONLY:-gzip}" = gzip ]; then
+  measure "lifeboat backup (gzip -6)" "$TREE" "'$LIFEBOAT' --config '$gz_cfg' backup"
+  measure "tar czf - | aws s3 cp -" "$TREE" "tar czf - '$TREE' 2>/dev/null | $s3cp"
+  measure "tar cf - | pigz | aws s3 cp -" "$TREE" "tar cf - '$TREE' 2>/dev/null | pigz | $s3cp"
+fi
+if [ "${ONLY:-zstd}" = zstd ]; then
+  measure "lifeboat backup (zstd -3)" "$TREE" "'$LIFEBOAT' --config '$zst_cfg' backup"
+  measure "tar cf - | zstd -T0 | aws s3 cp -" "$TREE" "tar cf - '$TREE' 2>/dev/null | zstd -q -T0 | $s3cp"
+fi
 
 if [ "$MEMORY" = 1 ]; then
   # Peak RSS must not grow with the input: the same tree content at 1 GB and at 4 GB.

@@ -81,8 +81,10 @@ impl<W: Write + Send> Compressor<W> for Plain<W> {
     }
 }
 
-/// A block to compress and where to send its gzip member.
-type Job = (Vec<u8>, SyncSender<io::Result<Vec<u8>>>);
+/// A compressed unit, and the input block back for reuse.
+type Done = (io::Result<Vec<u8>>, Vec<u8>);
+/// A block to compress and where to send its unit.
+type Job = (Vec<u8>, SyncSender<Done>);
 
 /// How a block becomes a self-contained unit.
 #[derive(Debug, Clone, Copy)]
@@ -98,21 +100,38 @@ impl Codec {
             Self::Zstd(_) => ZSTD_BLOCK,
         }
     }
+}
 
-    fn compress(self, block: &[u8]) -> io::Result<Vec<u8>> {
-        match self {
-            Self::Gzip(level) => {
-                let mut enc =
-                    flate2::write::GzEncoder::new(Vec::with_capacity(block.len() / 2), level);
-                enc.write_all(block)?;
-                enc.finish()
-            }
-            Self::Zstd(level) => {
+/// A worker's codec state, kept across blocks: a zstd context is megabytes of tables, and
+/// building one per block cost a measurable share of the time.
+enum Worker {
+    Gzip(flate2::Compression),
+    Zstd(zstd::bulk::Compressor<'static>),
+}
+
+impl Worker {
+    fn new(codec: Codec) -> io::Result<Self> {
+        Ok(match codec {
+            Codec::Gzip(level) => Self::Gzip(level),
+            Codec::Zstd(level) => {
                 let mut c = zstd::bulk::Compressor::new(level)?;
                 c.include_checksum(true)?;
                 c.include_contentsize(true)?;
-                c.compress(block)
+                Self::Zstd(c)
             }
+        })
+    }
+
+    fn compress(&mut self, block: &[u8]) -> io::Result<Vec<u8>> {
+        match self {
+            Self::Gzip(level) => {
+                let mut enc =
+                    flate2::write::GzEncoder::new(Vec::with_capacity(block.len() / 2), *level);
+                enc.write_all(block)?;
+                enc.finish()
+            }
+            // Each call is a complete frame (the context's session is reset, its tables kept).
+            Self::Zstd(c) => c.compress(block),
         }
     }
 }
@@ -123,9 +142,11 @@ struct BlockParallel<W> {
     codec: Codec,
     block: Vec<u8>,
     jobs: Option<SyncSender<Job>>,
-    pending: VecDeque<Receiver<io::Result<Vec<u8>>>>,
+    pending: VecDeque<Receiver<Done>>,
     max_pending: usize,
     workers: Vec<JoinHandle<()>>,
+    /// Input blocks back from the workers, reused so their pages are not faulted in again.
+    spare: Vec<Vec<u8>>,
 }
 
 impl<W: Write + Send> BlockParallel<W> {
@@ -151,6 +172,7 @@ impl<W: Write + Send> BlockParallel<W> {
             // Two blocks per worker keeps every core busy while the oldest is written out.
             max_pending: threads * 2,
             workers,
+            spare: Vec::new(),
         }
     }
 
@@ -161,7 +183,10 @@ impl<W: Write + Send> BlockParallel<W> {
         while self.pending.len() >= self.max_pending {
             self.write_oldest()?;
         }
-        let next = Vec::with_capacity(self.codec.block_size());
+        let next = self
+            .spare
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(self.codec.block_size()));
         let block = std::mem::replace(&mut self.block, next);
         let (tx, rx) = mpsc::sync_channel(1);
         self.jobs
@@ -175,22 +200,29 @@ impl<W: Write + Send> BlockParallel<W> {
 
     fn write_oldest(&mut self) -> io::Result<()> {
         if let Some(rx) = self.pending.pop_front() {
-            let member = rx
+            let (member, mut block) = rx
                 .recv()
-                .map_err(|_| io::Error::other("a compression worker stopped"))??;
-            self.inner.write_all(&member)?;
+                .map_err(|_| io::Error::other("a compression worker stopped"))?;
+            self.inner.write_all(&member?)?;
+            block.clear();
+            self.spare.push(block);
         }
         Ok(())
     }
 }
 
 fn compress_worker(jobs: &Mutex<Receiver<Job>>, codec: Codec) {
+    let mut worker = Worker::new(codec);
     loop {
         // Hold the lock only to take a job, never while compressing.
         let job = jobs.lock().map(|rx| rx.recv());
         let Ok(Ok((block, reply))) = job else { return };
+        let unit = match &mut worker {
+            Ok(w) => w.compress(&block),
+            Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+        };
         // The writer may have gone away after an error; nothing to do then.
-        let _ = reply.send(codec.compress(&block));
+        let _ = reply.send((unit, block));
     }
 }
 
