@@ -30,6 +30,19 @@ daemon_pid=
 lambda_pid=
 trap 'kill $moto_pid $imds_pid $daemon_pid $lambda_pid 2>/dev/null; rm -rf "$work"' EXIT
 wait_port "$port"; wait_port "$control"; wait_port "$imds_port"
+# show_reports TOPIC_ARN: the SNS messages moto holds for the topic.
+show_reports() {
+  "$PY" - "$1" <<'PY'
+import json, sys, urllib.request, os
+data = json.load(urllib.request.urlopen(os.environ["AWS_ENDPOINT_URL"] + "/moto-api/data.json"))
+for t in data["sns"]["Topic"]:
+    if t["arn"] == sys.argv[1]:
+        for _id, message, subject, attributes, _group in t["sent_notifications"]:
+            print("   subject:", subject)
+            print("   attributes:", {k: v["Value"] for k, v in attributes.items()})
+            print("   message:", json.dumps(json.loads(message), indent=2).replace("\n", "\n   "))
+PY
+}
 
 export AWS_ENDPOINT_URL="http://127.0.0.1:$port" AWS_REGION=us-east-1 AWS_DEFAULT_REGION=us-east-1
 export AWS_ACCESS_KEY_ID=demo AWS_SECRET_ACCESS_KEY=demo
@@ -123,16 +136,7 @@ PY
 echo; echo "== the daemon's log"; sed 's/^/   /' "$work/daemon.log"
 echo; echo "== lifeboat list"; "$LIFEBOAT" list
 echo; echo "== the SNS report"
-"$PY" - "$topic" <<'PY'
-import json, sys, urllib.request, os
-data = json.load(urllib.request.urlopen(os.environ["AWS_ENDPOINT_URL"] + "/moto-api/data.json"))
-for t in data["sns"]["Topic"]:
-    if t["arn"] == sys.argv[1]:
-        for _id, message, subject, attributes, _group in t["sent_notifications"]:
-            print("   subject:", subject)
-            print("   attributes:", {k: v["Value"] for k, v in attributes.items()})
-            print("   message:", json.dumps(json.loads(message), indent=2).replace("\n", "\n   "))
-PY
+show_reports "$topic"
 echo; echo "== lifeboat status"; "$LIFEBOAT" status
 kill -TERM "$daemon_pid"; wait "$daemon_pid" || true; daemon_pid=
 
@@ -201,12 +205,4 @@ for a in actions:
 PY
 echo; echo "== lifeboat list --instance-id $api_instance"; "$LIFEBOAT" list --instance-id "$api_instance"
 echo; echo "== the Lambda's SNS report for batch"
-"$PY" - "$topic2" <<'PY'
-import json, sys, urllib.request, os
-data = json.load(urllib.request.urlopen(os.environ["AWS_ENDPOINT_URL"] + "/moto-api/data.json"))
-for t in data["sns"]["Topic"]:
-    if t["arn"] == sys.argv[1]:
-        for _id, message, subject, attributes, _group in t["sent_notifications"]:
-            print("   subject:", subject)
-            print("   message:", json.dumps(json.loads(message), indent=2).replace("\n", "\n   "))
-PY
+show_reports "$topic2"

@@ -20,7 +20,6 @@ use tokio_util::sync::CancellationToken;
 use crate::archive::{self, ArchiveOptions};
 use crate::config::{self, Config};
 use crate::identity::InstanceIdentity;
-use crate::lifecycle::Lifecycle;
 use crate::progress::{self, Progress};
 use crate::runner::{JobResult, JobStatus, Runner, Services};
 use crate::state::{self, StateFile};
@@ -361,16 +360,6 @@ async fn s3_client(config: &Config) -> aws_sdk_s3::Client {
     aws::s3_client(&aws::sdk_config(None).await, config.s3.retry_budget)
 }
 
-/// The AWS clients a job needs, from the standard chain (`region_hint` from instance metadata).
-pub async fn services(config: &Config, region_hint: Option<&str>) -> Services {
-    let conf = aws::sdk_config(region_hint).await;
-    Services {
-        s3: aws::s3_client(&conf, config.s3.retry_budget),
-        lifecycle: Lifecycle::new(aws::autoscaling_client(&conf)),
-        sns: aws::sns_client(&conf),
-    }
-}
-
 async fn run(config: Config) -> Result<u8, Failure> {
     let shutdown = CancellationToken::new();
     cancel_on_signals(shutdown.clone());
@@ -529,7 +518,7 @@ async fn backup(
         }
     }
     let region = identity.on_ec2.then_some(identity.region.as_str());
-    let services = services(&config, region).await;
+    let services = Services::connect(&config, region).await;
     let runner = Runner::new(Arc::new(config), identity, services, state_file, cancel);
     let progress = {
         let runner = Arc::clone(&runner);

@@ -235,7 +235,7 @@ pub async fn run(
     let instance_id = watcher.available().await.map_err(DaemonError::OffEc2)?;
     let identity = crate::identity::InstanceIdentity::discover().await;
     let region = identity.on_ec2.then_some(identity.region.as_str());
-    let services = crate::cli::services(&config, region).await;
+    let services = crate::runner::Services::connect(&config, region).await;
     let state = Arc::new(StateFile::open(&crate::state::state_dir()));
     let mut sources = vec!["autoscaling/target-lifecycle-state".to_owned()];
     if w.spot {

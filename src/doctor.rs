@@ -10,10 +10,10 @@ use aws_sdk_sns::types::MessageAttributeValue;
 use tokio::time::Instant;
 
 use crate::archive::{self, ArchiveOptions};
-use crate::cli::services;
 use crate::config::{CompressionKind, Config};
 use crate::identity::InstanceIdentity;
 use crate::lifecycle::Hook;
+use crate::runner::Services;
 use crate::upload::{Destination, probe_write};
 
 /// How a check ended.
@@ -104,7 +104,7 @@ pub async fn run(config: &Config) -> Vec<Check> {
     if !have_credentials {
         return checks;
     }
-    let services = services(config, region).await;
+    let services = Services::from_sdk_config(&conf, config);
 
     let key = format!(
         "{}.lifeboat-doctor/{}",
@@ -171,7 +171,7 @@ pub async fn run(config: &Config) -> Vec<Check> {
                 match sent {
                     Ok(_) => Outcome::Ok(format!("{topic} (one test message, status=test)")),
                     Err(e) => Outcome::Fail(
-                        aws_sdk_sns::error::DisplayErrorContext(&e).to_string(),
+                        crate::upload::sdk_message(&e),
                         format!("allow sns:Publish on {topic}, and check the topic exists"),
                     ),
                 }

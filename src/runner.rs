@@ -103,6 +103,22 @@ pub struct Services {
     pub sns: aws_sdk_sns::Client,
 }
 
+impl Services {
+    /// The clients from the standard chain (`region_hint` from instance metadata).
+    pub async fn connect(config: &Config, region_hint: Option<&str>) -> Self {
+        Self::from_sdk_config(&crate::aws::sdk_config(region_hint).await, config)
+    }
+
+    /// The clients for an SDK configuration already loaded.
+    pub fn from_sdk_config(conf: &aws_config::SdkConfig, config: &Config) -> Self {
+        Self {
+            s3: crate::aws::s3_client(conf, config.s3.retry_budget),
+            lifecycle: Lifecycle::new(crate::aws::autoscaling_client(conf)),
+            sns: crate::aws::sns_client(conf),
+        }
+    }
+}
+
 /// What later notices add to a running job.
 #[derive(Debug, Default, Clone)]
 struct Hints {

@@ -16,12 +16,13 @@ use std::io::{self, Write};
 use std::sync::{Arc, OnceLock};
 
 use aws_sdk_s3::Client;
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata};
+use aws_sdk_s3::error::ProvideErrorMetadata;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{
     ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, ServerSideEncryption, StorageClass,
 };
 use bytes::Bytes;
+pub use lifeboat_common::sdk::sdk_message;
 use tokio::runtime::Handle;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -102,19 +103,6 @@ pub enum UploadError {
     /// The upload was cancelled (signal or deadline).
     #[error("upload cancelled")]
     Cancelled,
-}
-
-/// Formats an SDK error with its code and message, or the whole chain for connection failures.
-pub fn sdk_message<E, R>(err: &aws_sdk_s3::error::SdkError<E, R>) -> String
-where
-    E: ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
-{
-    match (err.code(), err.message()) {
-        (Some(code), Some(msg)) => format!("{code}: {msg}"),
-        (Some(code), None) => code.to_owned(),
-        _ => DisplayErrorContext(err).to_string(),
-    }
 }
 
 /// Where the object goes and how it is stored.

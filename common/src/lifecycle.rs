@@ -14,6 +14,8 @@ use aws_sdk_autoscaling::Client;
 use aws_sdk_autoscaling::config::http::HttpResponse;
 use aws_sdk_autoscaling::error::ProvideErrorMetadata;
 use serde::{Deserialize, Serialize};
+
+use crate::sdk::sdk_message;
 use tokio::time::Instant;
 
 /// The terminating transition's name in hooks and events.
@@ -190,17 +192,6 @@ fn classify<E: ProvideErrorMetadata>(err: &SdkError<E>) -> Class {
             }
         }
         _ => Class::Fatal,
-    }
-}
-
-fn message<E>(err: &SdkError<E>) -> String
-where
-    E: ProvideErrorMetadata + std::error::Error + 'static,
-{
-    match (err.code(), err.message()) {
-        (Some(code), Some(msg)) => format!("{code}: {msg}"),
-        (Some(code), None) => code.to_owned(),
-        _ => aws_sdk_autoscaling::error::DisplayErrorContext(err).to_string(),
     }
 }
 
@@ -452,7 +443,7 @@ impl Lifecycle {
         let fail = || LifecycleError::Call {
             operation,
             instance_id: instance_id.to_owned(),
-            message: message(err),
+            message: sdk_message(err),
             retryable: classify(err) == Class::Retry,
         };
         if classify(err) != Class::Retry {
@@ -467,7 +458,7 @@ impl Lifecycle {
         if Instant::now() + pause >= until {
             return Err(fail());
         }
-        tracing::debug!(operation, attempt = *attempt, error = %message(err), "retrying");
+        tracing::debug!(operation, attempt = *attempt, error = %sdk_message(err), "retrying");
         tokio::time::sleep(pause).await;
         Ok(())
     }

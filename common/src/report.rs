@@ -107,13 +107,7 @@ pub async fn publish(client: &Client, topic_arn: &str, report: &Report) -> Resul
         .message_attributes("group", attr(&report.group))
         .send()
         .await
-        .map_err(|e| {
-            use aws_sdk_sns::error::ProvideErrorMetadata;
-            match (e.code(), e.message()) {
-                (Some(c), Some(m)) => format!("{c}: {m}"),
-                _ => aws_sdk_sns::error::DisplayErrorContext(&e).to_string(),
-            }
-        })?;
+        .map_err(|e| crate::sdk::sdk_message(&e))?;
     Ok(out.message_id().unwrap_or_default().to_owned())
 }
 

@@ -10,6 +10,7 @@ use aws_sdk_ssm::error::ProvideErrorMetadata;
 use aws_sdk_ssm::types::{CloudWatchOutputConfig, CommandFilter, CommandFilterKey};
 use lifeboat_common::document::{BackupParams, TOKEN};
 use lifeboat_common::lifecycle::backoff;
+use lifeboat_common::sdk::sdk_message;
 use tokio::time::Instant;
 
 use crate::config::{Config, Output};
@@ -71,17 +72,6 @@ fn retryable<E: ProvideErrorMetadata>(err: &SdkError<E>) -> bool {
     }
 }
 
-fn message<E>(err: &SdkError<E>) -> String
-where
-    E: ProvideErrorMetadata + std::error::Error + 'static,
-{
-    match (err.code(), err.message()) {
-        (Some(code), Some(msg)) => format!("{code}: {msg}"),
-        (Some(code), None) => code.to_owned(),
-        _ => aws_sdk_ssm::error::DisplayErrorContext(err).to_string(),
-    }
-}
-
 /// SSM for one warm function.
 #[derive(Debug)]
 pub struct Ssm {
@@ -123,10 +113,10 @@ impl Ssm {
                     if Instant::now() + pause >= until {
                         return Err(SsmError::Exhausted {
                             operation,
-                            message: message(&e),
+                            message: sdk_message(&e),
                         });
                     }
-                    tracing::debug!(operation, attempt, error = %message(&e), "retrying");
+                    tracing::debug!(operation, attempt, error = %sdk_message(&e), "retrying");
                     tokio::time::sleep(pause).await;
                 }
                 Err(e) => return Err(fail(&e)),
@@ -150,7 +140,7 @@ impl Ssm {
             || self.client.describe_document().name(document).send(),
             |e| SsmError::NoDocument {
                 document: document.to_owned(),
-                message: message(e),
+                message: sdk_message(e),
             },
         )
         .await?;
@@ -198,7 +188,7 @@ impl Ssm {
             },
             |e| SsmError::Refused {
                 operation: "ListCommands",
-                message: message(e),
+                message: sdk_message(e),
             },
         )
         .await?;
@@ -265,15 +255,15 @@ impl Ssm {
             |e| match e.code() {
                 Some("InvalidInstanceId") => SsmError::NotManaged {
                     instance_id: params.instance_id.clone(),
-                    message: message(e),
+                    message: sdk_message(e),
                 },
                 Some("InvalidDocument" | "InvalidDocumentVersion") => SsmError::NoDocument {
                     document: config.document.clone(),
-                    message: message(e),
+                    message: sdk_message(e),
                 },
                 _ => SsmError::Refused {
                     operation: "SendCommand",
-                    message: message(e),
+                    message: sdk_message(e),
                 },
             },
         )
