@@ -6,7 +6,11 @@
 //! - 1: the operation failed (S3 unreachable, access denied, bucket missing, …);
 //! - 2: usage or configuration error;
 //! - 3: a check failed: `verify` found a mismatch, or `restore` refused entries;
-//! - 130 / 143: interrupted by SIGINT / SIGTERM (any upload was aborted).
+//! - 4: `backup --complete-lifecycle` stored the data but the lifecycle action was not completed
+//!   as intended (no such hook, access denied, out of time): whoever runs it must step in;
+//! - 5: `run` found no instance metadata within `watch.metadata_wait` (systemd restarts it);
+//! - 130 / 143: interrupted by SIGINT / SIGTERM (any upload was aborted; a lifecycle action is
+//!   left pending).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -20,8 +24,9 @@ use tokio_util::sync::CancellationToken;
 use crate::archive::{self, ArchiveOptions};
 use crate::config::{self, Config};
 use crate::identity::InstanceIdentity;
+use crate::job::{JobResult, JobStatus};
 use crate::progress::{self, Progress};
-use crate::runner::{JobResult, JobStatus, Runner, Services};
+use crate::runner::{Runner, Services};
 use crate::state::{self, StateFile};
 use crate::watch::{NoticeSource, TerminationNotice};
 use crate::{aws, catalog, daemon, manifest, restore, verify};
@@ -34,6 +39,12 @@ pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
 /// A check failed (verify mismatch, restore refusals).
 pub const EXIT_CHECK: u8 = 3;
+/// The data is stored but the lifecycle action was not completed as intended.
+pub const EXIT_NOT_COMPLETED: u8 = 4;
+/// No instance metadata within `watch.metadata_wait` (`run`).
+pub const EXIT_NO_METADATA: u8 = 5;
+/// Interrupted by SIGTERM when the signal is not ours to know (a daemon's job).
+const EXIT_SIGTERM: u8 = 128 + 15;
 
 /// lifeboat saves an EC2 instance's data to S3 before Auto Scaling or Spot terminates it.
 #[derive(Debug, Parser)]
@@ -336,7 +347,8 @@ fn dry_run(config: &Config, reason: &str) -> Result<u8, Failure> {
     Ok(EXIT_OK)
 }
 
-/// Cancels `token` on SIGINT or SIGTERM and remembers which.
+/// Cancels `token` on SIGINT or SIGTERM and remembers which; a second signal ends the process at
+/// once (the first one's clean-up is taking too long for whoever sent it).
 fn cancel_on_signals(token: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
     tokio::spawn(async move {
@@ -351,8 +363,14 @@ fn cancel_on_signals(token: CancellationToken) {
             _ = term.recv() => 15,
         };
         SIGNAL.store(signo, Ordering::SeqCst);
-        tracing::warn!(signal = signo, "interrupted; aborting the upload");
+        tracing::info!(signal = signo, "interrupted");
         token.cancel();
+        let again = tokio::select! {
+            _ = int.recv() => 2,
+            _ = term.recv() => 15,
+        };
+        eprintln!("lifeboat: interrupted again; exiting now");
+        std::process::exit(128 + again);
     });
 }
 
@@ -365,11 +383,17 @@ async fn run(config: Config) -> Result<u8, Failure> {
     cancel_on_signals(shutdown.clone());
     match daemon::run(Arc::new(config), shutdown).await {
         Ok(()) => Ok(EXIT_OK),
-        Err(e) if e.downcast_ref::<daemon::DaemonError>().is_some() => Err(Failure {
-            error: e,
-            code: EXIT_USAGE,
-        }),
-        Err(e) => Err(e.into()),
+        Err(e) => {
+            let code = match e.downcast_ref::<daemon::DaemonError>() {
+                Some(daemon::DaemonError::NoMetadata(crate::identity::IdentityError::Stopped)) => {
+                    return Ok(EXIT_OK);
+                }
+                Some(daemon::DaemonError::NoMetadata(_)) => EXIT_NO_METADATA,
+                Some(daemon::DaemonError::Socket { .. }) => EXIT_USAGE,
+                None => EXIT_FAILED,
+            };
+            Err(Failure { error: e, code })
+        }
     }
 }
 
@@ -404,7 +428,9 @@ async fn status() -> Result<u8, Failure> {
     match &state.last_notice {
         Some(n) => println!(
             "last notice: {} ({:?}) at {}",
-            n.notice.reason, n.notice.source, n.at
+            n.notice.reason,
+            n.notice.source,
+            crate::manifest::rfc3339(n.at)
         ),
         None => println!("last notice: none"),
     }
@@ -415,7 +441,7 @@ async fn status() -> Result<u8, Failure> {
                 j.status,
                 j.file_count,
                 progress::bytes(j.bytes_stored),
-                j.finished_at
+                crate::manifest::rfc3339(j.finished_at)
             );
             if let Some(url) = &j.object_url {
                 println!("  archive: {url}");
@@ -430,40 +456,6 @@ async fn status() -> Result<u8, Failure> {
         None => println!("last job: none"),
     }
     Ok(EXIT_OK)
-}
-
-/// Takes the backup lock (`RUNTIME_DIRECTORY/backup.lock`), waiting for a holder to finish.
-/// Returns the lock file (held while it lives) and whether another invocation held it.
-async fn lock() -> (Option<std::fs::File>, bool) {
-    use rustix::fs::{FlockOperation, flock};
-    let dir = state::runtime_dir();
-    let path = dir.join("backup.lock");
-    let file = std::fs::create_dir_all(&dir).and_then(|()| {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-    });
-    let file = match file {
-        Ok(f) => f,
-        Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "no backup lock; running unlocked");
-            return (None, false);
-        }
-    };
-    if flock(&file, FlockOperation::NonBlockingLockExclusive).is_ok() {
-        return (Some(file), false);
-    }
-    eprintln!("lifeboat: another backup is running; waiting for its result");
-    let locked = tokio::task::spawn_blocking(move || {
-        flock(&file, FlockOperation::LockExclusive).map(|()| file)
-    })
-    .await;
-    match locked {
-        Ok(Ok(f)) => (Some(f), true),
-        _ => (None, true),
-    }
 }
 
 async fn backup(
@@ -493,18 +485,7 @@ async fn backup(
                 .into()),
         };
     }
-    // No daemon: run the job here, one at a time.
-    let since = crate::manifest::rfc3339(time::OffsetDateTime::now_utc());
-    let (_lock, waited) = lock().await;
-    let state_file = Arc::new(StateFile::open(&state::state_dir()));
-    if let Some(last) = state_file.snapshot().last_job {
-        // Joined a job that finished while this one waited for the lock, or the same lifecycle
-        // action again (Run Command and EventBridge deliver duplicates): that job's result.
-        let same_action = notice.token.is_some() && last.token == notice.token;
-        if (waited && last.finished_at >= since) || same_action {
-            return Ok(print_result(&last));
-        }
-    }
+    // No daemon: run the job here, one at a time across processes.
     let cancel = CancellationToken::new();
     cancel_on_signals(cancel.clone());
     let mut identity = InstanceIdentity::discover().await;
@@ -519,12 +500,13 @@ async fn backup(
     }
     let region = identity.on_ec2.then_some(identity.region.as_str());
     let services = Services::connect(&config, region).await;
+    let state_file = Arc::new(StateFile::open(&state::state_dir()));
     let runner = Runner::new(Arc::new(config), identity, services, state_file, cancel);
     let progress = {
         let runner = Arc::clone(&runner);
         Progress::start(move || runner.progress())
     };
-    let result = runner.submit(notice).await;
+    let result = runner.submit_exclusive(notice).await;
     progress.stop();
     Ok(print_result(&result))
 }
@@ -556,23 +538,47 @@ fn print_result(r: &JobResult) -> u8 {
     if let Some(l) = &r.lifecycle {
         println!("  lifecycle action: {l}");
     }
+    let code = exit_code(r);
     match r.status {
-        JobStatus::Succeeded | JobStatus::Partial => EXIT_OK,
-        JobStatus::Cancelled => {
-            eprintln!(
-                "lifeboat: backup interrupted; the upload was aborted and nothing was stored"
-            );
-            match SIGNAL.load(Ordering::SeqCst) {
-                0 => r.exit_code,
-                signo => 128 + signo as u8,
+        JobStatus::Succeeded | JobStatus::Partial => {}
+        JobStatus::Interrupted => eprintln!(
+            "lifeboat: backup interrupted; the upload was aborted and nothing was stored{}",
+            if r.lifecycle.is_some() {
+                "; the lifecycle action is left pending"
+            } else {
+                ""
             }
-        }
-        JobStatus::Failed => {
-            eprintln!(
-                "lifeboat: backup failed: {}",
-                r.error.as_deref().unwrap_or("unknown error")
-            );
-            r.exit_code
+        ),
+        JobStatus::Failed => eprintln!(
+            "lifeboat: backup failed: {}",
+            r.error.as_deref().unwrap_or("unknown error")
+        ),
+    }
+    if code == EXIT_NOT_COMPLETED {
+        eprintln!(
+            "lifeboat: the data is stored but the lifecycle action was {}",
+            r.lifecycle
+                .as_ref()
+                .map_or_else(String::new, ToString::to_string)
+        );
+    }
+    code
+}
+
+/// The exit code of a job's result: the only place outcomes become exit codes.
+fn exit_code(r: &JobResult) -> u8 {
+    match r.status {
+        JobStatus::Interrupted => match SIGNAL.load(Ordering::SeqCst) {
+            0 => EXIT_SIGTERM,
+            signo => 128 + signo as u8,
+        },
+        JobStatus::Failed => EXIT_FAILED,
+        JobStatus::Succeeded | JobStatus::Partial => {
+            if r.lifecycle.as_ref().is_some_and(|l| !l.settled()) {
+                EXIT_NOT_COMPLETED
+            } else {
+                EXIT_OK
+            }
         }
     }
 }

@@ -175,6 +175,9 @@ pub struct WatchConfig {
     pub spot: bool,
     /// Start an early backup on a rebalance recommendation.
     pub rebalance: bool,
+    /// How long `lifeboat run` keeps asking instance metadata who it is before it concludes that
+    /// it is not on EC2 (and exits with [`crate::cli::EXIT_NO_METADATA`], which systemd restarts).
+    pub metadata_wait: Duration,
 }
 
 /// A size as written in the file: `"16MiB"` or a number of bytes.
@@ -277,6 +280,7 @@ struct RawWatch {
     poll_interval: String,
     spot: bool,
     rebalance: bool,
+    metadata_wait: String,
 }
 
 impl Default for RawWatch {
@@ -285,6 +289,7 @@ impl Default for RawWatch {
             poll_interval: "5s".into(),
             spot: true,
             rebalance: false,
+            metadata_wait: "2m".into(),
         }
     }
 }
@@ -355,6 +360,7 @@ impl Config {
                 poll_interval: humantime::format_duration(self.watch.poll_interval).to_string(),
                 spot: self.watch.spot,
                 rebalance: self.watch.rebalance,
+                metadata_wait: humantime::format_duration(self.watch.metadata_wait).to_string(),
             },
         };
         toml::to_string(&raw).expect("the effective config serializes")
@@ -552,10 +558,12 @@ impl Validator<'_> {
 
     fn watch(&self, raw: RawWatch) -> Result<WatchConfig, ConfigError> {
         let poll_interval = self.duration("watch.poll_interval", &raw.poll_interval)?;
+        let metadata_wait = self.duration("watch.metadata_wait", &raw.metadata_wait)?;
         Ok(WatchConfig {
             poll_interval,
             spot: raw.spot,
             rebalance: raw.rebalance,
+            metadata_wait,
         })
     }
 

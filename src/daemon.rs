@@ -15,9 +15,10 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::runner::{JobResult, Runner};
+use crate::job::JobResult;
+use crate::runner::Runner;
 use crate::state::{DaemonInfo, State, StateFile};
-use crate::watch::TerminationNotice;
+use crate::watch::{TerminationNotice, WatchEvent};
 
 /// A request on the control socket.
 #[derive(Debug, Serialize, Deserialize)]
@@ -54,11 +55,9 @@ pub enum Reply {
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    /// No instance metadata: `run` only makes sense on EC2.
-    #[error(
-        "instance metadata is not available ({0}): `lifeboat run` watches EC2 instance metadata and cannot run off EC2; use `lifeboat backup` there"
-    )]
-    OffEc2(String),
+    /// No instance metadata within `watch.metadata_wait`: off EC2, or an outage that lasts.
+    #[error(transparent)]
+    NoMetadata(#[from] crate::identity::IdentityError),
     /// The control socket could not be set up.
     #[error("control socket {path}: {source}")]
     Socket {
@@ -231,10 +230,27 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), anyhow::Error> {
     let w = &config.watch;
+    notify(false, "waiting for instance metadata");
+    // systemd's start timeout (90 s by default) would kill a daemon that waits out a metadata
+    // outage at boot: extend it while waiting.
+    let extend = (w.metadata_wait + Duration::from_secs(30)).as_micros();
+    let identity = crate::identity::InstanceIdentity::wait_for(w.metadata_wait, &shutdown, |why| {
+        let _ = sd_notify::notify(
+            false,
+            &[
+                sd_notify::NotifyState::Status(&format!("waiting for instance metadata: {why}")),
+                sd_notify::NotifyState::ExtendTimeoutUsec(
+                    u32::try_from(extend).unwrap_or(u32::MAX),
+                ),
+            ],
+        );
+    })
+    .await
+    .map_err(DaemonError::NoMetadata)?;
+    let instance_id = identity.instance_id.clone();
     let watcher = crate::watch::ImdsWatcher::new(w.poll_interval, w.spot, w.rebalance);
-    let instance_id = watcher.available().await.map_err(DaemonError::OffEc2)?;
-    let identity = crate::identity::InstanceIdentity::discover().await;
-    let region = identity.on_ec2.then_some(identity.region.as_str());
+    let region =
+        (identity.region != crate::identity::STANDALONE).then_some(identity.region.as_str());
     let services = crate::runner::Services::connect(&config, region).await;
     let state = Arc::new(StateFile::open(&crate::state::state_dir()));
     let mut sources = vec!["autoscaling/target-lifecycle-state".to_owned()];
@@ -277,18 +293,29 @@ pub async fn run(
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
-            Some(notice) = rx.recv() => {
-                notify(false, &format!("backing up: {}", notice.reason));
-                let runner = Arc::clone(&runner);
-                jobs.spawn(async move {
-                    let r = runner.submit(notice).await;
-                    notify(false, &format!("last job: {:?}", r.status));
-                });
-            }
+            Some(event) = rx.recv() => match event {
+                WatchEvent::NewLifecycle => runner.new_lifecycle(),
+                WatchEvent::Notice(notice) => {
+                    notify(false, &format!("backing up: {}", notice.reason));
+                    let runner = Arc::clone(&runner);
+                    jobs.spawn(async move {
+                        let r = runner.submit(notice).await;
+                        notify(false, &format!("last job: {}", r.status.name()));
+                    });
+                }
+            },
         }
     }
-    notify(false, "stopping: aborting any upload");
-    // The running job sees the cancellation, aborts its upload and completes what it can.
+    if runner.progress().is_some() {
+        tracing::warn!(
+            "stopping during a backup: its upload is aborted and its lifecycle action left pending for the next start"
+        );
+        notify(false, "stopping: aborting the running backup");
+    } else {
+        tracing::info!("stopping");
+        notify(false, "stopping");
+    }
+    // The running job sees the cancellation, aborts its upload and records itself interrupted.
     let _ = tokio::time::timeout(Duration::from_secs(30), async {
         while jobs.join_next().await.is_some() {}
     })

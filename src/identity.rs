@@ -1,17 +1,43 @@
 //! Who this machine is: the instance identity from instance metadata (IMDSv2, through the AWS
 //! SDK's IMDS client, which honours `AWS_EC2_METADATA_SERVICE_ENDPOINT`), or `standalone` values
-//! off EC2. Gives up within about a second and never retries: a backup must not wait on metadata.
+//! off EC2. A command gives metadata about a second ([`InstanceIdentity::discover`]): a backup
+//! must not wait on it. The daemon keeps asking for `watch.metadata_wait`
+//! ([`InstanceIdentity::wait_for`]): a metadata outage at boot must not turn protection off.
 
 use std::time::Duration;
 
 use aws_config::imds::client::Client as ImdsClient;
 use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 /// The group name used off EC2 or outside an Auto Scaling group.
 pub const STANDALONE: &str = "standalone";
 
 /// How long the whole identity lookup may take before lifeboat carries on as `standalone`.
 const LOOKUP_BUDGET: Duration = Duration::from_millis(1200);
+/// The longest pause between the daemon's identity lookups while metadata does not answer.
+const WAIT_BACKOFF_CAP: Duration = Duration::from_secs(10);
+/// While metadata does not answer, the daemon says so this often.
+const WAIT_LOG_EVERY: Duration = Duration::from_secs(30);
+
+/// Why the daemon gave up waiting for instance metadata.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// Metadata never answered within the wait.
+    #[error(
+        "instance metadata did not answer within {wait} (last: {last}): `lifeboat run` watches EC2 instance metadata and cannot run off EC2; use `lifeboat backup` there"
+    )]
+    NoMetadata {
+        /// `watch.metadata_wait`, formatted.
+        wait: String,
+        /// The last failure.
+        last: String,
+    },
+    /// Shutdown came first.
+    #[error("stopped while waiting for instance metadata")]
+    Stopped,
+}
 
 /// The instance a backup belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,12 +85,7 @@ impl InstanceIdentity {
         {
             return Self::standalone();
         }
-        let client = ImdsClient::builder()
-            .max_attempts(1)
-            .connect_timeout(Duration::from_millis(500))
-            .read_timeout(Duration::from_millis(800))
-            .build();
-        match tokio::time::timeout(LOOKUP_BUDGET, Self::from_imds(&client)).await {
+        match tokio::time::timeout(LOOKUP_BUDGET, Self::from_imds(&client())).await {
             Ok(Ok(id)) => id,
             Ok(Err(e)) => {
                 tracing::info!(error = %e, "no instance metadata; running as standalone");
@@ -75,6 +96,61 @@ impl InstanceIdentity {
                     "instance metadata did not answer within a second; running as standalone"
                 );
                 Self::standalone()
+            }
+        }
+    }
+
+    /// Asks instance metadata until it answers, for at most `wait` (the daemon at boot, when
+    /// metadata may be briefly unavailable). The first failure is logged, then every 30 s; `tick`
+    /// is called on every failed attempt (the daemon extends systemd's start timeout there).
+    pub async fn wait_for(
+        wait: Duration,
+        shutdown: &CancellationToken,
+        mut tick: impl FnMut(&str),
+    ) -> Result<Self, IdentityError> {
+        let start = Instant::now();
+        let client = client();
+        let mut attempt: u32 = 0;
+        let mut logged: Option<Instant> = None;
+        loop {
+            let failure = match tokio::time::timeout(LOOKUP_BUDGET, Self::from_imds(&client)).await
+            {
+                Ok(Ok(id)) => {
+                    if logged.is_some() {
+                        tracing::info!(
+                            waited_s = start.elapsed().as_secs(),
+                            "instance metadata answers"
+                        );
+                    }
+                    return Ok(id);
+                }
+                Ok(Err(e)) => crate::watch::describe(&e),
+                Err(_) => "no answer within a second".to_owned(),
+            };
+            if start.elapsed() >= wait {
+                return Err(IdentityError::NoMetadata {
+                    wait: humantime::format_duration(wait).to_string(),
+                    last: failure,
+                });
+            }
+            if logged.is_none_or(|at| at.elapsed() >= WAIT_LOG_EVERY) {
+                tracing::warn!(
+                    error = %failure,
+                    waited_s = start.elapsed().as_secs(),
+                    wait_s = wait.as_secs(),
+                    "waiting for instance metadata"
+                );
+                logged = Some(Instant::now());
+            }
+            tick(&failure);
+            attempt += 1;
+            let pause = Duration::from_millis(250)
+                .saturating_mul(2u32.saturating_pow(attempt.min(8)))
+                .min(WAIT_BACKOFF_CAP)
+                .min(wait.saturating_sub(start.elapsed()));
+            tokio::select! {
+                () = shutdown.cancelled() => return Err(IdentityError::Stopped),
+                () = tokio::time::sleep(pause) => {}
             }
         }
     }
@@ -112,6 +188,15 @@ impl InstanceIdentity {
             on_ec2: true,
         })
     }
+}
+
+/// A metadata client that gives up fast: callers decide whether to try again.
+fn client() -> ImdsClient {
+    ImdsClient::builder()
+        .max_attempts(1)
+        .connect_timeout(Duration::from_millis(500))
+        .read_timeout(Duration::from_millis(800))
+        .build()
 }
 
 #[derive(Debug, Default, Deserialize)]

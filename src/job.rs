@@ -1,13 +1,17 @@
-//! The backup job: the only place that knows the whole story. It finds out who the instance is,
-//! runs walk → tar → compress → S3 on a blocking thread with the upload on the async runtime,
-//! hashes the stored bytes, writes the manifest once the archive is complete, and on any failure
-//! or cancellation aborts the multipart upload so nothing is left behind.
+//! The backup job: one backup, walk → tar → compress → S3, on a blocking thread with the upload on
+//! the async runtime. It hashes the stored bytes, writes the manifest once the archive is complete,
+//! and on any failure or cancellation aborts the multipart upload so nothing is left behind.
+//!
+//! It also owns the vocabulary of a job's outcome ([`JobStatus`], [`ActionOutcome`],
+//! [`JobResult`]), which the runner fills in, `state` records and the CLI maps to exit codes. The
+//! story around a job (deadline, heartbeats, completion, report) is [`crate::runner`]'s.
 
 use std::io::{BufWriter, Write};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
@@ -16,8 +20,148 @@ use crate::archive::{self, ArchiveError, ArchiveOptions, ArchiveReport, Counters
 use crate::compress;
 use crate::config::Config;
 use crate::identity::InstanceIdentity;
+use crate::lifecycle::LifecycleResult;
 use crate::manifest::{self, Manifest};
 use crate::upload::{self, Destination, ObjectWriter, StoredObject, UploadError};
+use crate::watch::NoticeSource;
+
+/// How a job ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    /// Everything configured is in S3.
+    Succeeded,
+    /// A valid archive is in S3 but the deadline cut it short.
+    Partial,
+    /// Nothing usable was stored.
+    Failed,
+    /// Interrupted (SIGINT / SIGTERM): the upload was aborted and the lifecycle action left
+    /// pending, so that the next daemon (or the hook's timeout) decides.
+    #[serde(alias = "cancelled")]
+    Interrupted,
+}
+
+impl JobStatus {
+    /// A usable archive is in S3.
+    pub fn stored(self) -> bool {
+        matches!(self, JobStatus::Succeeded | JobStatus::Partial)
+    }
+
+    /// The word used in reports and `status`.
+    pub fn name(self) -> &'static str {
+        match self {
+            JobStatus::Succeeded => "succeeded",
+            JobStatus::Partial => "partial",
+            JobStatus::Failed => "failed",
+            JobStatus::Interrupted => "interrupted",
+        }
+    }
+}
+
+/// What happened to the lifecycle action a job was asked to complete.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "kebab-case")]
+pub enum ActionOutcome {
+    /// This job completed it with `result`.
+    Completed {
+        /// CONTINUE or ABANDON.
+        result: LifecycleResult,
+        /// The result the job meant to send (they differ only if the configuration changed).
+        intended: LifecycleResult,
+    },
+    /// There was no active action any more: someone else completed it, or it timed out.
+    AlreadyDone,
+    /// Deliberately not completed (the job was interrupted): the next daemon runs the backup again
+    /// while the hook holds the instance.
+    LeftPending {
+        /// Why.
+        why: String,
+    },
+    /// Completion was wanted and did not happen (no group or hook, access denied, out of time).
+    NotCompleted {
+        /// What went wrong.
+        error: String,
+    },
+}
+
+impl ActionOutcome {
+    /// The action ended the way the job intended (or someone else ended it).
+    pub fn settled(&self) -> bool {
+        matches!(
+            self,
+            ActionOutcome::Completed { result, intended } if result == intended
+        ) || matches!(self, ActionOutcome::AlreadyDone)
+    }
+
+    /// The result this job sent, if it completed the action.
+    pub fn result_sent(&self) -> Option<LifecycleResult> {
+        match self {
+            ActionOutcome::Completed { result, .. } => Some(*result),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for ActionOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ActionOutcome::Completed { result, .. } => {
+                write!(f, "completed with {}", result.as_str())
+            }
+            ActionOutcome::AlreadyDone => f.write_str("already completed"),
+            ActionOutcome::LeftPending { why } => write!(f, "left pending: {why}"),
+            ActionOutcome::NotCompleted { error } => write!(f, "not completed: {error}"),
+        }
+    }
+}
+
+/// A job's result, as returned to every notice that joined it and kept in the state file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobResult {
+    /// How it ended.
+    pub status: JobStatus,
+    /// Why it ran.
+    pub reason: String,
+    /// Where the notice came from.
+    pub source: NoticeSource,
+    /// `s3://bucket/key` of the archive, when stored.
+    pub object_url: Option<String>,
+    /// What failed.
+    pub error: Option<String>,
+    /// What happened to the lifecycle action (`None`: none was to be completed).
+    pub lifecycle: Option<ActionOutcome>,
+    /// Start.
+    #[serde(with = "time::serde::rfc3339")]
+    pub started_at: OffsetDateTime,
+    /// End.
+    #[serde(with = "time::serde::rfc3339")]
+    pub finished_at: OffsetDateTime,
+    /// Regular files archived.
+    pub file_count: u64,
+    /// File bytes read.
+    pub bytes_read: u64,
+    /// Bytes stored in S3.
+    pub bytes_stored: u64,
+    /// Paths skipped.
+    pub skipped: u64,
+    /// Files that changed while read.
+    pub changed: u64,
+    /// Wall time of the job.
+    pub duration_seconds: f64,
+    /// The token of the lifecycle action this job was for (a duplicate trigger with the same
+    /// token gets this result instead of a second backup, once the action is settled).
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+impl JobResult {
+    /// This result answers a later trigger for the same termination: the data is stored and the
+    /// action (if there was one) settled. An interrupted or failed job answers nothing: the next
+    /// trigger runs the backup again.
+    pub fn settles_termination(&self) -> bool {
+        self.status.stored() && self.lifecycle.as_ref().is_none_or(ActionOutcome::settled)
+    }
+}
 
 /// Buffer between the tar writer and the compressor: large reads from files, few small writes.
 const TAR_BUFFER: usize = 256 * 1024;
@@ -45,11 +189,45 @@ pub enum JobError {
         message: String,
     },
     /// The job was cancelled (signal); the upload was aborted.
-    #[error("backup cancelled; the upload was aborted and nothing was stored")]
+    #[error("backup interrupted; the upload was aborted and nothing was stored")]
     Cancelled,
-    /// The blocking pipeline thread panicked.
+    /// The blocking pipeline thread (or the job's task) panicked.
     #[error("the archive thread failed: {0}")]
     Thread(String),
+}
+
+/// What a stored backup amounts to, for the result and the report (the manifest without its
+/// file lists).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stored {
+    /// `s3://bucket/key` of the archive.
+    pub object_url: String,
+    /// The deadline cut the archive short.
+    pub partial: bool,
+    /// Regular files archived.
+    pub file_count: u64,
+    /// File bytes read.
+    pub bytes_read: u64,
+    /// Bytes stored in S3.
+    pub bytes_stored: u64,
+    /// Paths skipped.
+    pub skipped: u64,
+    /// Files that changed while read.
+    pub changed: u64,
+}
+
+impl From<&Manifest> for Stored {
+    fn from(m: &Manifest) -> Self {
+        Stored {
+            object_url: format!("s3://{}/{}", m.bucket, m.key),
+            partial: m.partial,
+            file_count: m.file_count,
+            bytes_read: m.bytes_read,
+            bytes_stored: m.bytes_stored,
+            skipped: m.skipped.len() as u64,
+            changed: m.changed.len() as u64,
+        }
+    }
 }
 
 /// What a finished backup stored.
@@ -176,7 +354,10 @@ impl BackupJob<'_> {
             Err(e) => return Err(self.cancelled_or(e.into())),
         };
         let manifest = self.manifest(started, &dest, &stored, sha256, report);
-        self.store_manifest(&manifest).await?;
+        tokio::select! {
+            stored = self.store_manifest(&manifest) => stored?,
+            () = self.cancel.cancelled() => return Err(JobError::Cancelled),
+        }
         tracing::info!(
             key = %manifest.key,
             files = manifest.file_count,

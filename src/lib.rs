@@ -3,9 +3,10 @@
 //! The pipeline reads like the modules: [`archive`] walks and writes tar, [`compress`] wraps it,
 //! [`upload`] streams it into S3, [`job`] ties them together with the manifest; [`catalog`],
 //! [`verify`] and [`restore`] get data back. [`watch`] turns instance metadata into termination
-//! notices, [`runner`] runs one job per instance around the pipeline with [`lifecycle`]
-//! (Auto Scaling) and [`report`] (SNS), and [`daemon`] is `lifeboat run`. [`cli`] parses the
-//! command line and dispatches.
+//! notices, [`runner`] owns the termination story around the pipeline (single flight, the
+//! [`deadline`], heartbeats and completion with [`lifecycle`] (Auto Scaling), the [`report`]
+//! (SNS)), [`state`] records outcomes, and [`daemon`] is `lifeboat run`. [`cli`] parses the
+//! command line, dispatches, prints, and maps outcomes to exit codes.
 
 pub mod archive;
 pub mod aws;
@@ -14,6 +15,7 @@ pub mod cli;
 pub mod compress;
 pub mod config;
 pub mod daemon;
+pub mod deadline;
 pub mod doctor;
 pub mod identity;
 pub mod job;

@@ -1,95 +1,153 @@
-//! The job runner: one job per instance, and the whole story of a termination around the backup
-//! pipeline of [`crate::job`]: lifecycle discovery, deadline, heartbeats, completion, report.
+//! The job runner: the one owner of the termination story around a backup. [`Runner::run_job`]
+//! reads as the story's steps; everything else here is one of them.
 //!
-//! - **Single flight.** A notice starts a job unless one is running (then it joins and gets that
-//!   job's result) or a termination job already succeeded (then it gets that result at once).
-//!   Details a later notice brings (the token, the hook, "complete the action") are merged into
-//!   the running job.
-//! - **Deadline.** Lifecycle jobs end before the hook's global timeout, Spot jobs before the
-//!   interruption time. Before it, the archive stops taking files and closes valid and `partial`,
-//!   leaving time to upload, complete and report.
-//! - **Never stuck, never early.** Heartbeats run while the job runs; completion waits for
-//!   `Terminating:Wait`, then sends CONTINUE on success or `lifecycle.on_failure` on failure,
-//!   retrying until shortly before the deadline; the SNS report comes after and never blocks it.
+//! - **Single flight.** One job per instance, for the daemon and for `lifeboat backup` without one
+//!   ([`Runner::submit_exclusive`] adds a lock file across processes). A notice starts a job unless
+//!   one is running (then it joins and gets that job's result) or the termination was already
+//!   settled (then it gets that result at once).
+//! - **Joining notices count.** A notice that joins a running job brings its deadline (the
+//!   earliest binds) and its lifecycle action (heartbeats start as soon as one is known).
+//! - **Deadline.** [`Deadline`]: the Spot interruption time, the hook's global timeout. Before
+//!   it the archive stops taking data and closes valid and `partial`.
+//! - **Never stuck, never early.** Heartbeats ([`Heartbeats`]) run while the job runs; completion
+//!   waits for `Terminating:Wait` (or `Warmed:Terminating:Wait`), then sends CONTINUE when the data
+//!   is stored and `lifecycle.on_failure` when not, retrying until shortly before the deadline. An
+//!   *interrupted* job (SIGTERM: a package upgrade restarting the service) completes nothing: the
+//!   hook keeps the instance and the next daemon backs it up again. The SNS report comes last and
+//!   never blocks completion.
+//!
+//! The outside world is reached through two narrow traits, [`LifecycleApi`] (Auto Scaling) and
+//! [`BackupApi`] (the pipeline and SNS), so the timing rules are unit-tested with tokio's paused
+//! time; the process tests in `tests/it/daemon.rs` run the same code against moto.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::archive::Counters;
 use crate::config::{Config, LifecycleResult};
+use crate::deadline::Deadline;
 use crate::identity::{InstanceIdentity, STANDALONE};
-use crate::job::{BackupJob, JobError};
-use crate::lifecycle::{ActionRef, Completed, Hook, Lifecycle, TERMINATING_WAIT};
+use crate::job::{ActionOutcome, BackupJob, JobError, JobResult, JobStatus, Stored};
+use crate::lifecycle::{
+    ActionRef, Completed, Hook, Lifecycle, LifecycleError, NOT_ACTIVE_GRACE, TERMINATING_WAIT,
+};
 use crate::report::{self, Report};
 use crate::state::StateFile;
 use crate::watch::{NoticeSource, TerminationNotice};
 
-/// How long completion waits for the instance to reach `Terminating:Wait`.
+/// The lifecycle state of a warm-pool instance held by a terminate hook.
+pub const WARMED_TERMINATING_WAIT: &str = "Warmed:Terminating:Wait";
+/// How long completion waits for the instance to reach a `…Terminating:Wait` state.
 const WAIT_FOR_TERMINATING: Duration = Duration::from_secs(120);
-/// Time kept after the archive closes for upload, completion and report.
-const MIN_RESERVE: Duration = Duration::from_secs(20);
-/// Time kept before the deadline for the completion call itself.
-const COMPLETE_MARGIN: Duration = Duration::from_secs(5);
 /// The most the SNS report may take.
 const REPORT_BUDGET: Duration = Duration::from_secs(15);
+/// The most the report of an interrupted job may take.
+const INTERRUPTED_REPORT_BUDGET: Duration = Duration::from_secs(3);
+/// How long completion may take for a job without a deadline.
+const UNBOUNDED_COMPLETION: Duration = Duration::from_secs(600);
+/// The first heartbeat comes within this long of the action being found (jittered).
+const FIRST_BEAT_WITHIN: Duration = Duration::from_secs(5);
 
-/// How a job ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum JobStatus {
-    /// Everything configured is in S3.
-    Succeeded,
-    /// A valid archive is in S3 but the deadline cut it short.
-    Partial,
-    /// Nothing usable was stored.
-    Failed,
-    /// Interrupted (SIGINT / SIGTERM); the upload was aborted.
-    Cancelled,
+/// A boxed future, for the object-safe traits below.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Auto Scaling as the story uses it (implemented by [`Lifecycle`]; faked in unit tests).
+pub trait LifecycleApi: Send + Sync + 'static {
+    /// The group and lifecycle state of an instance (`None`: not in a group).
+    fn describe_instance<'a>(
+        &'a self,
+        instance_id: &'a str,
+        until: Instant,
+    ) -> BoxFuture<'a, Result<Option<(String, String)>, LifecycleError>>;
+    /// The group's terminate hook.
+    fn terminate_hook<'a>(
+        &'a self,
+        group: &'a str,
+        configured: Option<&'a str>,
+        instance_id: &'a str,
+        until: Instant,
+    ) -> BoxFuture<'a, Result<Hook, LifecycleError>>;
+    /// One heartbeat; `Ok(false)`: no active action.
+    fn heartbeat<'a>(
+        &'a self,
+        action: &'a ActionRef,
+        until: Instant,
+    ) -> BoxFuture<'a, Result<bool, LifecycleError>>;
+    /// Completes the action.
+    fn complete<'a>(
+        &'a self,
+        action: &'a ActionRef,
+        result: LifecycleResult,
+        until: Instant,
+    ) -> BoxFuture<'a, Result<Completed, LifecycleError>>;
 }
 
-/// A job's result, as returned to every notice that joined it and kept in the state file.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct JobResult {
-    /// How it ended.
-    pub status: JobStatus,
-    /// Why it ran.
+impl LifecycleApi for Lifecycle {
+    fn describe_instance<'a>(
+        &'a self,
+        instance_id: &'a str,
+        until: Instant,
+    ) -> BoxFuture<'a, Result<Option<(String, String)>, LifecycleError>> {
+        Box::pin(Lifecycle::describe_instance(self, instance_id, until))
+    }
+    fn terminate_hook<'a>(
+        &'a self,
+        group: &'a str,
+        configured: Option<&'a str>,
+        instance_id: &'a str,
+        until: Instant,
+    ) -> BoxFuture<'a, Result<Hook, LifecycleError>> {
+        Box::pin(Lifecycle::terminate_hook(
+            self,
+            group,
+            configured,
+            instance_id,
+            until,
+        ))
+    }
+    fn heartbeat<'a>(
+        &'a self,
+        action: &'a ActionRef,
+        until: Instant,
+    ) -> BoxFuture<'a, Result<bool, LifecycleError>> {
+        Box::pin(Lifecycle::heartbeat(self, action, until))
+    }
+    fn complete<'a>(
+        &'a self,
+        action: &'a ActionRef,
+        result: LifecycleResult,
+        until: Instant,
+    ) -> BoxFuture<'a, Result<Completed, LifecycleError>> {
+        Box::pin(Lifecycle::complete(self, action, result, until))
+    }
+}
+
+/// What one backup run gets from the story.
+pub struct BackupRun {
+    /// Why it runs (part of the key).
     pub reason: String,
-    /// Where the notice came from.
-    pub source: NoticeSource,
-    /// `s3://bucket/key` of the archive, when stored.
-    pub object_url: Option<String>,
-    /// What failed.
-    pub error: Option<String>,
-    /// What happened to the lifecycle action.
-    pub lifecycle: Option<String>,
-    /// Start (RFC 3339).
-    pub started_at: String,
-    /// End (RFC 3339).
-    pub finished_at: String,
-    /// Regular files archived.
-    pub file_count: u64,
-    /// File bytes read.
-    pub bytes_read: u64,
-    /// Bytes stored in S3.
-    pub bytes_stored: u64,
-    /// Paths skipped.
-    pub skipped: u64,
-    /// Files that changed while read.
-    pub changed: u64,
-    /// Wall time of the job.
-    pub duration_seconds: f64,
-    /// The process exit code this result maps to.
-    pub exit_code: u8,
-    /// The token of the lifecycle action this job completed (a duplicate trigger with the same
-    /// token gets this result instead of a second backup).
-    #[serde(default)]
-    pub token: Option<String>,
+    /// Cancelled on SIGINT / SIGTERM: abort, store nothing.
+    pub cancel: CancellationToken,
+    /// Live counters for progress displays.
+    pub counters: Arc<Counters>,
+    /// Set at the partial stop: close the archive valid and `partial`.
+    pub stop: Arc<AtomicBool>,
+}
+
+/// The backup pipeline and the report (implemented by [`Services`]; faked in unit tests).
+pub trait BackupApi: Send + Sync + 'static {
+    /// Runs one backup to the end.
+    fn backup(&self, run: BackupRun) -> BoxFuture<'static, Result<Stored, JobError>>;
+    /// Publishes a report; its message id.
+    fn publish<'a>(&'a self, report: &'a Report) -> BoxFuture<'a, Result<String, String>>;
 }
 
 /// The clients a job needs.
@@ -119,14 +177,53 @@ impl Services {
     }
 }
 
-/// What later notices add to a running job.
+/// The real pipeline: [`BackupJob`] into S3, reports on SNS.
+struct Pipeline {
+    config: Arc<Config>,
+    identity: InstanceIdentity,
+    s3: aws_sdk_s3::Client,
+    sns: aws_sdk_sns::Client,
+}
+
+impl BackupApi for Pipeline {
+    fn backup(&self, run: BackupRun) -> BoxFuture<'static, Result<Stored, JobError>> {
+        let (config, identity, s3) = (
+            Arc::clone(&self.config),
+            self.identity.clone(),
+            self.s3.clone(),
+        );
+        Box::pin(async move {
+            let job = BackupJob {
+                config: &config,
+                reason: run.reason,
+                identity,
+                s3,
+                cancel: run.cancel,
+                counters: run.counters,
+                stop: run.stop,
+            };
+            job.run().await.map(|o| Stored::from(&o.manifest))
+        })
+    }
+
+    fn publish<'a>(&'a self, r: &'a Report) -> BoxFuture<'a, Result<String, String>> {
+        Box::pin(async move {
+            match &self.config.sns.topic_arn {
+                Some(topic) => report::publish(&self.sns, topic, r).await,
+                None => Ok(String::new()),
+            }
+        })
+    }
+}
+
+/// What the notices of one job asked for, merged.
 #[derive(Debug, Default, Clone)]
 struct Hints {
     complete_lifecycle: bool,
     group: Option<String>,
     hook: Option<String>,
     token: Option<String>,
-    deadline: Option<SystemTime>,
+    deadline: Deadline,
 }
 
 impl Hints {
@@ -135,22 +232,23 @@ impl Hints {
         self.group = self.group.take().or_else(|| n.group.clone());
         self.hook = self.hook.take().or_else(|| n.hook.clone());
         self.token = self.token.take().or_else(|| n.token.clone());
-        self.deadline = match (self.deadline, n.deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        if let Some(t) = n.deadline {
+            self.deadline = self.deadline.earliest(Deadline::at_system(t));
+        }
     }
 }
 
 struct Running {
     result: watch::Receiver<Option<JobResult>>,
-    hints: Arc<Mutex<Hints>>,
+    hints: watch::Sender<Hints>,
     counters: Arc<Counters>,
 }
 
 #[derive(Default)]
 struct Slots {
     running: Option<Running>,
+    /// The result that settled this instance's termination; cleared when a new lifecycle starts
+    /// (warm pools, instance reuse).
     termination_done: Option<JobResult>,
 }
 
@@ -158,7 +256,8 @@ struct Slots {
 pub struct Runner {
     config: Arc<Config>,
     identity: InstanceIdentity,
-    services: Services,
+    lifecycle: Arc<dyn LifecycleApi>,
+    pipeline: Arc<dyn BackupApi>,
     state: Arc<StateFile>,
     shutdown: CancellationToken,
     slots: Mutex<Slots>,
@@ -172,19 +271,8 @@ fn is_termination(n: &TerminationNotice) -> bool {
         )
 }
 
-fn instant_of(t: SystemTime) -> Instant {
-    match t.duration_since(SystemTime::now()) {
-        Ok(ahead) => Instant::now() + ahead,
-        Err(_) => Instant::now(),
-    }
-}
-
-fn now_rfc3339() -> String {
-    crate::manifest::rfc3339(time::OffsetDateTime::now_utc())
-}
-
 impl Runner {
-    /// A runner for this instance; `shutdown` cancels a running job (SIGTERM).
+    /// A runner for this instance with the real services; `shutdown` interrupts a running job.
     pub fn new(
         config: Arc<Config>,
         identity: InstanceIdentity,
@@ -192,10 +280,36 @@ impl Runner {
         state: Arc<StateFile>,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
+        let pipeline = Pipeline {
+            config: Arc::clone(&config),
+            identity: identity.clone(),
+            s3: services.s3,
+            sns: services.sns,
+        };
+        Self::with_parts(
+            config,
+            identity,
+            Arc::new(services.lifecycle),
+            Arc::new(pipeline),
+            state,
+            shutdown,
+        )
+    }
+
+    /// A runner over any lifecycle and pipeline (the unit tests' fakes).
+    pub fn with_parts(
+        config: Arc<Config>,
+        identity: InstanceIdentity,
+        lifecycle: Arc<dyn LifecycleApi>,
+        pipeline: Arc<dyn BackupApi>,
+        state: Arc<StateFile>,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
         Arc::new(Self {
             config,
             identity,
-            services,
+            lifecycle,
+            pipeline,
             state,
             shutdown,
             slots: Mutex::new(Slots::default()),
@@ -208,47 +322,61 @@ impl Runner {
         slots.running.as_ref().map(|r| Arc::clone(&r.counters))
     }
 
+    /// A new lifecycle began (the instance went back in service or into a warm pool): a later
+    /// termination is a new one and gets a new backup.
+    pub fn new_lifecycle(&self) {
+        let mut slots = self.slots.lock().expect("runner lock");
+        if slots.termination_done.take().is_some() {
+            tracing::info!("new lifecycle: the next termination gets a new backup");
+        }
+    }
+
+    /// Like [`Runner::submit`], but also one at a time across processes (`lifeboat backup`
+    /// without a daemon): waits on the lock file, and a job that finished while it waited answers
+    /// this notice too.
+    pub async fn submit_exclusive(self: &Arc<Self>, notice: TerminationNotice) -> JobResult {
+        let since = OffsetDateTime::now_utc();
+        let (_lock, waited) = lock().await;
+        if waited
+            && let Some(last) = self.state.reload().last_job
+            && last.finished_at >= since
+        {
+            tracing::info!("joined a backup that finished while this one waited");
+            return last;
+        }
+        self.submit(notice).await
+    }
+
     /// Runs or joins the job for `notice` and returns its result.
     pub async fn submit(self: &Arc<Self>, notice: TerminationNotice) -> JobResult {
         self.state.record_notice(&notice);
         let mut rx = {
             let mut slots = self.slots.lock().expect("runner lock");
-            if is_termination(&notice)
-                && let Some(done) = &slots.termination_done
-            {
+            if let Some(done) = self.already_settled(&slots, &notice) {
                 tracing::info!(reason = %notice.reason, "termination already backed up; returning that result");
-                return done.clone();
+                return done;
             }
             if let Some(running) = &slots.running {
-                running.hints.lock().expect("hints lock").merge(&notice);
+                running.hints.send_modify(|h| h.merge(&notice));
                 tracing::info!(reason = %notice.reason, "joining the running job");
                 running.result.clone()
             } else {
                 let (tx, rx) = watch::channel(None);
                 let mut hints = Hints::default();
                 hints.merge(&notice);
-                let hints = Arc::new(Mutex::new(hints));
+                let (hints_tx, hints_rx) = watch::channel(hints);
                 let counters = Arc::new(Counters::default());
                 slots.running = Some(Running {
                     result: rx.clone(),
-                    hints: Arc::clone(&hints),
+                    hints: hints_tx,
                     counters: Arc::clone(&counters),
                 });
                 let this = Arc::clone(self);
                 tokio::spawn(async move {
-                    let result = this.run_job(&notice, &hints, counters).await;
-                    this.state.record_result(&result);
-                    {
-                        let mut slots = this.slots.lock().expect("runner lock");
-                        slots.running = None;
-                        let termination = is_termination(&notice)
-                            || hints.lock().expect("hints").complete_lifecycle;
-                        if termination
-                            && matches!(result.status, JobStatus::Succeeded | JobStatus::Partial)
-                        {
-                            slots.termination_done = Some(result.clone());
-                        }
-                    }
+                    let result = Arc::clone(&this)
+                        .run_guarded(notice, hints_rx, counters)
+                        .await;
+                    this.finish(&result);
                     let _ = tx.send(Some(result));
                 });
                 rx
@@ -267,306 +395,1104 @@ impl Runner {
         }
     }
 
-    /// Finds the lifecycle action for this instance: group, hook and its settings.
-    async fn resolve_action(
-        &self,
-        hints: &Hints,
-        until: Instant,
-    ) -> Result<(ActionRef, Hook), String> {
-        let lc = &self.services.lifecycle;
-        let id = &self.identity.instance_id;
-        let group = match hints
-            .group
-            .clone()
-            .or_else(|| (self.identity.group != STANDALONE).then(|| self.identity.group.clone()))
+    /// The result that already answers `notice`: this termination settled in this process, or
+    /// the same lifecycle action (by token) settled in an earlier one.
+    fn already_settled(&self, slots: &Slots, notice: &TerminationNotice) -> Option<JobResult> {
+        if is_termination(notice)
+            && let Some(done) = &slots.termination_done
         {
-            Some(g) => g,
-            None => match lc.describe_instance(id, until).await {
-                Ok(Some((g, _))) => g,
-                Ok(None) => return Err(format!("instance {id} is not in an Auto Scaling group")),
-                Err(e) => return Err(e.to_string()),
-            },
-        };
-        let wanted = hints
-            .hook
-            .as_deref()
-            .or(self.config.lifecycle.hook_name.as_deref());
-        let hook = lc
-            .terminate_hook(&group, wanted, id, until)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok((
-            ActionRef {
-                group,
-                hook: hook.name.clone(),
-                instance_id: id.clone(),
-                token: hints.token.clone(),
-            },
-            hook,
-        ))
+            return Some(done.clone());
+        }
+        let token = notice.token.as_ref()?;
+        self.state
+            .reload()
+            .last_job
+            .filter(|last| last.token.as_ref() == Some(token) && last.settles_termination())
     }
 
-    async fn run_job(
-        &self,
-        notice: &TerminationNotice,
-        hints: &Arc<Mutex<Hints>>,
+    /// Records the result and frees the slot.
+    fn finish(&self, result: &JobResult) {
+        self.state.record_result(result);
+        let mut slots = self.slots.lock().expect("runner lock");
+        slots.running = None;
+        if result.settles_termination()
+            && (result.lifecycle.is_some() || is_termination_source(result.source))
+        {
+            slots.termination_done = Some(result.clone());
+        }
+    }
+
+    /// Runs the job in a task of its own: a panic anywhere in the story is a failed job whose
+    /// action is still completed (with `on_failure`), never a runner stuck with a slot taken.
+    async fn run_guarded(
+        self: Arc<Self>,
+        notice: TerminationNotice,
+        hints: watch::Receiver<Hints>,
         counters: Arc<Counters>,
     ) -> JobResult {
-        let started_at = now_rfc3339();
-        let clock = Instant::now();
-        let snapshot = hints.lock().expect("hints").clone();
-        // A first deadline for discovery itself: the notice's, or a generous hour.
-        let discovery_until = snapshot
-            .deadline
-            .map(instant_of)
-            .unwrap_or_else(|| clock + Duration::from_secs(3600));
-        let mut action: Option<(ActionRef, Hook)> = None;
-        let mut lifecycle_error: Option<String> = None;
-        if snapshot.complete_lifecycle {
-            match self.resolve_action(&snapshot, discovery_until).await {
-                Ok(found) => action = Some(found),
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot find the lifecycle action");
-                    lifecycle_error = Some(e);
-                }
+        let started_at = OffsetDateTime::now_utc();
+        let latest = hints.clone();
+        let job = tokio::spawn(Arc::clone(&self).run_job(notice.clone(), hints, counters));
+        match job.await {
+            Ok(result) => result,
+            Err(e) => {
+                tracing::error!(error = %e, "the job panicked; completing its action as failed");
+                let mut story = Story::new(&self, latest.borrow().clone(), Instant::now());
+                let error = JobError::Thread(e.to_string());
+                let lifecycle = story.complete_action(JobStatus::Failed).await;
+                let result = story.result(
+                    &notice,
+                    started_at,
+                    JobStatus::Failed,
+                    None,
+                    Some(error.to_string()),
+                    lifecycle,
+                );
+                self.publish_report(&result, &story.hints).await;
+                result
             }
         }
-        let deadline = [
-            snapshot.deadline.map(instant_of),
-            action.as_ref().map(|(_, h)| clock + h.global_timeout()),
-        ]
-        .into_iter()
-        .flatten()
-        .min();
+    }
+
+    /// The story of one job, step by step.
+    async fn run_job(
+        self: Arc<Self>,
+        notice: TerminationNotice,
+        mut hints: watch::Receiver<Hints>,
+        counters: Arc<Counters>,
+    ) -> JobResult {
+        let started_at = OffsetDateTime::now_utc();
+        // 1. What the notices ask for so far: deadline, lifecycle action.
+        let mut story = Story::new(&self, hints.borrow_and_update().clone(), Instant::now());
         tracing::info!(
             reason = %notice.reason,
-            deadline_in_s = deadline.map(|d| d.saturating_duration_since(Instant::now()).as_secs()),
+            deadline_in_s = story.deadline.remaining().map(|d| d.as_secs()),
             "job started"
         );
-
-        // Heartbeats while the job runs.
-        let beating = CancellationToken::new();
-        if let Some((a, hook)) = &action {
-            let interval = self
-                .config
-                .lifecycle
-                .heartbeat_interval
-                .unwrap_or(hook.heartbeat_timeout / 2)
-                .max(Duration::from_secs(1));
-            let until = deadline.unwrap_or(clock + hook.global_timeout());
-            tokio::spawn(heartbeat_loop(
-                self.services.lifecycle.clone(),
-                a.clone(),
-                interval,
-                until,
-                beating.clone(),
-            ));
-        }
-
-        // Stop taking files early enough to close, upload, complete and report.
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopper = deadline.map(|d| {
-            let total = d.saturating_duration_since(clock);
-            let reserve = (total / 4).clamp(MIN_RESERVE.min(total / 2), Duration::from_secs(300));
-            let at = d.checked_sub(reserve).unwrap_or(d);
-            let stop = Arc::clone(&stop);
-            tokio::spawn(async move {
-                tokio::time::sleep_until(at).await;
-                tracing::warn!("deadline near: closing the archive as partial");
-                stop.store(true, Ordering::Relaxed);
-            })
-        });
-
-        let job = BackupJob {
-            config: &self.config,
+        // 2. The backup, in a task of its own (a panic in it is a failed backup).
+        let backup = tokio::spawn(self.pipeline.backup(BackupRun {
             reason: notice.reason.clone(),
-            identity: self.identity.clone(),
-            s3: self.services.s3.clone(),
             cancel: self.shutdown.child_token(),
             counters,
-            stop: Arc::clone(&stop),
-        };
-        let outcome = job.run().await;
-        beating.cancel();
-        if let Some(s) = stopper {
-            s.abort();
-        }
-        let (status, object_url, error, manifest) = match &outcome {
-            Ok(o) => (
-                if o.manifest.partial {
-                    JobStatus::Partial
-                } else {
-                    JobStatus::Succeeded
-                },
-                Some(format!("s3://{}/{}", o.manifest.bucket, o.manifest.key)),
-                None,
-                Some(&o.manifest),
-            ),
+            stop: Arc::clone(&story.stop),
+        }));
+        // 3. While it runs: joining notices, the lifecycle action, heartbeats, the partial stop.
+        let outcome = story.follow(backup, &mut hints).await;
+        let (status, stored, error) = match outcome {
+            Ok(s) if s.partial => (JobStatus::Partial, Some(s), None),
+            Ok(s) => (JobStatus::Succeeded, Some(s), None),
             Err(JobError::Cancelled) => (
-                JobStatus::Cancelled,
+                JobStatus::Interrupted,
                 None,
                 Some(JobError::Cancelled.to_string()),
-                None,
             ),
-            Err(e) => (JobStatus::Failed, None, Some(e.to_string()), None),
+            Err(e) => (JobStatus::Failed, None, Some(e.to_string())),
         };
-
-        // Completion: the action found at the start, or one a joining notice asked for.
-        let latest = hints.lock().expect("hints").clone();
-        if action.is_none() && latest.complete_lifecycle && lifecycle_error.is_none() {
-            let until = deadline.unwrap_or(Instant::now() + Duration::from_secs(600));
-            match self.resolve_action(&latest, until).await {
-                Ok(found) => action = Some(found),
-                Err(e) => lifecycle_error = Some(e),
-            }
-        }
-        let mut lifecycle = lifecycle_error.map(|e| format!("not completed: {e}"));
-        let mut result_sent = None;
-        let mut completed_token = None;
-        if let Some((mut a, hook)) = action {
-            a.token = a.token.or(latest.token);
-            completed_token.clone_from(&a.token);
-            let result = if matches!(status, JobStatus::Succeeded | JobStatus::Partial) {
-                LifecycleResult::Continue
-            } else {
-                self.config.lifecycle.on_failure
-            };
-            let until = deadline
-                .unwrap_or(clock + hook.global_timeout())
-                .checked_sub(COMPLETE_MARGIN)
-                .unwrap_or_else(Instant::now);
-            lifecycle = Some(self.complete(&a, result, until).await);
-            result_sent = Some(result.as_str());
-        }
-
-        let exit_code = match status {
-            JobStatus::Succeeded | JobStatus::Partial => 0,
-            JobStatus::Failed => 1,
-            JobStatus::Cancelled => 143,
-        };
-        let result = JobResult {
-            status,
-            reason: notice.reason.clone(),
-            source: notice.source,
-            object_url: object_url.clone(),
-            error: error.clone(),
-            lifecycle,
-            started_at,
-            finished_at: now_rfc3339(),
-            file_count: manifest.map_or(0, |m| m.file_count),
-            bytes_read: manifest.map_or(0, |m| m.bytes_read),
-            bytes_stored: manifest.map_or(0, |m| m.bytes_stored),
-            skipped: manifest.map_or(0, |m| m.skipped.len() as u64),
-            changed: manifest.map_or(0, |m| m.changed.len() as u64),
-            duration_seconds: clock.elapsed().as_secs_f64(),
-            exit_code,
-            token: completed_token,
-        };
-        if let Some(topic) = &self.config.sns.topic_arn {
-            let report = Report {
-                status: match status {
-                    JobStatus::Succeeded => "succeeded",
-                    JobStatus::Partial => "partial",
-                    JobStatus::Failed | JobStatus::Cancelled => "failed",
-                }
-                .into(),
-                instance_id: self.identity.instance_id.clone(),
-                group: latest
-                    .group
-                    .clone()
-                    .unwrap_or_else(|| self.identity.group.clone()),
-                reason: notice.reason.clone(),
-                partial: status == JobStatus::Partial,
-                file_count: result.file_count,
-                bytes_read: result.bytes_read,
-                bytes_stored: result.bytes_stored,
-                duration_seconds: result.duration_seconds,
-                object_url,
-                skipped: result.skipped,
-                error,
-                lifecycle_result: result_sent.map(str::to_owned),
-            };
-            match tokio::time::timeout(
-                REPORT_BUDGET,
-                report::publish(&self.services.sns, topic, &report),
-            )
-            .await
-            {
-                Ok(Ok(id)) => tracing::info!(message_id = %id, "report published"),
-                Ok(Err(e)) => tracing::error!(error = %e, "SNS report failed"),
-                Err(_) => tracing::error!("SNS report timed out"),
-            }
-        }
+        // 4. Complete the lifecycle action (or leave it pending when interrupted).
+        let lifecycle = story.complete_action(status).await;
+        // 5. The result, then the report: it never delays completion.
+        let result = story.result(&notice, started_at, status, stored, error, lifecycle);
+        self.publish_report(&result, &story.hints).await;
         tracing::info!(status = ?result.status, lifecycle = ?result.lifecycle, "job finished");
         result
     }
 
-    /// Waits for `Terminating:Wait` (the target state may change before the transition), then
-    /// completes; returns what happened, for the result.
-    async fn complete(&self, a: &ActionRef, result: LifecycleResult, until: Instant) -> String {
-        let lc = &self.services.lifecycle;
-        let wait_until = (Instant::now() + WAIT_FOR_TERMINATING).min(until);
-        let mut attempt = 0;
-        loop {
-            match lc.describe_instance(&a.instance_id, until).await {
-                Ok(Some((_, state))) if state == TERMINATING_WAIT => break,
-                Ok(None) => return "not completed: the instance is no longer in its group".into(),
-                Ok(Some((_, state))) if Instant::now() >= wait_until => {
-                    return format!(
-                        "not completed: the instance is {state}, not {TERMINATING_WAIT}"
-                    );
-                }
-                Err(e) if Instant::now() >= wait_until => {
-                    // Cannot confirm; completing by token or instance id is still right.
-                    tracing::warn!(error = %e, "cannot confirm Terminating:Wait; completing anyway");
-                    break;
-                }
-                _ => {
-                    attempt += 1;
-                    tokio::time::sleep(
-                        crate::lifecycle::backoff(
-                            attempt.min(4),
-                            Duration::from_secs(1),
-                            Duration::from_secs(5),
-                        ) + Duration::from_millis(200),
-                    )
-                    .await;
-                }
-            }
+    /// Publishes the job's report on SNS within [`REPORT_BUDGET`]; failures are logged.
+    async fn publish_report(&self, result: &JobResult, hints: &Hints) {
+        if self.config.sns.topic_arn.is_none() {
+            return;
         }
-        match lc.complete(a, result, until).await {
-            Ok(Completed::Now) => format!("completed with {}", result.as_str()),
-            Ok(Completed::AlreadyDone) => "already completed".into(),
-            Err(e) => format!("not completed: {e}"),
+        let report = Report {
+            status: result.status.name().into(),
+            instance_id: self.identity.instance_id.clone(),
+            group: hints
+                .group
+                .clone()
+                .unwrap_or_else(|| self.identity.group.clone()),
+            reason: result.reason.clone(),
+            partial: result.status == JobStatus::Partial,
+            file_count: result.file_count,
+            bytes_read: result.bytes_read,
+            bytes_stored: result.bytes_stored,
+            duration_seconds: result.duration_seconds,
+            object_url: result.object_url.clone(),
+            skipped: result.skipped,
+            error: result.error.clone(),
+            lifecycle_result: result
+                .lifecycle
+                .as_ref()
+                .and_then(ActionOutcome::result_sent)
+                .map(|r| r.as_str().to_owned()),
+        };
+        // An interrupted process must end within seconds, even when SNS does not answer.
+        let budget = if result.status == JobStatus::Interrupted {
+            INTERRUPTED_REPORT_BUDGET
+        } else {
+            REPORT_BUDGET
+        };
+        match tokio::time::timeout(budget, self.pipeline.publish(&report)).await {
+            Ok(Ok(id)) => tracing::info!(message_id = %id, "report published"),
+            Ok(Err(e)) => tracing::error!(error = %e, "SNS report failed"),
+            Err(_) => tracing::error!("SNS report timed out"),
         }
     }
 }
 
-/// Heartbeats every `interval`, starting at a random phase so a fleet does not beat in step.
+fn is_termination_source(source: NoticeSource) -> bool {
+    matches!(
+        source,
+        NoticeSource::Spot | NoticeSource::TargetLifecycleState
+    )
+}
+
+type Resolving = BoxFuture<'static, Result<(ActionRef, Hook), LifecycleError>>;
+
+/// The state of one job's story: what its notices asked for, its deadline, its lifecycle action
+/// and heartbeats, and the flag that stops the archive.
+struct Story<'r> {
+    runner: &'r Runner,
+    start: Instant,
+    hints: Hints,
+    deadline: Deadline,
+    action: Option<(ActionRef, Hook)>,
+    action_error: Option<LifecycleError>,
+    heartbeats: Option<Heartbeats>,
+    stop: Arc<AtomicBool>,
+}
+
+impl<'r> Story<'r> {
+    fn new(runner: &'r Runner, hints: Hints, start: Instant) -> Self {
+        let deadline = hints.deadline;
+        Self {
+            runner,
+            start,
+            hints,
+            deadline,
+            action: None,
+            action_error: None,
+            heartbeats: None,
+            stop: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Finds the lifecycle action: the group (from the notices, identity, or Auto Scaling) and its
+    /// terminate hook. An owned future, so the story can follow the backup meanwhile.
+    fn resolving(&self, until: Instant) -> Resolving {
+        let lc = Arc::clone(&self.runner.lifecycle);
+        let id = self.runner.identity.instance_id.clone();
+        let known_group = self.hints.group.clone().or_else(|| {
+            (self.runner.identity.group != STANDALONE).then(|| self.runner.identity.group.clone())
+        });
+        let wanted = self
+            .hints
+            .hook
+            .clone()
+            .or_else(|| self.runner.config.lifecycle.hook_name.clone());
+        let token = self.hints.token.clone();
+        Box::pin(async move {
+            let group = match known_group {
+                Some(g) => g,
+                None => match lc.describe_instance(&id, until).await? {
+                    Some((g, _)) => g,
+                    None => return Err(LifecycleError::NoGroup { instance_id: id }),
+                },
+            };
+            let hook = lc
+                .terminate_hook(&group, wanted.as_deref(), &id, until)
+                .await?;
+            let action = ActionRef {
+                group,
+                hook: hook.name.clone(),
+                instance_id: id,
+                token,
+            };
+            Ok((action, hook))
+        })
+    }
+
+    /// The action is known: its hook's global timeout joins the deadline, heartbeats start.
+    fn action_found(&mut self, action: ActionRef, hook: Hook) {
+        self.deadline = self
+            .deadline
+            .earliest(Deadline::at(self.start + hook.global_timeout()));
+        let interval = self
+            .runner
+            .config
+            .lifecycle
+            .heartbeat_interval
+            .unwrap_or(hook.heartbeat_timeout / 2)
+            .max(Duration::from_secs(1));
+        tracing::info!(
+            group = %action.group,
+            hook = %action.hook,
+            heartbeat_every_s = interval.as_secs(),
+            deadline_in_s = self.deadline.remaining().map(|d| d.as_secs()),
+            "lifecycle action found"
+        );
+        self.heartbeats = Some(Heartbeats::start(
+            Arc::clone(&self.runner.lifecycle),
+            action.clone(),
+            interval,
+            self.deadline.or(self.start + hook.global_timeout()),
+        ));
+        self.action = Some((action, hook));
+    }
+
+    /// Follows the running backup until it ends: merges joining notices (deadline, lifecycle
+    /// action), finds the action and starts heartbeats, and sets the partial stop in time.
+    async fn follow(
+        &mut self,
+        backup: tokio::task::JoinHandle<Result<Stored, JobError>>,
+        hints: &mut watch::Receiver<Hints>,
+    ) -> Result<Stored, JobError> {
+        tokio::pin!(backup);
+        let mut resolving: Option<Resolving> = None;
+        let mut hints_open = true;
+        loop {
+            if resolving.is_none()
+                && self.action.is_none()
+                && self.action_error.is_none()
+                && self.hints.complete_lifecycle
+            {
+                let until = self.deadline.or(self.start + Duration::from_secs(3600));
+                resolving = Some(self.resolving(until));
+            }
+            let stop_at = self
+                .deadline
+                .stop_at(self.start)
+                .filter(|_| !self.stop.load(Ordering::Relaxed));
+            tokio::select! {
+                done = &mut backup => {
+                    return match done {
+                        Ok(outcome) => outcome,
+                        Err(e) => {
+                            tracing::error!(error = %e, "the backup task failed");
+                            Err(JobError::Thread(e.to_string()))
+                        }
+                    };
+                }
+                changed = hints.changed(), if hints_open => {
+                    if changed.is_err() {
+                        hints_open = false;
+                        continue;
+                    }
+                    let joined = hints.borrow_and_update().clone();
+                    let was = self.deadline;
+                    self.deadline = self.deadline.earliest(joined.deadline);
+                    if self.deadline != was {
+                        tracing::info!(
+                            deadline_in_s = self.deadline.remaining().map(|d| d.as_secs()),
+                            "a joining notice brought an earlier deadline"
+                        );
+                    }
+                    if joined.complete_lifecycle && !self.hints.complete_lifecycle {
+                        tracing::info!("a joining notice asks to complete the lifecycle action");
+                    }
+                    if let (Some((action, _)), Some(token)) = (&mut self.action, &joined.token)
+                        && action.token.is_none()
+                    {
+                        action.token = Some(token.clone());
+                    }
+                    self.hints = joined;
+                }
+                found = async { resolving.as_mut().expect("guarded").await }, if resolving.is_some() => {
+                    resolving = None;
+                    match found {
+                        Ok((action, hook)) => self.action_found(action, hook),
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot find the lifecycle action");
+                            self.action_error = Some(e);
+                        }
+                    }
+                }
+                () = sleep_until_opt(stop_at) => {
+                    tracing::warn!("deadline near: closing the archive as partial");
+                    self.stop.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Completes the lifecycle action, if one is to be completed: CONTINUE when the data is
+    /// stored, `on_failure` when not, nothing when the job was interrupted.
+    async fn complete_action(&mut self, status: JobStatus) -> Option<ActionOutcome> {
+        drop(self.heartbeats.take());
+        if !self.hints.complete_lifecycle {
+            return None;
+        }
+        if status == JobStatus::Interrupted {
+            tracing::warn!("interrupted: the lifecycle action is left pending for the next run");
+            return Some(ActionOutcome::LeftPending {
+                why: "the backup was interrupted; the next lifeboat run backs up again while the hook holds the instance".into(),
+            });
+        }
+        let until = self
+            .deadline
+            .complete_by(Instant::now() + UNBOUNDED_COMPLETION);
+        if self.action.is_none() {
+            // Asked for late, or its lookup failed earlier: one more try with the time left.
+            match self.resolving(until).await {
+                Ok((action, hook)) => self.action = Some((action, hook)),
+                Err(e) => {
+                    return Some(ActionOutcome::NotCompleted {
+                        error: e.to_string(),
+                    });
+                }
+            }
+        }
+        let (mut action, _) = self.action.clone().expect("resolved above");
+        action.token = action.token.or_else(|| self.hints.token.clone());
+        let intended = if status.stored() {
+            LifecycleResult::Continue
+        } else {
+            self.runner.config.lifecycle.on_failure
+        };
+        Some(complete(self.runner.lifecycle.as_ref(), &action, intended, until).await)
+    }
+
+    /// The job's result.
+    fn result(
+        &self,
+        notice: &TerminationNotice,
+        started_at: OffsetDateTime,
+        status: JobStatus,
+        stored: Option<Stored>,
+        error: Option<String>,
+        lifecycle: Option<ActionOutcome>,
+    ) -> JobResult {
+        let s = stored.unwrap_or_default();
+        JobResult {
+            status,
+            reason: notice.reason.clone(),
+            source: notice.source,
+            object_url: (!s.object_url.is_empty()).then_some(s.object_url),
+            error,
+            lifecycle,
+            started_at,
+            finished_at: OffsetDateTime::now_utc(),
+            file_count: s.file_count,
+            bytes_read: s.bytes_read,
+            bytes_stored: s.bytes_stored,
+            skipped: s.skipped,
+            changed: s.changed,
+            duration_seconds: self.start.elapsed().as_secs_f64(),
+            token: self.hints.token.clone(),
+        }
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn waiting(state: &str) -> bool {
+    state == TERMINATING_WAIT || state == WARMED_TERMINATING_WAIT
+}
+
+/// Waits for a `…Terminating:Wait` state (the target state changes before the transition), then
+/// completes with `result`. A token that turns out stale (no active action by token while the
+/// instance still waits) falls back to the instance id.
+async fn complete(
+    lc: &dyn LifecycleApi,
+    action: &ActionRef,
+    result: LifecycleResult,
+    until: Instant,
+) -> ActionOutcome {
+    let wait_until = (Instant::now() + WAIT_FOR_TERMINATING).min(until);
+    let mut attempt = 0;
+    loop {
+        match lc.describe_instance(&action.instance_id, until).await {
+            Ok(Some((_, state))) if waiting(&state) => break,
+            Ok(None) => {
+                return ActionOutcome::NotCompleted {
+                    error: "the instance is no longer in its group".into(),
+                };
+            }
+            Ok(Some((_, state))) if Instant::now() >= wait_until => {
+                return ActionOutcome::NotCompleted {
+                    error: format!("the instance is {state}, not {TERMINATING_WAIT}"),
+                };
+            }
+            Err(e) if Instant::now() >= wait_until => {
+                // Cannot confirm; completing by token or instance id is still right.
+                tracing::warn!(error = %e, "cannot confirm Terminating:Wait; completing anyway");
+                break;
+            }
+            _ => {
+                attempt += 1;
+                tokio::time::sleep(
+                    crate::lifecycle::backoff(
+                        attempt.min(4),
+                        Duration::from_secs(1),
+                        Duration::from_secs(5),
+                    ) + Duration::from_millis(200),
+                )
+                .await;
+            }
+        }
+    }
+    let done = |r| ActionOutcome::Completed {
+        result: r,
+        intended: result,
+    };
+    match lc.complete(action, result, until).await {
+        Ok(Completed::Now) => done(result),
+        Ok(Completed::AlreadyDone) if action.token.is_some() => {
+            // By token it is gone; if the instance still waits, the token was stale.
+            match lc.describe_instance(&action.instance_id, until).await {
+                Ok(Some((_, state))) if waiting(&state) => {
+                    tracing::warn!(
+                        "no active action by token while the instance waits: completing by instance id"
+                    );
+                    let by_id = ActionRef {
+                        token: None,
+                        ..action.clone()
+                    };
+                    match lc.complete(&by_id, result, until).await {
+                        Ok(Completed::Now) => done(result),
+                        Ok(Completed::AlreadyDone) => ActionOutcome::AlreadyDone,
+                        Err(e) => ActionOutcome::NotCompleted {
+                            error: e.to_string(),
+                        },
+                    }
+                }
+                _ => ActionOutcome::AlreadyDone,
+            }
+        }
+        Ok(Completed::AlreadyDone) => ActionOutcome::AlreadyDone,
+        Err(e) => ActionOutcome::NotCompleted {
+            error: e.to_string(),
+        },
+    }
+}
+
+/// Heartbeats for one lifecycle action while a job runs; they stop when this is dropped.
+///
+/// The first beat comes within [`FIRST_BEAT_WITHIN`] (jittered, so a fleet does not beat in
+/// step), then every `interval`. A failed beat is retried within seconds, not a whole interval
+/// later. "No active lifecycle action" is retried for [`NOT_ACTIVE_GRACE`] (Auto Scaling says it
+/// briefly right after `Terminating:Wait`), by instance id when a token was used, before the
+/// beats stop.
+pub struct Heartbeats {
+    stop: CancellationToken,
+}
+
+impl Heartbeats {
+    /// Starts beating for `action` every `interval` until `until` (the hook's end).
+    pub fn start(
+        lc: Arc<dyn LifecycleApi>,
+        action: ActionRef,
+        interval: Duration,
+        until: Instant,
+    ) -> Self {
+        let stop = CancellationToken::new();
+        tokio::spawn(heartbeat_loop(lc, action, interval, until, stop.clone()));
+        Self { stop }
+    }
+}
+
+impl Drop for Heartbeats {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
 async fn heartbeat_loop(
-    lc: Lifecycle,
-    action: ActionRef,
+    lc: Arc<dyn LifecycleApi>,
+    mut action: ActionRef,
     interval: Duration,
     until: Instant,
     stop: CancellationToken,
 ) {
-    let mut next = Instant::now() + interval.mul_f64(fastrand::f64());
+    let retry_cap = (interval / 4).clamp(Duration::from_secs(1), Duration::from_secs(30));
+    let mut next = Instant::now() + interval.min(FIRST_BEAT_WITHIN).mul_f64(fastrand::f64());
+    let mut failures = 0;
+    let mut not_active_since: Option<Instant> = None;
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep_until(next) => {}
         }
-        if Instant::now() >= until {
+        let now = Instant::now();
+        if now >= until {
             return;
         }
-        match lc.heartbeat(&action, until).await {
-            Ok(true) => tracing::debug!(instance_id = %action.instance_id, "heartbeat"),
-            Ok(false) => {
-                tracing::warn!("heartbeat: no active lifecycle action any more");
-                return;
+        // One beat may retry throttling, but not past the time the next one is due.
+        let call_until = (now + interval.max(Duration::from_secs(2)) / 2).min(until);
+        let beat = tokio::select! {
+            () = stop.cancelled() => return,
+            r = lc.heartbeat(&action, call_until) => r,
+        };
+        match beat {
+            Ok(true) => {
+                tracing::debug!(instance_id = %action.instance_id, "heartbeat");
+                failures = 0;
+                not_active_since = None;
+                next = Instant::now() + interval;
             }
-            Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+            Ok(false) => {
+                let since = *not_active_since.get_or_insert(now);
+                if action.token.is_some() {
+                    tracing::warn!("heartbeat: no active action by token; beating by instance id");
+                    action.token = None;
+                    next = Instant::now();
+                    continue;
+                }
+                if now.duration_since(since) >= NOT_ACTIVE_GRACE {
+                    tracing::warn!("heartbeat: no active lifecycle action any more");
+                    return;
+                }
+                failures += 1;
+                next = Instant::now()
+                    + crate::lifecycle::backoff(failures, Duration::from_millis(500), retry_cap)
+                        .max(Duration::from_millis(200));
+            }
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(error = %e, "heartbeat failed; retrying soon");
+                next = Instant::now()
+                    + crate::lifecycle::backoff(failures, Duration::from_millis(500), retry_cap)
+                        .max(Duration::from_millis(200));
+            }
         }
-        next += interval;
+    }
+}
+
+/// Takes the backup lock (`RUNTIME_DIRECTORY/backup.lock`), waiting for a holder to finish.
+/// Returns the lock file (held while it lives) and whether another invocation held it.
+async fn lock() -> (Option<std::fs::File>, bool) {
+    use rustix::fs::{FlockOperation, flock};
+    let dir = crate::state::runtime_dir();
+    let path = dir.join("backup.lock");
+    let file = std::fs::create_dir_all(&dir).and_then(|()| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+    });
+    let file = match file {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "no backup lock; running unlocked");
+            return (None, false);
+        }
+    };
+    if flock(&file, FlockOperation::NonBlockingLockExclusive).is_ok() {
+        return (Some(file), false);
+    }
+    eprintln!("lifeboat: another backup is running; waiting for its result");
+    let locked = tokio::task::spawn_blocking(move || {
+        flock(&file, FlockOperation::LockExclusive).map(|()| file)
+    })
+    .await;
+    match locked {
+        Ok(Ok(f)) => (Some(f), true),
+        _ => (None, true),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The story's timing rules with tokio's paused clock against fakes of [`LifecycleApi`] and
+    //! [`BackupApi`]: minutes of story in milliseconds.
+
+    use std::collections::VecDeque;
+    use std::path::Path;
+    use std::time::SystemTime;
+
+    use super::*;
+
+    /// One call the fake lifecycle received.
+    #[derive(Debug, Clone)]
+    struct Call {
+        at: Duration,
+        op: &'static str,
+        token: Option<String>,
+        result: Option<LifecycleResult>,
+    }
+
+    struct FakeLifecycle {
+        t0: Instant,
+        heartbeat_timeout: Duration,
+        /// What DescribeAutoScalingInstances says.
+        state: Mutex<String>,
+        /// Scripted heartbeat answers (then `Ok(true)`): `Some(b)` is `Ok(b)`, `None` a failure.
+        beats: Mutex<VecDeque<Option<bool>>>,
+        /// Completion by token finds no active action (a stale token).
+        stale_token: bool,
+        calls: Mutex<Vec<Call>>,
+    }
+
+    impl FakeLifecycle {
+        fn new(heartbeat_timeout: Duration) -> Arc<Self> {
+            Arc::new(Self {
+                t0: Instant::now(),
+                heartbeat_timeout,
+                state: Mutex::new(TERMINATING_WAIT.into()),
+                beats: Mutex::new(VecDeque::new()),
+                stale_token: false,
+                calls: Mutex::new(Vec::new()),
+            })
+        }
+        fn record(
+            &self,
+            op: &'static str,
+            action: Option<&ActionRef>,
+            result: Option<LifecycleResult>,
+        ) {
+            self.calls.lock().unwrap().push(Call {
+                at: self.t0.elapsed(),
+                op,
+                token: action.and_then(|a| a.token.clone()),
+                result,
+            });
+        }
+        fn calls(&self, op: &str) -> Vec<Call> {
+            self.calls
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|c| c.op == op)
+                .cloned()
+                .collect()
+        }
+    }
+
+    fn failed(op: &'static str) -> LifecycleError {
+        LifecycleError::Call {
+            operation: op,
+            instance_id: "i-1".into(),
+            message: "Rate exceeded".into(),
+            retryable: true,
+        }
+    }
+
+    impl LifecycleApi for FakeLifecycle {
+        fn describe_instance<'a>(
+            &'a self,
+            _: &'a str,
+            _: Instant,
+        ) -> BoxFuture<'a, Result<Option<(String, String)>, LifecycleError>> {
+            Box::pin(async move {
+                self.record("DescribeAutoScalingInstances", None, None);
+                Ok(Some(("web".into(), self.state.lock().unwrap().clone())))
+            })
+        }
+        fn terminate_hook<'a>(
+            &'a self,
+            _: &'a str,
+            _: Option<&'a str>,
+            _: &'a str,
+            _: Instant,
+        ) -> BoxFuture<'a, Result<Hook, LifecycleError>> {
+            Box::pin(async move {
+                self.record("DescribeLifecycleHooks", None, None);
+                Ok(Hook {
+                    name: "lifeboat".into(),
+                    heartbeat_timeout: self.heartbeat_timeout,
+                    default_result: "ABANDON".into(),
+                })
+            })
+        }
+        fn heartbeat<'a>(
+            &'a self,
+            action: &'a ActionRef,
+            _: Instant,
+        ) -> BoxFuture<'a, Result<bool, LifecycleError>> {
+            Box::pin(async move {
+                self.record("RecordLifecycleActionHeartbeat", Some(action), None);
+                match self.beats.lock().unwrap().pop_front() {
+                    Some(Some(b)) => Ok(b),
+                    Some(None) => Err(failed("RecordLifecycleActionHeartbeat")),
+                    None => Ok(true),
+                }
+            })
+        }
+        fn complete<'a>(
+            &'a self,
+            action: &'a ActionRef,
+            result: LifecycleResult,
+            _: Instant,
+        ) -> BoxFuture<'a, Result<Completed, LifecycleError>> {
+            Box::pin(async move {
+                self.record("CompleteLifecycleAction", Some(action), Some(result));
+                if self.stale_token && action.token.is_some() {
+                    Ok(Completed::AlreadyDone)
+                } else {
+                    Ok(Completed::Now)
+                }
+            })
+        }
+    }
+
+    /// A backup that takes `takes` unless stopped (then partial) or cancelled; or panics.
+    struct FakeBackup {
+        takes: Duration,
+        panics: bool,
+        t0: Instant,
+        stopped_at: Arc<Mutex<Option<Duration>>>,
+        reports: Arc<Mutex<Vec<Report>>>,
+    }
+
+    impl FakeBackup {
+        fn new(takes: Duration) -> Arc<Self> {
+            Arc::new(Self {
+                takes,
+                panics: false,
+                t0: Instant::now(),
+                stopped_at: Arc::default(),
+                reports: Arc::default(),
+            })
+        }
+    }
+
+    impl BackupApi for FakeBackup {
+        fn backup(&self, run: BackupRun) -> BoxFuture<'static, Result<Stored, JobError>> {
+            let (takes, panics, t0, stopped_at) = (
+                self.takes,
+                self.panics,
+                self.t0,
+                Arc::clone(&self.stopped_at),
+            );
+            Box::pin(async move {
+                if panics {
+                    panic!("a bug in the pipeline");
+                }
+                let end = Instant::now() + takes;
+                let mut partial = false;
+                while Instant::now() < end {
+                    if run.stop.load(Ordering::Relaxed) {
+                        *stopped_at.lock().unwrap() = Some(t0.elapsed());
+                        partial = true;
+                        break;
+                    }
+                    tokio::select! {
+                        () = run.cancel.cancelled() => return Err(JobError::Cancelled),
+                        () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    }
+                }
+                Ok(Stored {
+                    object_url: "s3://b/k.tar.gz".into(),
+                    partial,
+                    ..Stored::default()
+                })
+            })
+        }
+        fn publish<'a>(&'a self, r: &'a Report) -> BoxFuture<'a, Result<String, String>> {
+            self.reports.lock().unwrap().push(r.clone());
+            Box::pin(async { Ok("m-1".into()) })
+        }
+    }
+
+    fn config(extra: &str) -> Arc<Config> {
+        let text = format!(
+            "[s3]\nbucket = \"b-1\"\n[sns]\ntopic_arn = \"arn:aws:sns:us-east-1:123456789012:t\"\n{extra}"
+        );
+        Arc::new(Config::parse(Path::new("test.toml"), &text).expect("valid test config"))
+    }
+
+    fn identity() -> InstanceIdentity {
+        InstanceIdentity {
+            group: "web".into(),
+            ..InstanceIdentity::standalone()
+        }
+    }
+
+    struct Bench {
+        runner: Arc<Runner>,
+        lc: Arc<FakeLifecycle>,
+        backup: Arc<FakeBackup>,
+        shutdown: CancellationToken,
+        _dir: tempfile::TempDir,
+    }
+
+    fn bench(lc: Arc<FakeLifecycle>, backup: Arc<FakeBackup>, extra: &str) -> Bench {
+        let dir = tempfile::tempdir().unwrap();
+        let shutdown = CancellationToken::new();
+        let runner = Runner::with_parts(
+            config(extra),
+            identity(),
+            Arc::clone(&lc) as Arc<dyn LifecycleApi>,
+            Arc::clone(&backup) as Arc<dyn BackupApi>,
+            Arc::new(StateFile::open(dir.path())),
+            shutdown.clone(),
+        );
+        Bench {
+            runner,
+            lc,
+            backup,
+            shutdown,
+            _dir: dir,
+        }
+    }
+
+    fn notice(source: NoticeSource) -> TerminationNotice {
+        TerminationNotice {
+            source,
+            reason: "test".into(),
+            group: None,
+            hook: None,
+            token: None,
+            deadline: None,
+            complete_lifecycle: source == NoticeSource::TargetLifecycleState,
+        }
+    }
+
+    fn spot(in_secs: u64) -> TerminationNotice {
+        TerminationNotice {
+            deadline: Some(SystemTime::now() + Duration::from_secs(in_secs)),
+            ..notice(NoticeSource::Spot)
+        }
+    }
+
+    /// Lets the spawned job start before the next notice arrives.
+    async fn settle() {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_spot_notice_joining_a_rebalance_job_brings_its_deadline() {
+        let b = bench(
+            FakeLifecycle::new(Duration::from_secs(3600)),
+            FakeBackup::new(Duration::from_secs(3600)),
+            "",
+        );
+        let first = tokio::spawn({
+            let r = Arc::clone(&b.runner);
+            async move { r.submit(notice(NoticeSource::Rebalance)).await }
+        });
+        settle().await;
+        let joined = b.runner.submit(spot(120)).await;
+        let first = first.await.unwrap();
+        assert_eq!(joined.status, JobStatus::Partial, "{joined:?}");
+        assert_eq!(first.status, JobStatus::Partial);
+        // The Spot deadline (120 s after t=1 s) with its 30 s reserve: the stop at 91 s.
+        let stopped = b.backup.stopped_at.lock().unwrap().expect("stopped");
+        assert!(
+            stopped >= Duration::from_secs(90) && stopped <= Duration::from_secs(92),
+            "stopped at {stopped:?}"
+        );
+        assert!(joined.duration_seconds < 121.0, "{joined:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_scale_in_joining_a_manual_job_brings_heartbeats_and_completion() {
+        let b = bench(
+            FakeLifecycle::new(Duration::from_secs(60)),
+            FakeBackup::new(Duration::from_secs(300)),
+            "",
+        );
+        let first = tokio::spawn({
+            let r = Arc::clone(&b.runner);
+            async move { r.submit(notice(NoticeSource::Command)).await }
+        });
+        settle().await;
+        let joined = b
+            .runner
+            .submit(notice(NoticeSource::TargetLifecycleState))
+            .await;
+        assert_eq!(first.await.unwrap().status, JobStatus::Succeeded);
+        assert_eq!(
+            joined.lifecycle,
+            Some(ActionOutcome::Completed {
+                result: LifecycleResult::Continue,
+                intended: LifecycleResult::Continue
+            })
+        );
+        // Heartbeats every 30 s (half the 60 s timeout) for a 300 s job: never 60 s apart.
+        let beats = b.lc.calls("RecordLifecycleActionHeartbeat");
+        assert!(beats.len() >= 9, "{beats:?}");
+        assert!(beats[0].at <= Duration::from_secs(1 + 5), "{beats:?}");
+        for pair in beats.windows(2) {
+            assert!(
+                pair[1].at - pair[0].at <= Duration::from_secs(31),
+                "{beats:?}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn heartbeats_start_early_and_retry_a_failed_beat_within_seconds() {
+        let lc = FakeLifecycle::new(Duration::from_secs(600));
+        lc.beats.lock().unwrap().extend([Some(true), None, None]);
+        let b = bench(lc, FakeBackup::new(Duration::from_secs(900)), "");
+        let r = b
+            .runner
+            .submit(notice(NoticeSource::TargetLifecycleState))
+            .await;
+        assert_eq!(r.status, JobStatus::Succeeded);
+        let beats = b.lc.calls("RecordLifecycleActionHeartbeat");
+        // The first within five seconds (not up to half the 600 s timeout).
+        assert!(beats[0].at <= Duration::from_secs(5), "{beats:?}");
+        // Two failures: each retried within 30 s, not 300 s later.
+        assert!(
+            beats[2].at - beats[1].at <= Duration::from_secs(31),
+            "{beats:?}"
+        );
+        assert!(
+            beats[3].at - beats[2].at <= Duration::from_secs(31),
+            "{beats:?}"
+        );
+        // Then back to the interval.
+        assert!(
+            beats[4].at - beats[3].at >= Duration::from_secs(299),
+            "{beats:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_active_action_by_a_stale_token_falls_back_to_the_instance_id() {
+        let lc = Arc::new(FakeLifecycle {
+            stale_token: true,
+            ..Arc::into_inner(FakeLifecycle::new(Duration::from_secs(60))).unwrap()
+        });
+        // A beat by token finds nothing: stale. Then one "not active" by instance id (eventual
+        // consistency) before beats succeed.
+        lc.beats.lock().unwrap().extend([Some(false), Some(false)]);
+        let b = bench(lc, FakeBackup::new(Duration::from_secs(120)), "");
+        let r = b
+            .runner
+            .submit(TerminationNotice {
+                token: Some("old-token".into()),
+                complete_lifecycle: true,
+                ..notice(NoticeSource::Command)
+            })
+            .await;
+        let beats = b.lc.calls("RecordLifecycleActionHeartbeat");
+        assert_eq!(beats[0].token.as_deref(), Some("old-token"));
+        assert!(beats[1..].iter().all(|c| c.token.is_none()), "{beats:?}");
+        assert!(
+            beats.len() >= 4,
+            "beats stopped at the first 'not active': {beats:?}"
+        );
+        let completions = b.lc.calls("CompleteLifecycleAction");
+        assert_eq!(completions.len(), 2, "{completions:?}");
+        assert_eq!(completions[1].token, None);
+        assert_eq!(
+            r.lifecycle,
+            Some(ActionOutcome::Completed {
+                result: LifecycleResult::Continue,
+                intended: LifecycleResult::Continue
+            })
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn heartbeats_stop_after_the_not_active_grace() {
+        let lc = FakeLifecycle::new(Duration::from_secs(60));
+        lc.beats.lock().unwrap().extend([Some(false); 100]);
+        let b = bench(lc, FakeBackup::new(Duration::from_secs(200)), "");
+        b.runner
+            .submit(notice(NoticeSource::TargetLifecycleState))
+            .await;
+        let beats = b.lc.calls("RecordLifecycleActionHeartbeat");
+        let last = beats.last().unwrap().at;
+        assert!(beats.len() >= 3, "{beats:?}");
+        assert!(last - beats[0].at >= NOT_ACTIVE_GRACE, "{beats:?}");
+        assert!(last < Duration::from_secs(60), "{beats:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_interrupted_job_leaves_the_action_pending() {
+        let b = bench(
+            FakeLifecycle::new(Duration::from_secs(60)),
+            FakeBackup::new(Duration::from_secs(600)),
+            "",
+        );
+        let job = tokio::spawn({
+            let r = Arc::clone(&b.runner);
+            async move { r.submit(notice(NoticeSource::TargetLifecycleState)).await }
+        });
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        b.shutdown.cancel();
+        let r = job.await.unwrap();
+        assert_eq!(r.status, JobStatus::Interrupted);
+        assert!(
+            matches!(r.lifecycle, Some(ActionOutcome::LeftPending { .. })),
+            "{r:?}"
+        );
+        assert!(b.lc.calls("CompleteLifecycleAction").is_empty());
+        assert!(!r.settles_termination());
+        let reports = b.backup.reports.lock().unwrap();
+        assert_eq!(reports[0].status, "interrupted");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_panic_in_the_backup_completes_with_on_failure_and_frees_the_slot() {
+        let backup = Arc::new(FakeBackup {
+            panics: true,
+            ..Arc::into_inner(FakeBackup::new(Duration::from_secs(1))).unwrap()
+        });
+        let b = bench(
+            FakeLifecycle::new(Duration::from_secs(60)),
+            backup,
+            "[lifecycle]\non_failure = \"ABANDON\"\n",
+        );
+        let r = b
+            .runner
+            .submit(notice(NoticeSource::TargetLifecycleState))
+            .await;
+        assert_eq!(r.status, JobStatus::Failed);
+        assert!(r.error.as_deref().unwrap().contains("panic"), "{r:?}");
+        assert_eq!(
+            b.lc.calls("CompleteLifecycleAction")[0].result,
+            Some(LifecycleResult::Abandon)
+        );
+        assert!(b.runner.progress().is_none(), "the slot is free");
+        assert_eq!(b.backup.reports.lock().unwrap()[0].status, "failed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_warm_pool_instance_is_completed_and_backed_up_again_next_time() {
+        let lc = FakeLifecycle::new(Duration::from_secs(60));
+        *lc.state.lock().unwrap() = WARMED_TERMINATING_WAIT.into();
+        let b = bench(lc, FakeBackup::new(Duration::from_secs(10)), "");
+        let first = b
+            .runner
+            .submit(notice(NoticeSource::TargetLifecycleState))
+            .await;
+        assert!(first.lifecycle.as_ref().unwrap().settled(), "{first:?}");
+        // The same lifecycle: the same result, no second backup.
+        b.runner
+            .submit(notice(NoticeSource::TargetLifecycleState))
+            .await;
+        assert_eq!(b.lc.calls("CompleteLifecycleAction").len(), 1);
+        // Back in the pool, then terminated again: a new backup and a new completion.
+        b.runner.new_lifecycle();
+        b.runner
+            .submit(notice(NoticeSource::TargetLifecycleState))
+            .await;
+        assert_eq!(b.lc.calls("CompleteLifecycleAction").len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_already_settled_in_an_earlier_process_is_not_backed_up_again() {
+        let b = bench(
+            FakeLifecycle::new(Duration::from_secs(60)),
+            FakeBackup::new(Duration::from_secs(10)),
+            "",
+        );
+        let with_token = TerminationNotice {
+            token: Some("t-1".into()),
+            complete_lifecycle: true,
+            ..notice(NoticeSource::Command)
+        };
+        b.runner.submit(with_token.clone()).await;
+        // A new runner (a restarted daemon) reads the state file.
+        let again = Runner::with_parts(
+            Arc::clone(&b.runner.config),
+            identity(),
+            Arc::clone(&b.lc) as Arc<dyn LifecycleApi>,
+            Arc::clone(&b.backup) as Arc<dyn BackupApi>,
+            Arc::new(StateFile::open(b._dir.path())),
+            CancellationToken::new(),
+        );
+        again.submit(with_token).await;
+        assert_eq!(b.lc.calls("CompleteLifecycleAction").len(), 1);
     }
 }

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-use crate::runner::JobResult;
+use crate::job::JobResult;
 use crate::watch::TerminationNotice;
 
 fn dir_from_env(var: &str, default: &str) -> PathBuf {
@@ -58,8 +58,9 @@ pub struct DaemonInfo {
 /// A notice as recorded.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NoticeRecord {
-    /// When it arrived (RFC 3339).
-    pub at: String,
+    /// When it arrived.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: time::OffsetDateTime,
     /// The notice.
     pub notice: TerminationNotice,
 }
@@ -104,6 +105,16 @@ impl StateFile {
         &self.path
     }
 
+    /// The state as on disk now (another process may have written it), kept as the current one;
+    /// the one in memory when the file cannot be read.
+    pub fn reload(&self) -> State {
+        let mut state = self.state.lock().expect("state lock");
+        if let Some(on_disk) = Self::read(&self.path) {
+            *state = on_disk;
+        }
+        state.clone()
+    }
+
     /// A copy of the current state.
     pub fn snapshot(&self) -> State {
         self.state.lock().expect("state lock").clone()
@@ -136,7 +147,7 @@ impl StateFile {
 
     /// Records a notice.
     pub fn record_notice(&self, notice: &TerminationNotice) {
-        let at = crate::manifest::rfc3339(time::OffsetDateTime::now_utc());
+        let at = time::OffsetDateTime::now_utc();
         self.update(|s| {
             s.last_notice = Some(NoticeRecord {
                 at,

@@ -291,7 +291,10 @@ impl ObjectWriter {
         if self.upload_id.get().is_none() {
             let id = self
                 .runtime
-                .block_on(create_upload(&self.client, &self.dest))
+                .block_on(cancellable(
+                    &self.cancel,
+                    create_upload(&self.client, &self.dest),
+                ))
                 .map_err(io::Error::other)?;
             tracing::debug!(upload_id = %id, key = %self.dest.key, "multipart upload started");
             let _ = self.upload_id.set(id);
@@ -336,9 +339,11 @@ impl ObjectWriter {
     /// Uploads what is left and makes the object. Call from async code once writing is done.
     pub async fn finish(mut self) -> Result<StoredObject, UploadError> {
         let Some(upload_id) = self.upload_id.get().cloned() else {
-            return self.put_single().await;
+            let cancel = self.cancel.clone();
+            return cancellable(&cancel, self.put_single()).await;
         };
-        let result = self.complete(&upload_id).await;
+        let cancel = self.cancel.clone();
+        let result = cancellable(&cancel, self.complete(&upload_id)).await;
         if result.is_err() {
             // Keep nothing that could be mistaken for data: the upload goes.
             self.tasks.abort_all();
@@ -432,6 +437,21 @@ impl ObjectWriter {
     }
 }
 
+/// How long aborting a multipart upload may take (the bucket's `AbortIncompleteMultipartUpload`
+/// rule removes one this could not).
+const ABORT_BUDGET: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Runs an S3 request unless `cancel` fires first (a signal must end a request that hangs).
+pub async fn cancellable<T>(
+    cancel: &CancellationToken,
+    request: impl std::future::Future<Output = Result<T, UploadError>>,
+) -> Result<T, UploadError> {
+    tokio::select! {
+        r = request => r,
+        () = cancel.cancelled() => Err(UploadError::Cancelled),
+    }
+}
+
 /// Aborts the multipart upload of an [`ObjectWriter`], if it started one.
 #[derive(Clone)]
 pub struct AbortHandle {
@@ -446,15 +466,31 @@ impl AbortHandle {
     pub async fn abort(&self) -> Option<UploadError> {
         let upload_id = self.upload_id.get()?;
         tracing::info!(upload_id, key = %self.dest.key, "aborting multipart upload");
-        let result = self
-            .client
-            .abort_multipart_upload()
-            .bucket(&self.dest.bucket)
-            .key(&self.dest.key)
-            .upload_id(upload_id)
-            .set_expected_bucket_owner(self.dest.expected_bucket_owner.clone())
-            .send()
-            .await;
+        // Bounded: an interrupted process must end within seconds even against a hung S3.
+        let result = tokio::time::timeout(
+            ABORT_BUDGET,
+            self.client
+                .abort_multipart_upload()
+                .bucket(&self.dest.bucket)
+                .key(&self.dest.key)
+                .upload_id(upload_id)
+                .set_expected_bucket_owner(self.dest.expected_bucket_owner.clone())
+                .send(),
+        )
+        .await;
+        let result = match result {
+            Ok(r) => r,
+            Err(_) => {
+                let err = UploadError::Abort {
+                    bucket: self.dest.bucket.clone(),
+                    key: self.dest.key.clone(),
+                    upload_id: upload_id.clone(),
+                    message: format!("no answer within {ABORT_BUDGET:?}"),
+                };
+                tracing::error!(error = %err, "could not abort the multipart upload");
+                return Some(err);
+            }
+        };
         match result {
             Ok(_) => None,
             // Already gone: nothing is left behind.

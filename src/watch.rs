@@ -55,6 +55,16 @@ pub struct TerminationNotice {
     pub complete_lifecycle: bool,
 }
 
+/// What the watcher reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchEvent {
+    /// A reason to back up now.
+    Notice(TerminationNotice),
+    /// `target-lifecycle-state` left `Terminated` (back in service, into a warm pool, reused):
+    /// the next termination is a new one.
+    NewLifecycle,
+}
+
 /// The Spot `instance-action` document.
 #[derive(Debug, Deserialize)]
 struct SpotAction {
@@ -79,7 +89,7 @@ pub struct ImdsWatcher {
 }
 
 /// Metadata unavailable, with a short reason for the log.
-fn describe(e: &ImdsError) -> String {
+pub(crate) fn describe(e: &ImdsError) -> String {
     match e {
         ImdsError::ErrorResponse(r) => format!("HTTP {}", r.response().status().as_u16()),
         ImdsError::FailedToLoadToken(_) => "no session token (IMDSv2 unavailable)".into(),
@@ -124,26 +134,23 @@ impl ImdsWatcher {
         }
     }
 
-    /// Whether instance metadata answers at all (a token and the instance id).
-    pub async fn available(&self) -> Result<String, String> {
-        self.client
-            .get("/latest/meta-data/instance-id")
-            .await
-            .map(String::from)
-            .map_err(|e| describe(&e))
-    }
-
-    /// One poll: the notices due now.
-    async fn poll_once(&self, seen: &mut Seen) -> Result<Vec<TerminationNotice>, ImdsError> {
+    /// One poll: the events due now.
+    async fn poll_once(&self, seen: &mut Seen) -> Result<Vec<WatchEvent>, ImdsError> {
         let mut out = Vec::new();
-        if !seen.terminated
-            && let Some(state) = self
-                .get("/latest/meta-data/autoscaling/target-lifecycle-state")
-                .await?
-            && (state.trim() == "Terminated" || state.trim() == "Warmed:Terminated")
-        {
+        let state = self
+            .get("/latest/meta-data/autoscaling/target-lifecycle-state")
+            .await?;
+        let terminating = state
+            .as_deref()
+            .is_some_and(|s| matches!(s.trim(), "Terminated" | "Warmed:Terminated"));
+        if seen.terminated && !terminating && state.is_some() {
+            // Back in service or into a warm pool: a later termination is a new one.
+            seen.terminated = false;
+            out.push(WatchEvent::NewLifecycle);
+        }
+        if !seen.terminated && terminating {
             seen.terminated = true;
-            out.push(TerminationNotice {
+            out.push(WatchEvent::Notice(TerminationNotice {
                 source: NoticeSource::TargetLifecycleState,
                 reason: "terminate".into(),
                 group: None,
@@ -151,7 +158,7 @@ impl ImdsWatcher {
                 token: None,
                 deadline: None,
                 complete_lifecycle: true,
-            });
+            }));
         }
         if self.spot
             && !seen.spot
@@ -173,7 +180,7 @@ impl ImdsWatcher {
             let action = parsed
                 .map(|a| a.action)
                 .unwrap_or_else(|| "terminate".into());
-            out.push(TerminationNotice {
+            out.push(WatchEvent::Notice(TerminationNotice {
                 source: NoticeSource::Spot,
                 reason: format!("spot-{action}"),
                 group: None,
@@ -181,7 +188,7 @@ impl ImdsWatcher {
                 token: None,
                 deadline: Some(deadline),
                 complete_lifecycle: false,
-            });
+            }));
         }
         if self.rebalance
             && !seen.rebalance
@@ -191,7 +198,7 @@ impl ImdsWatcher {
                 .is_some()
         {
             seen.rebalance = true;
-            out.push(TerminationNotice {
+            out.push(WatchEvent::Notice(TerminationNotice {
                 source: NoticeSource::Rebalance,
                 reason: "rebalance-recommendation".into(),
                 group: None,
@@ -199,17 +206,13 @@ impl ImdsWatcher {
                 token: None,
                 deadline: None,
                 complete_lifecycle: false,
-            });
+            }));
         }
         Ok(out)
     }
 
-    /// Polls until `shutdown`, sending each notice once on `notices`.
-    pub async fn run(
-        mut self,
-        notices: mpsc::Sender<TerminationNotice>,
-        shutdown: CancellationToken,
-    ) {
+    /// Polls until `shutdown`, sending each notice once (per lifecycle) on `notices`.
+    pub async fn run(mut self, notices: mpsc::Sender<WatchEvent>, shutdown: CancellationToken) {
         let mut seen = Seen::default();
         let mut failing: Option<String> = None;
         let mut pause = self.poll;
@@ -220,9 +223,11 @@ impl ImdsWatcher {
                         tracing::info!(was = %was, "instance metadata answers again");
                     }
                     pause = self.poll;
-                    for notice in found {
-                        tracing::info!(source = ?notice.source, reason = %notice.reason, "termination notice");
-                        if notices.send(notice).await.is_err() {
+                    for event in found {
+                        if let WatchEvent::Notice(n) = &event {
+                            tracing::info!(source = ?n.source, reason = %n.reason, "termination notice");
+                        }
+                        if notices.send(event).await.is_err() {
                             return;
                         }
                     }

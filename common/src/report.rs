@@ -9,7 +9,9 @@ use serde::Serialize;
 /// A job's outcome, as published.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
-    /// `succeeded`, `partial`, `failed`, or `not-run` (the Lambda could not start the backup).
+    /// `succeeded`, `partial`, `failed`, `interrupted` (the agent was stopped mid-backup and left
+    /// the action pending for its next start), or `not-run` (the Lambda could not start the
+    /// backup).
     pub status: String,
     /// The instance.
     pub instance_id: String,
@@ -70,6 +72,7 @@ impl Report {
             "succeeded" => "backup succeeded",
             "partial" => "backup partial",
             "not-run" => "backup did not run",
+            "interrupted" => "backup interrupted",
             _ => "backup failed",
         };
         let s = format!("lifeboat: {verb} on {} ({})", self.instance_id, self.group);
