@@ -335,11 +335,23 @@ pub fn archive_name(path: &Path) -> Option<PathBuf> {
     (!rel.as_os_str().is_empty()).then(|| rel.to_owned())
 }
 
+/// Where the tar stream goes: a writer that can also take a long run of zeros, which a
+/// compressing sink may store far more cheaply than by writing them (the rest of a huge file cut
+/// at a deadline). The default writes them.
+pub trait TarSink: Write {
+    /// Writes `n` zero bytes.
+    fn write_zeros(&mut self, n: u64) -> io::Result<()> {
+        crate::zeros::write_zeros(self, n)
+    }
+}
+
+impl TarSink for Vec<u8> {}
+
 /// Writes the tar stream of `opts` into `out`; returns the writer and what was archived.
 ///
 /// Checks `stop` between entries: when set, the archive is closed (valid, with an end marker) and
 /// the report says `stopped_early`.
-pub fn write_archive<W: Write>(
+pub fn write_archive<W: TarSink>(
     opts: &ArchiveOptions<'_>,
     out: W,
     counters: &Counters,
@@ -365,7 +377,7 @@ pub fn write_archive<W: Write>(
     Ok((out, writer.report))
 }
 
-struct TarWriter<'c, W: Write> {
+struct TarWriter<'c, W: TarSink> {
     builder: tar::Builder<W>,
     report: ArchiveReport,
     /// (device, inode) of multiply-linked files → the name they were first archived under.
@@ -374,7 +386,7 @@ struct TarWriter<'c, W: Write> {
     stop: &'c AtomicBool,
 }
 
-impl<W: Write> TarWriter<'_, W> {
+impl<W: TarSink> TarWriter<'_, W> {
     fn skip(&mut self, path: &Path, reason: impl Into<String>) {
         let reason = reason.into();
         tracing::debug!(path = %path.display(), %reason, "skipped");
@@ -504,17 +516,29 @@ impl<W: Write> TarWriter<'_, W> {
             Some(regions) => sparse_header(&mut header, regions, declared),
             None => (vec![(0, declared)], Vec::new()),
         };
+        let data_size = header.entry_size().unwrap_or(declared);
         let mut reader = LiveReader::new(&file, map, self.counters, Some(self.stop));
+        let write_err = |source| ArchiveError::Write {
+            path: path.display().to_string(),
+            source,
+        };
         self.builder
             .append_data(
                 &mut header,
                 &name,
                 &mut io::Cursor::new(ext_blocks).chain(&mut reader),
             )
-            .map_err(|source| ArchiveError::Write {
-                path: path.display().to_string(),
-                source,
-            })?;
+            .map_err(write_err)?;
+        // The reader ended early (cut at the deadline, shrank, read error): the entry still
+        // holds its declared size. tar padded what was written to a block; the zeros that make
+        // up the rest go to the sink, which may store them for next to nothing.
+        let fill = data_size.next_multiple_of(BLOCK) - reader.emitted.next_multiple_of(BLOCK);
+        if fill > 0 {
+            self.builder
+                .get_mut()
+                .write_zeros(fill)
+                .map_err(write_err)?;
+        }
         let (read, padded, cut, error) =
             (reader.read, reader.padded, reader.cut, reader.error.take());
         self.report.bytes_read += read;
@@ -645,14 +669,19 @@ fn sparse_header(
     (map, ext_blocks)
 }
 
-/// Yields exactly the bytes of `regions` of a file that may change while read: stops at each
-/// region's declared end, and pads with zeros if the file ends early or a read fails. Never returns
-/// an error, so an error out of the tar builder is always the output's.
+/// Yields the bytes of `regions` of a file that may change while read: stops at each region's
+/// declared end, and ends early (returns end of file)
+/// when the file ends before its declared size, a read fails or the deadline cuts it; the caller
+/// fills the rest ([`TarSink::write_zeros`]). Never returns an error, so an error out of the tar
+/// builder is always the output's.
 struct LiveReader<'a> {
     file: &'a File,
     /// `(offset, length)` still to read, in order; the front one is partly read.
     regions: std::collections::VecDeque<(u64, u64)>,
+    /// File bytes read.
     read: u64,
+    /// Bytes yielded (what was read, in the map's order).
+    emitted: u64,
     padded: bool,
     error: Option<io::Error>,
     counters: &'a Counters,
@@ -672,6 +701,7 @@ impl<'a> LiveReader<'a> {
             file,
             regions: regions.into_iter().filter(|r| r.1 > 0).collect(),
             read: 0,
+            emitted: 0,
             padded: false,
             error: None,
             counters,
@@ -693,34 +723,29 @@ impl Read for LiveReader<'_> {
         if !self.cut && self.stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
             self.cut = true;
         }
-        let n = if self.padded || self.cut || self.error.is_some() {
-            0
-        } else {
-            loop {
-                match self.file.read_at(buf, *offset) {
-                    Ok(n) => break n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        self.error = Some(e);
-                        break 0;
-                    }
+        if self.padded || self.cut || self.error.is_some() {
+            return Ok(0);
+        }
+        let n = loop {
+            match self.file.read_at(buf, *offset) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.error = Some(e);
+                    return Ok(0);
                 }
             }
         };
-        let n = if n == 0 {
-            // End of file before the declared size (or an error): zero-fill the rest.
-            if self.error.is_none() && !self.cut {
-                self.padded = true;
-            }
-            buf.fill(0);
-            want
-        } else {
-            self.read += n as u64;
-            self.counters
-                .bytes_read
-                .fetch_add(n as u64, Ordering::Relaxed);
-            n
-        };
+        if n == 0 {
+            // End of file before the declared size: the caller fills the rest.
+            self.padded = true;
+            return Ok(0);
+        }
+        self.read += n as u64;
+        self.emitted += n as u64;
+        self.counters
+            .bytes_read
+            .fetch_add(n as u64, Ordering::Relaxed);
         *offset += n as u64;
         *remaining -= n as u64;
         if *remaining == 0 {
@@ -846,8 +871,60 @@ mod tests {
         let mut r = LiveReader::new(&file, vec![(0, 6)], &counters, None);
         let mut out = Vec::new();
         r.read_to_end(&mut out).unwrap();
-        assert_eq!(out, b"abc\0\0\0");
+        // It ends where the file did; the tar writer fills the declared rest.
+        assert_eq!(out, b"abc");
+        assert_eq!(r.emitted, 3);
         assert!(r.padded);
+    }
+
+    /// A sink that counts the zeros it is asked to write as a run.
+    #[derive(Default)]
+    struct CountingSink {
+        bytes: Vec<u8>,
+        runs: u64,
+    }
+
+    impl Write for CountingSink {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.bytes.write(buf)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl TarSink for CountingSink {
+        fn write_zeros(&mut self, n: u64) -> io::Result<()> {
+            self.runs += n;
+            crate::zeros::write_zeros(&mut self.bytes, n)
+        }
+    }
+
+    #[test]
+    fn a_file_cut_at_the_deadline_keeps_its_size_and_the_rest_is_one_run_of_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.db");
+        std::fs::write(&path, vec![7u8; 100_000]).unwrap();
+        let counters = Counters::default();
+        // The deadline has come: nothing more is read.
+        let stop = AtomicBool::new(true);
+        let mut w = TarWriter {
+            builder: tar::Builder::new(CountingSink::default()),
+            report: ArchiveReport::default(),
+            first_names: HashMap::new(),
+            counters: &counters,
+            stop: &stop,
+        };
+        w.add_file(&path, PathBuf::from("big.db")).unwrap();
+        assert!(w.report.stopped_early);
+        assert!(w.report.changed[0].reason.contains("cut at the deadline"));
+        w.builder.finish().unwrap();
+        let sink = w.builder.into_inner().unwrap();
+        assert_eq!(sink.runs, 100_000_u64.next_multiple_of(BLOCK));
+        let entries = entries(&sink.bytes);
+        assert_eq!(entries[0].0, "big.db");
+        assert_eq!(entries[0].2.len(), 100_000);
+        assert!(entries[0].2.iter().all(|&b| b == 0));
     }
 
     #[test]

@@ -22,6 +22,13 @@ const ZSTD_BLOCK: usize = 4 * 1024 * 1024;
 
 /// A compressing writer that hands back its inner writer once the stream is closed.
 pub trait Compressor<W>: Write + Send {
+    /// Writes `n` zero bytes. The block-parallel codecs emit a unit compressed once per whole
+    /// block of zeros, so a long run (the rest of a 50 GiB file cut at a deadline) costs a copy
+    /// of a few bytes per block instead of compressing gigabytes.
+    fn write_zeros(&mut self, n: u64) -> io::Result<()> {
+        crate::zeros::write_zeros(self, n)
+    }
+
     /// Flushes everything, writes the stream's trailer and returns the inner writer.
     fn finish(self: Box<Self>) -> io::Result<W>;
 }
@@ -147,6 +154,8 @@ struct BlockParallel<W> {
     workers: Vec<JoinHandle<()>>,
     /// Input blocks back from the workers, reused so their pages are not faulted in again.
     spare: Vec<Vec<u8>>,
+    /// A whole block of zeros, compressed once (on first use).
+    zero_unit: Option<Arc<[u8]>>,
 }
 
 impl<W: Write + Send> BlockParallel<W> {
@@ -173,7 +182,31 @@ impl<W: Write + Send> BlockParallel<W> {
             max_pending: threads * 2,
             workers,
             spare: Vec::new(),
+            zero_unit: None,
         }
+    }
+
+    /// Queues an already compressed unit in order with the blocks in flight.
+    fn queue_ready(&mut self, unit: Vec<u8>) -> io::Result<()> {
+        while self.pending.len() >= self.max_pending {
+            self.write_oldest()?;
+        }
+        let (tx, rx) = mpsc::sync_channel(1);
+        let _ = tx.send((Ok(unit), Vec::new()));
+        self.pending.push_back(rx);
+        Ok(())
+    }
+
+    /// The unit of one whole block of zeros, compressed on first use.
+    fn zero_unit(&mut self) -> io::Result<Arc<[u8]>> {
+        if let Some(u) = &self.zero_unit {
+            return Ok(Arc::clone(u));
+        }
+        let unit: Arc<[u8]> = Worker::new(self.codec)?
+            .compress(&vec![0; self.codec.block_size()])?
+            .into();
+        self.zero_unit = Some(Arc::clone(&unit));
+        Ok(unit)
     }
 
     fn submit(&mut self) -> io::Result<()> {
@@ -204,8 +237,10 @@ impl<W: Write + Send> BlockParallel<W> {
                 .recv()
                 .map_err(|_| io::Error::other("a compression worker stopped"))?;
             self.inner.write_all(&member?)?;
-            block.clear();
-            self.spare.push(block);
+            if block.capacity() > 0 {
+                block.clear();
+                self.spare.push(block);
+            }
         }
         Ok(())
     }
@@ -247,6 +282,24 @@ impl<W: Write + Send> Write for BlockParallel<W> {
 }
 
 impl<W: Write + Send> Compressor<W> for BlockParallel<W> {
+    fn write_zeros(&mut self, mut n: u64) -> io::Result<()> {
+        let size = self.codec.block_size();
+        // Up to the next block boundary the ordinary way.
+        let head = ((size - self.block.len()) % size) as u64;
+        let head = head.min(n);
+        crate::zeros::write_zeros(self, head)?;
+        n -= head;
+        // Whole blocks: the precomputed unit.
+        if n >= size as u64 {
+            let unit = self.zero_unit()?;
+            while n >= size as u64 {
+                self.queue_ready(unit.to_vec())?;
+                n -= size as u64;
+            }
+        }
+        crate::zeros::write_zeros(self, n)
+    }
+
     fn finish(mut self: Box<Self>) -> io::Result<W> {
         self.flush()?;
         self.jobs = None;
@@ -293,6 +346,40 @@ mod tests {
             .read_to_end(&mut back)
             .unwrap();
         assert_eq!(back, data);
+    }
+
+    #[test]
+    fn runs_of_zeros_are_stored_as_precomputed_units_and_read_back_exactly() {
+        for (kind, block) in [
+            (CompressionKind::Gzip, GZIP_BLOCK),
+            (CompressionKind::Zstd, ZSTD_BLOCK),
+            (CompressionKind::None, GZIP_BLOCK),
+        ] {
+            let head = sample(block / 3);
+            let zeros = (5 * block + 4321) as u64;
+            let mut c = compressor(kind, 3, 2, Vec::new()).unwrap();
+            c.write_all(&head).unwrap();
+            c.write_zeros(zeros).unwrap();
+            c.write_all(b"tail").unwrap();
+            let out = c.finish().unwrap();
+            let mut back = Vec::new();
+            decompressor(kind, &out[..])
+                .unwrap()
+                .read_to_end(&mut back)
+                .unwrap();
+            let mut want = head.clone();
+            want.resize(head.len() + zeros as usize, 0);
+            want.extend_from_slice(b"tail");
+            assert!(
+                back == want,
+                "{kind:?}: {} bytes back, {} wanted",
+                back.len(),
+                want.len()
+            );
+            if kind != CompressionKind::None {
+                assert!(out.len() < block, "{kind:?}: {} bytes", out.len());
+            }
+        }
     }
 
     #[test]

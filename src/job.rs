@@ -6,7 +6,7 @@
 //! [`JobResult`]), which the runner fills in, `state` records and the CLI maps to exit codes. The
 //! story around a job (deadline, heartbeats, completion, report) is [`crate::runner`]'s.
 
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
@@ -16,8 +16,8 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
-use crate::archive::{self, ArchiveError, ArchiveOptions, ArchiveReport, Counters};
-use crate::compress;
+use crate::archive::{self, ArchiveError, ArchiveOptions, ArchiveReport, Counters, TarSink};
+use crate::compress::{self, Compressor};
 use crate::config::Config;
 use crate::identity::InstanceIdentity;
 use crate::lifecycle::LifecycleResult;
@@ -163,9 +163,6 @@ impl JobResult {
     }
 }
 
-/// Buffer between the tar writer and the compressor: large reads from files, few small writes.
-const TAR_BUFFER: usize = 256 * 1024;
-
 /// Why a backup failed.
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
@@ -274,6 +271,25 @@ impl<W: Write> Write for Hashing<W> {
     }
 }
 
+/// The tar stream's way into the compressor: runs of zeros (a file cut at the deadline) go to
+/// the compressor's precomputed units instead of being compressed.
+struct Sink<W>(Box<dyn Compressor<W>>);
+
+impl<W> Write for Sink<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl<W> TarSink for Sink<W> {
+    fn write_zeros(&mut self, n: u64) -> std::io::Result<()> {
+        self.0.write_zeros(n)
+    }
+}
+
 impl BackupJob<'_> {
     /// Runs the backup to completion, or aborts everything it started.
     pub async fn run(self) -> Result<BackupOutcome, JobError> {
@@ -327,12 +343,9 @@ impl BackupJob<'_> {
                     hashing,
                 )
                 .map_err(JobError::Compress)?;
-                let out = BufWriter::with_capacity(TAR_BUFFER, compressor);
-                let (out, report) = archive::write_archive(&opts, out, &counters, &stop)?;
-                let compressor = out
-                    .into_inner()
-                    .map_err(|e| JobError::Compress(e.into_error()))?;
-                let hashing = compressor.finish().map_err(JobError::Compress)?;
+                let (out, report) =
+                    archive::write_archive(&opts, Sink(compressor), &counters, &stop)?;
+                let hashing = out.0.finish().map_err(JobError::Compress)?;
                 Ok::<_, JobError>((hashing.inner, hex::encode(hashing.sha.finalize()), report))
             })
         };

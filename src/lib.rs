@@ -27,5 +27,6 @@ pub mod state;
 pub mod upload;
 pub mod verify;
 pub mod watch;
+pub mod zeros;
 
 pub use lifeboat_common::{lifecycle, report};

@@ -269,13 +269,22 @@ fn failed_backup_completes_with_the_configured_result_and_reports_why() {
 }
 
 #[test]
-fn run_off_ec2_says_so_and_exits_2() {
+fn run_off_ec2_waits_for_metadata_then_exits_5() {
     let dir = tempfile::tempdir().unwrap();
-    let lb = Lifeboat::new(dir.path(), "http://127.0.0.1:9", "[s3]\nbucket = \"b-1\"\n");
+    let lb = Lifeboat::new(
+        dir.path(),
+        "http://127.0.0.1:9",
+        "[s3]\nbucket = \"b-1\"\n[watch]\nmetadata_wait = \"3s\"\n",
+    );
     let out = lb.run_with_limit(&["run"], Duration::from_secs(60));
-    assert_eq!(out.code, Some(2), "{out:#?}");
+    assert_eq!(out.code, Some(5), "{out:#?}");
     assert!(
-        out.stderr.contains("instance metadata is not available"),
+        out.stderr.contains("waiting for instance metadata"),
+        "{out:#?}"
+    );
+    assert!(
+        out.stderr
+            .contains("instance metadata did not answer within 3s"),
         "{out:#?}"
     );
 }

@@ -12,3 +12,4 @@ mod packages;
 mod restore;
 mod support;
 mod systemd;
+mod termination;

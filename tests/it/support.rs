@@ -49,7 +49,8 @@ pub struct Server {
     _guard: Child,
 }
 
-fn free_port() -> u16 {
+/// A port nothing listens on yet.
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free loopback port")
@@ -135,7 +136,11 @@ pub struct Imds {
 impl Imds {
     /// Starts an emulator for `instance_id` in `group`.
     pub fn start(instance_id: &str, group: &str) -> Self {
-        let port = free_port();
+        Self::start_on(free_port(), instance_id, group)
+    }
+
+    /// Starts an emulator on `port` (a test that first lets metadata refuse connections).
+    pub fn start_on(port: u16, instance_id: &str, group: &str) -> Self {
         let script = root().join("tests/emulators/imds.py");
         let guard = spawn_guarded(
             &root().join(".venv/bin/python"),

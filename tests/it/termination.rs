@@ -1,0 +1,366 @@
+//! The termination story on its worst days, end to end: real `lifeboat` processes against moto
+//! (with lifecycle actions), the IMDSv2 emulator and hung servers on loopback. Each test is a case
+//! where an instance used to go with no backup, or a hook was left hanging (issue 8).
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::support::{
+    Imds, Lifeboat, daemon_config, eventually, fault, finished_action, free_port, group_with_hook,
+    moto, noise, scale_in, wait_output, write,
+};
+
+fn spot_time(in_secs: i64) -> (time::OffsetDateTime, String) {
+    let when = time::OffsetDateTime::now_utc() + time::Duration::seconds(in_secs);
+    let text = when
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    (when, text)
+}
+
+fn state_json(lb: &Lifeboat) -> Option<serde_json::Value> {
+    serde_json::from_slice(&std::fs::read(lb.dir.join("state/state.json")).ok()?).ok()
+}
+
+fn sigterm(child: &std::process::Child) {
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -TERM");
+}
+
+fn start_daemon(lb: &Lifeboat, imds: &Imds) -> std::process::Child {
+    let mut cmd = lb.command(&["run"]);
+    cmd.env("AWS_EC2_METADATA_SERVICE_ENDPOINT", &imds.endpoint);
+    let child = cmd.spawn().unwrap();
+    let socket = lb.dir.join("run/control.sock");
+    eventually(
+        "the daemon's control socket",
+        Duration::from_secs(30),
+        || socket.exists().then_some(()),
+    );
+    child
+}
+
+/// A package upgrade restarts the service mid-backup: the first daemon aborts its upload and
+/// leaves the action pending (it used to complete CONTINUE with nothing stored); the next daemon
+/// sees the instance still terminating, backs it up and completes.
+#[test]
+fn sigterm_mid_backup_leaves_the_action_pending_and_the_next_daemon_completes_it() {
+    let server = moto();
+    let (group, instance, topic) = group_with_hook(server, "restart", 60);
+    let imds = Imds::start(&instance, &group);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write(&data.join("state.db"), &noise(30 << 20, 0xBEEF));
+    let bucket = server.bucket("restart");
+    fault(
+        server,
+        &format!(r#"{{"bucket": "{bucket}", "s3_part_delay_ms": 1500}}"#),
+    );
+    let lb = Lifeboat::new(
+        dir.path(),
+        &server.endpoint,
+        &daemon_config(&bucket, &data, &topic, ""),
+    );
+    let first = start_daemon(&lb, &imds);
+    scale_in(server, &group);
+    imds.set(r#"{"target_lifecycle_state": "Terminated"}"#);
+    // Mid-upload: a multipart upload is open.
+    eventually("an open multipart upload", Duration::from_secs(60), || {
+        (server.open_uploads(&bucket) > 0).then_some(())
+    });
+    sigterm(&first);
+    let out = wait_output(first, Duration::from_secs(60), &["run"]);
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert!(out.stderr.contains("left pending"), "{out:#?}");
+
+    let action = server
+        .actions()
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["instance_id"] == instance.as_str())
+        .cloned()
+        .unwrap();
+    assert!(
+        action["result"].is_null(),
+        "the action was completed with nothing stored: {action:#}"
+    );
+    assert_eq!(
+        server.open_uploads(&bucket),
+        0,
+        "the upload was not aborted"
+    );
+    assert!(
+        server
+            .keys(&bucket)
+            .iter()
+            .all(|k| !k.ends_with(".manifest.json")),
+        "nothing is stored"
+    );
+    let state = state_json(&lb).unwrap();
+    assert_eq!(state["last_job"]["status"], "interrupted", "{state:#}");
+    assert_eq!(
+        state["last_job"]["lifecycle"]["outcome"], "left-pending",
+        "{state:#}"
+    );
+
+    // The service comes back: the instance is still in Terminating:Wait.
+    fault(
+        server,
+        &format!(r#"{{"bucket": "{bucket}", "s3_part_delay_ms": 0}}"#),
+    );
+    let second = start_daemon(&lb, &imds);
+    let action = finished_action(server, &instance);
+    assert_eq!(action["result"], "CONTINUE", "{action:#}");
+    assert_eq!(action["ended_by"], "completed", "{action:#}");
+    let keys = server.keys(&bucket);
+    assert!(
+        keys.iter().any(|k| k.ends_with("-terminate.manifest.json")),
+        "{keys:?}"
+    );
+    sigterm(&second);
+    assert_eq!(
+        wait_output(second, Duration::from_secs(60), &["run"]).code,
+        Some(0)
+    );
+}
+
+/// Instance metadata refuses connections for the first ten seconds after boot: the daemon keeps
+/// asking (it used to exit 2, which systemd does not restart, or run for life as `localhost`),
+/// then watches, and a Spot notice is backed up under the real instance id.
+#[test]
+fn a_metadata_outage_at_start_does_not_disable_protection() {
+    let server = moto();
+    let instance = crate::support::bucket_name("i-outage");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write(&data.join("app.log"), b"important\n");
+    let bucket = server.bucket("outage");
+    let config = format!(
+        "{}[watch]\npoll_interval = \"1s\"\nmetadata_wait = \"60s\"\n",
+        crate::support::config_for(&bucket, &[&data], "", "")
+    );
+    let lb = Lifeboat::new(dir.path(), &server.endpoint, &config);
+    let port = free_port();
+    let log_path = dir.path().join("daemon.log");
+    let mut cmd = lb.command(&["run"]);
+    cmd.env(
+        "AWS_EC2_METADATA_SERVICE_ENDPOINT",
+        format!("http://127.0.0.1:{port}"),
+    )
+    .stdout(Stdio::null())
+    .stderr(std::fs::File::create(&log_path).unwrap());
+    let mut daemon = cmd.spawn().unwrap();
+    let started = Instant::now();
+    eventually(
+        "the daemon to say it waits",
+        Duration::from_secs(30),
+        || {
+            std::fs::read_to_string(&log_path)
+                .ok()
+                .filter(|l| l.contains("waiting for instance metadata"))
+        },
+    );
+    // Ten seconds of outage, during which the daemon must stay up.
+    eventually("ten seconds of outage", Duration::from_secs(30), || {
+        assert!(
+            daemon.try_wait().unwrap().is_none(),
+            "the daemon exited during the outage: {}",
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        );
+        (started.elapsed() >= Duration::from_secs(10)).then_some(())
+    });
+    let imds = Imds::start_on(port, &instance, "");
+    eventually(
+        "the daemon's control socket",
+        Duration::from_secs(60),
+        || lb.dir.join("run/control.sock").exists().then_some(()),
+    );
+    let (_, at) = spot_time(60);
+    imds.set(&format!(
+        r#"{{"spot_action": {{"action": "terminate", "time": "{at}"}}}}"#
+    ));
+    let key = eventually("the manifest", Duration::from_secs(60), || {
+        server
+            .keys(&bucket)
+            .into_iter()
+            .find(|k| k.ends_with(".manifest.json"))
+    });
+    assert!(
+        key.starts_with(&format!("backups/standalone/{instance}/")),
+        "stored under the wrong instance: {key}"
+    );
+    sigterm(&daemon);
+    let status = daemon.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("instance metadata answers"), "{log}");
+}
+
+/// A rebalance recommendation starts an early backup; the two-minute Spot notice arrives while it
+/// runs. The Spot deadline binds the running job (it used to be ignored: the backup ran on past
+/// the reclaim and nothing was stored in time).
+#[test]
+fn a_spot_notice_during_a_rebalance_backup_brings_its_deadline() {
+    let server = moto();
+    let instance = crate::support::bucket_name("i-rebalance");
+    let imds = Imds::start(&instance, "");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    for i in 0..4 {
+        write(
+            &data.join(format!("part-{i}.bin")),
+            &noise(30 << 20, 200 + i),
+        );
+    }
+    let bucket = server.bucket("rebalance");
+    // About 5 MB/s into S3: 120 MB would take 24 s; the Spot notice gives 20.
+    fault(
+        server,
+        &format!(r#"{{"bucket": "{bucket}", "s3_part_delay_ms": 1000}}"#),
+    );
+    let config = format!(
+        "{}[watch]\npoll_interval = \"1s\"\nrebalance = true\n",
+        crate::support::config_for(
+            &bucket,
+            &[&data],
+            "compression = \"none\"",
+            "part_size = \"5MiB\"\nconcurrency = 1"
+        )
+    );
+    let lb = Lifeboat::new(dir.path(), &server.endpoint, &config);
+    let daemon = start_daemon(&lb, &imds);
+    imds.set(r#"{"rebalance": {"noticeTime": "2026-11-27T00:00:00Z"}}"#);
+    eventually(
+        "the rebalance backup's upload",
+        Duration::from_secs(60),
+        || (server.open_uploads(&bucket) > 0).then_some(()),
+    );
+    let (when, at) = spot_time(20);
+    imds.set(&format!(
+        r#"{{"spot_action": {{"action": "terminate", "time": "{at}"}}}}"#
+    ));
+    let key = eventually("the manifest", Duration::from_secs(90), || {
+        server
+            .keys(&bucket)
+            .into_iter()
+            .find(|k| k.ends_with(".manifest.json"))
+    });
+    let manifest: serde_json::Value = serde_json::from_slice(&server.get(&bucket, &key)).unwrap();
+    assert_eq!(manifest["reason"], "rebalance-recommendation");
+    assert_eq!(manifest["partial"], true, "{manifest:#}");
+    let finished = time::OffsetDateTime::parse(
+        manifest["finished_at"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    assert!(
+        finished < when,
+        "finished {finished}, the Spot notice said {when}"
+    );
+    sigterm(&daemon);
+    assert_eq!(
+        wait_output(daemon, Duration::from_secs(60), &["run"]).code,
+        Some(0)
+    );
+}
+
+/// The SSM document's entry point stored the data but could not complete the action (no such
+/// hook): it exits 4, so Run Command reports Failed and the Lambda steps in (it used to exit 0).
+#[test]
+fn backup_exits_4_when_the_lifecycle_action_is_not_completed() {
+    let server = moto();
+    let (group, instance, _topic) = group_with_hook(server, "exit4", 60);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write(&data.join("a.log"), b"x\n");
+    let bucket = server.bucket("exit4");
+    let lb = Lifeboat::new(
+        dir.path(),
+        &server.endpoint,
+        &crate::support::config_for(&bucket, &[&data], "", ""),
+    );
+    let out = lb.run(&[
+        "backup",
+        "--complete-lifecycle",
+        "--hook",
+        "no-such-hook",
+        "--asg",
+        &group,
+        "--instance-id",
+        &instance,
+    ]);
+    assert_eq!(out.code, Some(4), "{out:#?}");
+    assert!(out.stdout.contains("stored s3://"), "{out:#?}");
+    assert!(
+        out.stderr
+            .contains("the data is stored but the lifecycle action was not completed"),
+        "{out:#?}"
+    );
+    assert!(out.stderr.contains("no-such-hook"), "{out:#?}");
+}
+
+/// Accepts connections and never answers (a hung S3 endpoint); counts connections.
+fn hung_server() -> (String, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&accepted);
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming().flatten() {
+            count.fetch_add(1, Ordering::SeqCst);
+            // Read the request so the client is left waiting for an answer, not a reset.
+            let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
+            let mut buf = [0u8; 4096];
+            let _ = (&conn).read(&mut buf);
+            held.push(conn);
+            if held.len() > 64 {
+                break;
+            }
+        }
+    });
+    (endpoint, accepted)
+}
+
+/// Ctrl-C on `lifeboat backup` against an S3 that accepts and never answers ends the process
+/// within seconds with 130 (it used to run on for minutes, until the retry budget ran out).
+#[test]
+fn ctrl_c_ends_a_backup_against_a_hung_s3_within_seconds() {
+    let (endpoint, accepted) = hung_server();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write(&data.join("a.log"), b"x\n");
+    let lb = Lifeboat::new(
+        dir.path(),
+        &endpoint,
+        &crate::support::config_for("lb-hung", &[&data], "", ""),
+    );
+    let child = lb.command(&["backup"]).spawn().unwrap();
+    eventually("a request to the hung S3", Duration::from_secs(30), || {
+        (accepted.load(Ordering::SeqCst) > 0).then_some(())
+    });
+    let sent = Instant::now();
+    let ok = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let out = wait_output(child, Duration::from_secs(60), &["backup"]);
+    let took = sent.elapsed();
+    assert_eq!(out.code, Some(130), "{out:#?}");
+    assert!(
+        took < Duration::from_secs(10),
+        "took {took:?} after Ctrl-C: {out:#?}"
+    );
+    assert!(out.stderr.contains("interrupted"), "{out:#?}");
+}
