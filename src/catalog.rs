@@ -301,6 +301,9 @@ pub async fn open_archive(
     }
     let out = get(client, s3, key).await?;
     let size = u64::try_from(out.content_length().unwrap_or(0)).unwrap_or(0);
-    let reader = tokio_util::io::SyncIoBridge::new(out.body.into_async_read());
+    // A connection that stops delivering mid-body would otherwise hang the restore for ever.
+    let mut body = tokio_io_timeout::TimeoutReader::new(out.body.into_async_read());
+    body.set_timeout(Some(s3.read_timeout));
+    let reader = tokio_util::io::SyncIoBridge::new(Box::pin(body));
     Ok((Box::new(reader), size))
 }

@@ -146,6 +146,8 @@ pub struct S3Config {
     /// How long one S3 request may keep retrying before the job gives up (a dead endpoint must
     /// not hold a scale-in for hours).
     pub retry_budget: Duration,
+    /// How long a download (`restore`, `verify`) may go without receiving a byte before it fails.
+    pub read_timeout: Duration,
 }
 
 /// `[sns]`.
@@ -232,6 +234,7 @@ struct RawS3 {
     kms_key_id: String,
     expected_bucket_owner: String,
     retry_budget: String,
+    read_timeout: String,
 }
 
 impl Default for RawS3 {
@@ -246,6 +249,7 @@ impl Default for RawS3 {
             kms_key_id: String::new(),
             expected_bucket_owner: String::new(),
             retry_budget: "3m".into(),
+            read_timeout: "60s".into(),
         }
     }
 }
@@ -344,6 +348,7 @@ impl Config {
                 kms_key_id: self.s3.kms_key_id.clone(),
                 expected_bucket_owner: self.s3.expected_bucket_owner.clone(),
                 retry_budget: humantime::format_duration(self.s3.retry_budget).to_string(),
+                read_timeout: humantime::format_duration(self.s3.read_timeout).to_string(),
             },
             sns: RawSns {
                 topic_arn: self.sns.topic_arn.clone().unwrap_or_default(),
@@ -519,8 +524,10 @@ impl Validator<'_> {
             ));
         }
         let retry_budget = self.duration("s3.retry_budget", &raw.retry_budget)?;
+        let read_timeout = self.duration("s3.read_timeout", &raw.read_timeout)?;
         Ok(S3Config {
             retry_budget,
+            read_timeout,
             bucket: raw.bucket,
             prefix,
             part_size,

@@ -472,15 +472,21 @@ impl Runner {
         // 2. The backup, in a task of its own (a panic in it is a failed backup).
         let backup = tokio::spawn(self.pipeline.backup(BackupRun {
             reason: notice.reason.clone(),
-            cancel: self.shutdown.child_token(),
+            cancel: story.cancel.clone(),
             counters,
             stop: Arc::clone(&story.stop),
         }));
-        // 3. While it runs: joining notices, the lifecycle action, heartbeats, the partial stop.
+        // 3. While it runs: joining notices, the lifecycle action, heartbeats, the partial stop,
+        //    and the time box that keeps completion on time.
         let outcome = story.follow(backup, &mut hints).await;
         let (status, stored, error) = match outcome {
             Ok(s) if s.partial => (JobStatus::Partial, Some(s), None),
             Ok(s) => (JobStatus::Succeeded, Some(s), None),
+            Err(JobError::Cancelled) if story.out_of_time => (
+                JobStatus::Failed,
+                None,
+                Some("out of time: the deadline came before the archive was stored; the upload was aborted".into()),
+            ),
             Err(JobError::Cancelled) => (
                 JobStatus::Interrupted,
                 None,
@@ -557,7 +563,12 @@ struct Story<'r> {
     action: Option<(ActionRef, Hook)>,
     action_error: Option<LifecycleError>,
     heartbeats: Option<Heartbeats>,
+    /// Set at the partial stop: the archive closes valid and `partial`.
     stop: Arc<AtomicBool>,
+    /// The backup's cancellation: a signal (through the runner's shutdown) or the time box.
+    cancel: CancellationToken,
+    /// The time box ran out: the backup was abandoned so the action is completed in time.
+    out_of_time: bool,
 }
 
 impl<'r> Story<'r> {
@@ -572,6 +583,8 @@ impl<'r> Story<'r> {
             action_error: None,
             heartbeats: None,
             stop: Arc::new(AtomicBool::new(false)),
+            cancel: runner.shutdown.child_token(),
+            out_of_time: false,
         }
     }
 
@@ -661,6 +674,13 @@ impl<'r> Story<'r> {
                 .deadline
                 .stop_at(self.start)
                 .filter(|_| !self.stop.load(Ordering::Relaxed));
+            // With an action to complete, the backup gets until the completion margin: past it,
+            // the hook would decide alone.
+            let time_box = self
+                .deadline
+                .end()
+                .filter(|_| self.hints.complete_lifecycle && !self.out_of_time)
+                .map(|_| self.deadline.complete_by(self.start));
             tokio::select! {
                 done = &mut backup => {
                     return match done {
@@ -709,6 +729,11 @@ impl<'r> Story<'r> {
                     tracing::warn!("deadline near: closing the archive as partial");
                     self.stop.store(true, Ordering::Relaxed);
                 }
+                () = sleep_until_opt(time_box) => {
+                    tracing::error!("out of time: abandoning the upload to complete the action before the deadline");
+                    self.out_of_time = true;
+                    self.cancel.cancel();
+                }
             }
         }
     }
@@ -720,7 +745,7 @@ impl<'r> Story<'r> {
         if !self.hints.complete_lifecycle {
             return None;
         }
-        if status == JobStatus::Interrupted {
+        if status == JobStatus::Interrupted && !self.out_of_time {
             tracing::warn!("interrupted: the lifecycle action is left pending for the next run");
             return Some(ActionOutcome::LeftPending {
                 why: "the backup was interrupted; the next lifeboat run backs up again while the hook holds the instance".into(),
@@ -1468,6 +1493,42 @@ mod tests {
             .submit(notice(NoticeSource::TargetLifecycleState))
             .await;
         assert_eq!(b.lc.calls("CompleteLifecycleAction").len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_backup_that_outlasts_the_hook_is_abandoned_in_time_to_complete() {
+        // A 30 s heartbeat timeout: the hook holds the instance 3000 s at most. The fake backup
+        // ignores the partial stop (a last part that never finishes uploading).
+        struct Stuck;
+        impl BackupApi for Stuck {
+            fn backup(&self, run: BackupRun) -> BoxFuture<'static, Result<Stored, JobError>> {
+                Box::pin(async move {
+                    run.cancel.cancelled().await;
+                    Err(JobError::Cancelled)
+                })
+            }
+            fn publish<'a>(&'a self, _: &'a Report) -> BoxFuture<'a, Result<String, String>> {
+                Box::pin(async { Ok(String::new()) })
+            }
+        }
+        let lc = FakeLifecycle::new(Duration::from_secs(30));
+        let dir = tempfile::tempdir().unwrap();
+        let runner = Runner::with_parts(
+            config("[lifecycle]\non_failure = \"ABANDON\"\n"),
+            identity(),
+            Arc::clone(&lc) as Arc<dyn LifecycleApi>,
+            Arc::new(Stuck),
+            Arc::new(StateFile::open(dir.path())),
+            CancellationToken::new(),
+        );
+        let r = runner
+            .submit(notice(NoticeSource::TargetLifecycleState))
+            .await;
+        assert_eq!(r.status, JobStatus::Failed, "{r:?}");
+        assert!(r.error.as_deref().unwrap().contains("out of time"), "{r:?}");
+        let done = &lc.calls("CompleteLifecycleAction")[0];
+        assert_eq!(done.result, Some(LifecycleResult::Abandon));
+        assert!(done.at < Duration::from_secs(3000), "{done:?}");
     }
 
     #[tokio::test(start_paused = true)]

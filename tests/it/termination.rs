@@ -364,3 +364,141 @@ fn ctrl_c_ends_a_backup_against_a_hung_s3_within_seconds() {
     );
     assert!(out.stderr.contains("interrupted"), "{out:#?}");
 }
+
+/// A Spot notice 40 s out while a 24 GiB database file is being read (allocated, so it is read,
+/// but little real data so the test is cheap): the archive stops taking data at the partial stop
+/// and the rest of the file costs nothing (it used to be zero-filled through the compressor for
+/// minutes, missing the reclaim). A valid partial archive and its manifest are in S3 in time.
+#[test]
+fn a_spot_notice_while_reading_a_24_gib_file_stores_a_valid_partial_archive_in_time() {
+    let server = crate::support::s3s_fs();
+    let instance = crate::support::bucket_name("i-bigfile");
+    let imds = Imds::start(&instance, "");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write(&data.join("a.log"), b"first\n");
+    let big = data.join("z-big.db");
+    let made = Command::new("fallocate")
+        .args(["-l", "24GiB", big.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(
+        made.success(),
+        "fallocate 24 GiB in {}",
+        dir.path().display()
+    );
+    let bucket = server.bucket("bigfile");
+    let config = format!(
+        "{}[watch]\npoll_interval = \"1s\"\n",
+        crate::support::config_for(&bucket, &[&data], "", "")
+    );
+    let lb = Lifeboat::new(dir.path(), &server.endpoint, &config);
+    let daemon = start_daemon(&lb, &imds);
+    let (when, at) = spot_time(40);
+    imds.set(&format!(
+        r#"{{"spot_action": {{"action": "terminate", "time": "{at}"}}}}"#
+    ));
+    let key = eventually("the manifest", Duration::from_secs(90), || {
+        server
+            .keys(&bucket)
+            .into_iter()
+            .find(|k| k.ends_with(".manifest.json"))
+    });
+    let manifest: serde_json::Value = serde_json::from_slice(&server.get(&bucket, &key)).unwrap();
+    assert_eq!(manifest["partial"], true, "{}", manifest["changed"]);
+    let finished = time::OffsetDateTime::parse(
+        manifest["finished_at"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    assert!(
+        finished < when,
+        "finished {finished}, the notice said {when}"
+    );
+    let changed = manifest["changed"].as_array().unwrap();
+    assert!(
+        changed.iter().any(|c| c["reason"]
+            .as_str()
+            .unwrap()
+            .contains("cut at the deadline")),
+        "{changed:?}"
+    );
+    // Valid: GNU tar lists the whole stream, the big file at its declared size. The stream is
+    // inflated by tests/tools/gunzip_members.py (CRC-checked; a member repeated byte for byte is
+    // inflated once), since GNU gzip takes minutes over 24 GiB of zeros.
+    let archive = server
+        .data_dir
+        .as_ref()
+        .unwrap()
+        .join(&bucket)
+        .join(manifest["key"].as_str().unwrap());
+    let listing = Command::new("sh")
+        .arg("-c")
+        .arg(r#"python3 "$0" "$1" | tar -tvf -"#)
+        .arg(crate::support::root().join("tests/tools/gunzip_members.py"))
+        .arg(&archive)
+        .output()
+        .unwrap();
+    assert!(listing.status.success(), "{listing:?}");
+    let text = String::from_utf8_lossy(&listing.stdout);
+    assert!(text.contains("a.log"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.contains("z-big.db") && l.contains(&(24u64 << 30).to_string())),
+        "{text}"
+    );
+    sigterm(&daemon);
+    assert_eq!(
+        wait_output(daemon, Duration::from_secs(60), &["run"]).code,
+        Some(0)
+    );
+}
+
+/// Answers every request with the headers of a large object and a few bytes, then stalls.
+fn stalling_server() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for mut conn in listener.incoming().flatten() {
+            use std::io::Write;
+            let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
+            let mut buf = [0u8; 4096];
+            let _ = (&conn).read(&mut buf);
+            let _ = conn.write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 1048576\r\nContent-Type: application/gzip\r\nETag: \"stalled\"\r\n\r\n\x1f\x8b\x08\x00\x00\x00\x00\x00",
+            );
+            held.push(conn);
+            if held.len() > 64 {
+                break;
+            }
+        }
+    });
+    endpoint
+}
+
+/// A download that stops delivering mid-body fails after `s3.read_timeout` (it used to hang for
+/// ever), and restore says so.
+#[test]
+fn a_restore_whose_download_stalls_fails_after_the_read_timeout() {
+    let endpoint = stalling_server();
+    let dir = tempfile::tempdir().unwrap();
+    let lb = Lifeboat::new(
+        dir.path(),
+        &endpoint,
+        "[s3]\nbucket = \"lb-stall\"\nread_timeout = \"2s\"\n",
+    );
+    let target = dir.path().join("restored");
+    let out = lb.run_with_limit(
+        &[
+            "restore",
+            "--key",
+            "lifeboat/standalone/i-1/20261127T000000Z-manual.tar.gz",
+            "--to",
+            target.to_str().unwrap(),
+        ],
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.code, Some(1), "{out:#?}");
+    assert!(out.stderr.contains("timed out"), "{out:#?}");
+}
