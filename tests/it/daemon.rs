@@ -6,38 +6,9 @@ use std::time::Duration;
 
 use crate::support::{
     Imds, Lifeboat, daemon_config, eventually, fault, finished_action, group_with_hook, http, moto,
-    noise, notifications, rt, scale_in, unix_now, wait_output, write,
+    noise, notifications, partial_manifest_before, rt, scale_in, spot_time, start_daemon,
+    stop_daemon, unix_now, wait_output, write,
 };
-
-/// Starts `lifeboat run` against `imds` and waits for its control socket.
-fn start_daemon(lb: &Lifeboat, imds: &Imds, env: &[(&str, &str)]) -> std::process::Child {
-    let mut cmd = lb.command(&["run"]);
-    cmd.env("AWS_EC2_METADATA_SERVICE_ENDPOINT", &imds.endpoint);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let child = cmd.spawn().unwrap();
-    let socket = lb.dir.join("run/control.sock");
-    eventually(
-        "the daemon's control socket",
-        Duration::from_secs(30),
-        || socket.exists().then_some(()),
-    );
-    child
-}
-
-/// Stops the daemon with SIGTERM and returns its output.
-fn stop_daemon(daemon: std::process::Child) -> crate::support::Run {
-    let pid = daemon.id().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    wait_output(daemon, Duration::from_secs(60), &["run"])
-}
 
 #[test]
 fn scale_in_is_backed_up_heartbeated_reported_and_completed() {
@@ -551,32 +522,12 @@ fn spot_notice_too_short_for_the_data_gives_a_valid_partial_archive_in_time() {
     let config = daemon_config(&bucket, &data, &topic, "").replace("compression = \"none\"", "");
     let lb = Lifeboat::new(dir.path(), &server.endpoint, &config);
     let daemon = start_daemon(&lb, &imds, &[]);
-    let when = time::OffsetDateTime::now_utc() + time::Duration::seconds(20);
-    let spot_time = when
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap();
+    let (when, spot_time) = spot_time(20);
     imds.set(&format!(
         r#"{{"spot_action": {{"action": "terminate", "time": "{spot_time}"}}}}"#
     ));
-    let manifest_key = eventually("the manifest", Duration::from_secs(60), || {
-        server
-            .keys(&bucket)
-            .into_iter()
-            .find(|k| k.ends_with(".manifest.json"))
-    });
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&server.get(&bucket, &manifest_key)).unwrap();
-    assert_eq!(manifest["partial"], true, "{manifest:#}");
+    let manifest = partial_manifest_before(server, &bucket, when);
     assert_eq!(manifest["reason"], "spot-terminate");
-    let finished = time::OffsetDateTime::parse(
-        manifest["finished_at"].as_str().unwrap(),
-        &time::format_description::well_known::Rfc3339,
-    )
-    .unwrap();
-    assert!(
-        finished < when,
-        "finished {finished}, the notice said {when}"
-    );
     // The partial archive is valid: verify reads it whole.
     let key = manifest["key"].as_str().unwrap();
     let out = lb.run(&["verify", "--key", key]);

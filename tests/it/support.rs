@@ -795,3 +795,72 @@ pub fn ssm_commands(server: &Server) -> Vec<serde_json::Value> {
     let url = format!("{}/ssm/commands", server.control.as_ref().unwrap());
     serde_json::from_str(&http("GET", &url, "").1).unwrap()
 }
+
+/// Starts `lifeboat run` against `imds` (with extra `env`) and waits for its control socket.
+pub fn start_daemon(lb: &Lifeboat, imds: &Imds, env: &[(&str, &str)]) -> Child {
+    let mut cmd = lb.command(&["run"]);
+    cmd.env("AWS_EC2_METADATA_SERVICE_ENDPOINT", &imds.endpoint);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().unwrap();
+    let socket = lb.dir.join("run/control.sock");
+    eventually(
+        "the daemon's control socket",
+        Duration::from_secs(30),
+        || socket.exists().then_some(()),
+    );
+    child
+}
+
+/// Sends SIGTERM to a lifeboat process.
+pub fn sigterm(child: &Child) {
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -TERM");
+}
+
+/// Stops the daemon with SIGTERM and returns its output.
+pub fn stop_daemon(daemon: Child) -> Run {
+    sigterm(&daemon);
+    wait_output(daemon, Duration::from_secs(60), &["run"])
+}
+
+/// A Spot interruption time `in_secs` from now, and as the notice writes it.
+pub fn spot_time(in_secs: i64) -> (time::OffsetDateTime, String) {
+    let when = time::OffsetDateTime::now_utc() + time::Duration::seconds(in_secs);
+    let text = when
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    (when, text)
+}
+
+/// Waits for the first manifest in `bucket` and checks it describes a partial archive finished
+/// before `when` (a Spot interruption); returns it.
+pub fn partial_manifest_before(
+    server: &Server,
+    bucket: &str,
+    when: time::OffsetDateTime,
+) -> serde_json::Value {
+    let key = eventually("the manifest", Duration::from_secs(90), || {
+        server
+            .keys(bucket)
+            .into_iter()
+            .find(|k| k.ends_with(".manifest.json"))
+    });
+    let manifest: serde_json::Value = serde_json::from_slice(&server.get(bucket, &key)).unwrap();
+    assert_eq!(manifest["partial"], true, "{}", manifest["changed"]);
+    let finished = time::OffsetDateTime::parse(
+        manifest["finished_at"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    assert!(
+        finished < when,
+        "finished {finished}, the Spot notice said {when}"
+    );
+    manifest
+}

@@ -11,41 +11,12 @@ use std::time::{Duration, Instant};
 
 use crate::support::{
     Imds, Lifeboat, daemon_config, eventually, fault, finished_action, free_port, group_with_hook,
-    moto, noise, scale_in, wait_output, write,
+    moto, noise, partial_manifest_before, scale_in, sigterm, spot_time, start_daemon, stop_daemon,
+    wait_output, write,
 };
-
-fn spot_time(in_secs: i64) -> (time::OffsetDateTime, String) {
-    let when = time::OffsetDateTime::now_utc() + time::Duration::seconds(in_secs);
-    let text = when
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap();
-    (when, text)
-}
 
 fn state_json(lb: &Lifeboat) -> Option<serde_json::Value> {
     serde_json::from_slice(&std::fs::read(lb.dir.join("state/state.json")).ok()?).ok()
-}
-
-fn sigterm(child: &std::process::Child) {
-    let ok = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill -TERM");
-}
-
-fn start_daemon(lb: &Lifeboat, imds: &Imds) -> std::process::Child {
-    let mut cmd = lb.command(&["run"]);
-    cmd.env("AWS_EC2_METADATA_SERVICE_ENDPOINT", &imds.endpoint);
-    let child = cmd.spawn().unwrap();
-    let socket = lb.dir.join("run/control.sock");
-    eventually(
-        "the daemon's control socket",
-        Duration::from_secs(30),
-        || socket.exists().then_some(()),
-    );
-    child
 }
 
 /// A package upgrade restarts the service mid-backup: the first daemon aborts its upload and
@@ -69,7 +40,7 @@ fn sigterm_mid_backup_leaves_the_action_pending_and_the_next_daemon_completes_it
         &server.endpoint,
         &daemon_config(&bucket, &data, &topic, ""),
     );
-    let first = start_daemon(&lb, &imds);
+    let first = start_daemon(&lb, &imds, &[]);
     scale_in(server, &group);
     imds.set(r#"{"target_lifecycle_state": "Terminated"}"#);
     // Mid-upload: a multipart upload is open.
@@ -117,7 +88,7 @@ fn sigterm_mid_backup_leaves_the_action_pending_and_the_next_daemon_completes_it
         server,
         &format!(r#"{{"bucket": "{bucket}", "s3_part_delay_ms": 0}}"#),
     );
-    let second = start_daemon(&lb, &imds);
+    let second = start_daemon(&lb, &imds, &[]);
     let action = finished_action(server, &instance);
     assert_eq!(action["result"], "CONTINUE", "{action:#}");
     assert_eq!(action["ended_by"], "completed", "{action:#}");
@@ -126,11 +97,7 @@ fn sigterm_mid_backup_leaves_the_action_pending_and_the_next_daemon_completes_it
         keys.iter().any(|k| k.ends_with("-terminate.manifest.json")),
         "{keys:?}"
     );
-    sigterm(&second);
-    assert_eq!(
-        wait_output(second, Duration::from_secs(60), &["run"]).code,
-        Some(0)
-    );
+    assert_eq!(stop_daemon(second).code, Some(0));
 }
 
 /// Instance metadata refuses connections for the first ten seconds after boot: the daemon keeps
@@ -237,7 +204,7 @@ fn a_spot_notice_during_a_rebalance_backup_brings_its_deadline() {
         )
     );
     let lb = Lifeboat::new(dir.path(), &server.endpoint, &config);
-    let daemon = start_daemon(&lb, &imds);
+    let daemon = start_daemon(&lb, &imds, &[]);
     imds.set(r#"{"rebalance": {"noticeTime": "2026-11-27T00:00:00Z"}}"#);
     eventually(
         "the rebalance backup's upload",
@@ -248,29 +215,9 @@ fn a_spot_notice_during_a_rebalance_backup_brings_its_deadline() {
     imds.set(&format!(
         r#"{{"spot_action": {{"action": "terminate", "time": "{at}"}}}}"#
     ));
-    let key = eventually("the manifest", Duration::from_secs(90), || {
-        server
-            .keys(&bucket)
-            .into_iter()
-            .find(|k| k.ends_with(".manifest.json"))
-    });
-    let manifest: serde_json::Value = serde_json::from_slice(&server.get(&bucket, &key)).unwrap();
+    let manifest = partial_manifest_before(server, &bucket, when);
     assert_eq!(manifest["reason"], "rebalance-recommendation");
-    assert_eq!(manifest["partial"], true, "{manifest:#}");
-    let finished = time::OffsetDateTime::parse(
-        manifest["finished_at"].as_str().unwrap(),
-        &time::format_description::well_known::Rfc3339,
-    )
-    .unwrap();
-    assert!(
-        finished < when,
-        "finished {finished}, the Spot notice said {when}"
-    );
-    sigterm(&daemon);
-    assert_eq!(
-        wait_output(daemon, Duration::from_secs(60), &["run"]).code,
-        Some(0)
-    );
+    assert_eq!(stop_daemon(daemon).code, Some(0));
 }
 
 /// The SSM document's entry point stored the data but could not complete the action (no such
@@ -393,28 +340,12 @@ fn a_spot_notice_while_reading_a_24_gib_file_stores_a_valid_partial_archive_in_t
         crate::support::config_for(&bucket, &[&data], "", "")
     );
     let lb = Lifeboat::new(dir.path(), &server.endpoint, &config);
-    let daemon = start_daemon(&lb, &imds);
+    let daemon = start_daemon(&lb, &imds, &[]);
     let (when, at) = spot_time(40);
     imds.set(&format!(
         r#"{{"spot_action": {{"action": "terminate", "time": "{at}"}}}}"#
     ));
-    let key = eventually("the manifest", Duration::from_secs(90), || {
-        server
-            .keys(&bucket)
-            .into_iter()
-            .find(|k| k.ends_with(".manifest.json"))
-    });
-    let manifest: serde_json::Value = serde_json::from_slice(&server.get(&bucket, &key)).unwrap();
-    assert_eq!(manifest["partial"], true, "{}", manifest["changed"]);
-    let finished = time::OffsetDateTime::parse(
-        manifest["finished_at"].as_str().unwrap(),
-        &time::format_description::well_known::Rfc3339,
-    )
-    .unwrap();
-    assert!(
-        finished < when,
-        "finished {finished}, the notice said {when}"
-    );
+    let manifest = partial_manifest_before(server, &bucket, when);
     let changed = manifest["changed"].as_array().unwrap();
     assert!(
         changed.iter().any(|c| c["reason"]
@@ -447,11 +378,7 @@ fn a_spot_notice_while_reading_a_24_gib_file_stores_a_valid_partial_archive_in_t
             .any(|l| l.contains("z-big.db") && l.contains(&(24u64 << 30).to_string())),
         "{text}"
     );
-    sigterm(&daemon);
-    assert_eq!(
-        wait_output(daemon, Duration::from_secs(60), &["run"]).code,
-        Some(0)
-    );
+    assert_eq!(stop_daemon(daemon).code, Some(0));
 }
 
 /// Answers every request with the headers of a large object and a few bytes, then stalls.
