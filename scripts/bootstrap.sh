@@ -4,9 +4,10 @@
 #   .venv/   Python venv with moto's server (S3, and later Auto Scaling, SNS, SSM, STS)
 #   .tools/  s3s-fs, a real S3 server written in Rust (fast, checks SigV4), cargo-deb and
 #            cargo-generate-rpm (the packages)
-#   .venv/   also cfn-lint (the deployment template)
+#   .venv/   also cfn-lint (the deployment template) and fusepy (a FUSE file system whose reads
+#            hang, tests/emulators/hangfs.py)
 # and, when missing, the Debian tools the tests use (GNU tar, gzip, zstd, systemd-analyze,
-# lintian, rpmlint).
+# lintian, rpmlint, libfuse2).
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +17,7 @@ S3S_FS_VERSION=0.14.1
 CARGO_DEB_VERSION=3.8.0
 CARGO_GENERATE_RPM_VERSION=0.21.1
 CFN_LINT_VERSION=1.58.0
+FUSEPY_VERSION=3.0.1
 
 log() { printf 'bootstrap: %s\n' "$*" >&2; }
 
@@ -27,6 +29,9 @@ done
 for tool in systemd-analyze:systemd lintian:lintian rpmlint:rpmlint rpm:rpm objdump:binutils; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool##*:}")
 done
+# fusepy loads libfuse.so.2.
+[ -e /usr/lib/x86_64-linux-gnu/libfuse.so.2 ] || ldconfig -p 2>/dev/null | grep -q 'libfuse.so.2 ' \
+  || need_apt+=(libfuse2)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]} with apt-get"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
@@ -42,6 +47,11 @@ if ! [ -x .tools/bin/s3s-fs ]; then
   log "building s3s-fs $S3S_FS_VERSION into .tools (about three minutes)"
   cargo install --quiet "s3s-fs@$S3S_FS_VERSION" --features binary --locked --root .tools
 fi
+if ! .venv/bin/python -c "import importlib.metadata as m, sys; sys.exit(m.version('fusepy') != '$FUSEPY_VERSION')" 2>/dev/null; then
+  log "installing fusepy $FUSEPY_VERSION into .venv"
+  .venv/bin/pip install --quiet --disable-pip-version-check "fusepy==$FUSEPY_VERSION"
+fi
+
 if ! .venv/bin/python -c "import importlib.metadata as m, sys; sys.exit(m.version('cfn-lint') != '$CFN_LINT_VERSION')" 2>/dev/null; then
   log "installing cfn-lint $CFN_LINT_VERSION into .venv"
   .venv/bin/pip install --quiet --disable-pip-version-check "cfn-lint==$CFN_LINT_VERSION"

@@ -9,6 +9,11 @@
 //! A file with holes (at least [`SPARSE_MIN_HOLES`] of them, found with `SEEK_DATA`/`SEEK_HOLE`) is
 //! stored as a GNU sparse entry: only its data regions are read and archived, with a map GNU tar,
 //! bsdtar and `lifeboat restore` use to recreate the holes.
+//!
+//! A read that never returns (a hung NFS or FUSE mount) must not cost the backup: the stream lives
+//! in a [`Shared`], and when the deadline has come and the walking thread is stuck in the file
+//! system, [`Shared::abandon`] closes a valid archive from another thread (the file being read is
+//! completed with zeros and recorded) while the stuck thread is left behind.
 
 use std::collections::HashMap;
 use std::fs::{File, Metadata};
@@ -17,6 +22,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use globset::GlobSet;
 use serde::{Deserialize, Serialize};
@@ -194,6 +200,11 @@ pub enum ArchiveError {
         /// The output's error.
         source: io::Error,
     },
+    /// The archive was closed without this thread ([`Shared::abandon`]).
+    #[error(
+        "the archive was closed without the walking thread (a file-system call did not return)"
+    )]
+    Abandoned,
 }
 
 /// One step of the walk.
@@ -347,6 +358,143 @@ pub trait TarSink: Write {
 
 impl TarSink for Vec<u8> {}
 
+/// The archive stream and its report, shared between the thread that walks and reads and whoever
+/// must close the archive without it ([`Shared::abandon`]).
+pub struct Shared<W> {
+    state: Mutex<SharedState<W>>,
+}
+
+struct SharedState<W> {
+    /// The sink; taken by whoever closes the archive.
+    sink: Option<W>,
+    /// Bytes written into the sink.
+    written: u64,
+    /// The file being archived: its path, declared size, and once its data began, the stream
+    /// offset its (padded) data must reach.
+    current: Option<(PathBuf, u64, Option<u64>)>,
+    report: ArchiveReport,
+}
+
+/// The end-of-archive marker: two zero blocks.
+const END_OF_ARCHIVE: u64 = 2 * BLOCK;
+
+impl<W: TarSink> Shared<W> {
+    /// A stream into `sink`.
+    pub fn new(sink: W) -> Self {
+        Self {
+            state: Mutex::new(SharedState {
+                sink: Some(sink),
+                written: 0,
+                current: None,
+                report: ArchiveReport::default(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SharedState<W>> {
+        // A panic while holding the lock leaves consistent enough state for closing.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn report(&self) -> MutexGuard<'_, SharedState<W>> {
+        self.lock()
+    }
+
+    /// Closes the archive as it stands when the walking thread is stuck in the file system: the
+    /// entry being read is completed with zeros (and recorded as cut), the end-of-archive marker
+    /// is written, and the sink and report are returned. `None` when the walking thread is inside
+    /// a write (it is not stuck in the file system) or has already closed the archive itself.
+    pub fn abandon(&self) -> Option<io::Result<(W, ArchiveReport)>> {
+        let mut st = match self.state.try_lock() {
+            Ok(st) => st,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        let mut sink = st.sink.take()?;
+        let current = st.current.take();
+        let fill = match &current {
+            Some((_, _, Some(end))) => end.saturating_sub(st.written),
+            _ => 0,
+        };
+        if let Some((path, declared, began)) = current {
+            let record = RecordedPath::new(&path);
+            if began.is_some() {
+                st.report.changed.push(ChangeRecord {
+                    path: record,
+                    declared_size: declared,
+                    reason: "a read did not return by the deadline (hung file system?); abandoned, rest zero-filled".into(),
+                });
+            } else {
+                st.report.skipped.push(SkipRecord {
+                    path: record,
+                    reason: "a file-system call did not return by the deadline (hung file system?)"
+                        .into(),
+                });
+            }
+        }
+        st.report.stopped_early = true;
+        let closed = sink
+            .write_zeros(fill + END_OF_ARCHIVE)
+            .and_then(|()| sink.flush());
+        tracing::warn!(fill, "archive closed without the stuck walking thread");
+        Some(closed.map(|()| (sink, std::mem::take(&mut st.report))))
+    }
+
+    fn begin_file(&self, path: &Path, declared: u64) {
+        self.lock().current = Some((path.to_owned(), declared, None));
+    }
+
+    fn end_file(&self) {
+        self.lock().current = None;
+    }
+
+    /// The current entry's data starts now and holds `len` bytes (before padding).
+    fn data_begins(&self, len: u64) {
+        let mut st = self.lock();
+        let end = st.written + len.next_multiple_of(BLOCK);
+        if let Some(c) = st.current.as_mut() {
+            c.2 = Some(end);
+        }
+    }
+
+    /// The walking thread's own close: the sink and the report.
+    fn finish(&self) -> Result<(W, ArchiveReport), ArchiveError> {
+        let mut st = self.lock();
+        let sink = st.sink.take().ok_or(ArchiveError::Abandoned)?;
+        Ok((sink, std::mem::take(&mut st.report)))
+    }
+}
+
+/// The walking thread's handle on a [`Shared`] stream.
+struct SharedWriter<W>(Arc<Shared<W>>);
+
+fn abandoned() -> io::Error {
+    io::Error::other(ArchiveError::Abandoned)
+}
+
+impl<W: TarSink> Write for SharedWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut st = self.0.lock();
+        let n = st.sink.as_mut().ok_or_else(abandoned)?.write(buf)?;
+        st.written += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.lock().sink.as_mut().ok_or_else(abandoned)?.flush()
+    }
+}
+
+impl<W: TarSink> TarSink for SharedWriter<W> {
+    fn write_zeros(&mut self, n: u64) -> io::Result<()> {
+        let mut st = self.0.lock();
+        st.sink.as_mut().ok_or_else(abandoned)?.write_zeros(n)?;
+        st.written += n;
+        Ok(())
+    }
+}
+
 /// Writes the tar stream of `opts` into `out`; returns the writer and what was archived.
 ///
 /// Checks `stop` between entries: when set, the archive is closed (valid, with an end marker) and
@@ -357,29 +505,46 @@ pub fn write_archive<W: TarSink>(
     counters: &Counters,
     stop: &AtomicBool,
 ) -> Result<(W, ArchiveReport), ArchiveError> {
+    write_shared(opts, &Arc::new(Shared::new(out)), counters, stop)
+}
+
+/// [`write_archive`] into a [`Shared`] stream, which another thread may close with
+/// [`Shared::abandon`] if this one gets stuck in the file system.
+pub fn write_shared<W: TarSink>(
+    opts: &ArchiveOptions<'_>,
+    shared: &Arc<Shared<W>>,
+    counters: &Counters,
+    stop: &AtomicBool,
+) -> Result<(W, ArchiveReport), ArchiveError> {
     let mut writer = TarWriter {
-        builder: tar::Builder::new(out),
-        report: ArchiveReport::default(),
+        builder: tar::Builder::new(SharedWriter(Arc::clone(shared))),
+        shared: Arc::clone(shared),
         first_names: HashMap::new(),
         counters,
         stop,
     };
     let finished = walk(opts, stop, |walked| writer.add(walked))?;
-    writer.report.stopped_early |= !finished;
-    writer
-        .builder
-        .finish()
-        .map_err(|source| ArchiveError::Finish { source })?;
-    let out = writer
-        .builder
-        .into_inner()
-        .map_err(|source| ArchiveError::Finish { source })?;
-    Ok((out, writer.report))
+    writer.builder.finish().map_err(finish_err)?;
+    drop(writer);
+    let (out, mut report) = shared.finish()?;
+    report.stopped_early |= !finished;
+    Ok((out, report))
+}
+
+/// A failure to close the stream; [`ArchiveError::Abandoned`] when another thread closed it.
+fn finish_err(source: io::Error) -> ArchiveError {
+    match source
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<ArchiveError>())
+    {
+        Some(ArchiveError::Abandoned) => ArchiveError::Abandoned,
+        _ => ArchiveError::Finish { source },
+    }
 }
 
 struct TarWriter<'c, W: TarSink> {
-    builder: tar::Builder<W>,
-    report: ArchiveReport,
+    builder: tar::Builder<SharedWriter<W>>,
+    shared: Arc<Shared<W>>,
     /// (device, inode) of multiply-linked files → the name they were first archived under.
     first_names: HashMap<(u64, u64), PathBuf>,
     counters: &'c Counters,
@@ -390,7 +555,7 @@ impl<W: TarSink> TarWriter<'_, W> {
     fn skip(&mut self, path: &Path, reason: impl Into<String>) {
         let reason = reason.into();
         tracing::debug!(path = %path.display(), %reason, "skipped");
-        self.report.skipped.push(SkipRecord {
+        self.shared.report().report.skipped.push(SkipRecord {
             path: RecordedPath::new(path),
             reason,
         });
@@ -398,7 +563,7 @@ impl<W: TarSink> TarWriter<'_, W> {
 
     fn record(&mut self, path: &Path, kind: EntryKind, size: u64, meta: &Metadata) {
         self.counters.entries.fetch_add(1, Ordering::Relaxed);
-        self.report.files.push(FileRecord {
+        self.shared.report().report.files.push(FileRecord {
             path: RecordedPath::new(path),
             kind,
             size,
@@ -517,7 +682,10 @@ impl<W: TarSink> TarWriter<'_, W> {
             None => (vec![(0, declared)], Vec::new()),
         };
         let data_size = header.entry_size().unwrap_or(declared);
+        self.shared.begin_file(path, declared);
         let mut reader = LiveReader::new(&file, map, self.counters, Some(self.stop));
+        let shared = Arc::clone(&self.shared);
+        reader.on_first_read = Some(Box::new(move || shared.data_begins(data_size)));
         let write_err = |source| ArchiveError::Write {
             path: path.display().to_string(),
             source,
@@ -539,12 +707,15 @@ impl<W: TarSink> TarWriter<'_, W> {
                 .write_zeros(fill)
                 .map_err(write_err)?;
         }
+        self.shared.end_file();
         let (read, padded, cut, error) =
             (reader.read, reader.padded, reader.cut, reader.error.take());
-        self.report.bytes_read += read;
+        let mut st = self.shared.report();
+        st.report.bytes_read += read;
         if cut {
-            self.report.stopped_early = true;
+            st.report.stopped_early = true;
         }
+        drop(st);
         let change = if cut {
             Some(format!(
                 "cut at the deadline after {read} of {declared} bytes; rest zero-filled"
@@ -577,7 +748,7 @@ impl<W: TarSink> TarWriter<'_, W> {
         };
         if let Some(reason) = change {
             tracing::debug!(path = %path.display(), %reason, "changed while archived");
-            self.report.changed.push(ChangeRecord {
+            self.shared.report().report.changed.push(ChangeRecord {
                 path: RecordedPath::new(path),
                 declared_size: declared,
                 reason,
@@ -688,6 +859,8 @@ struct LiveReader<'a> {
     /// When set, stop reading (the deadline is near) and zero-fill the rest.
     stop: Option<&'a AtomicBool>,
     cut: bool,
+    /// Called before the first byte is yielded (the data's place in the stream is known then).
+    on_first_read: Option<Box<dyn FnOnce() + 'a>>,
 }
 
 impl<'a> LiveReader<'a> {
@@ -707,6 +880,7 @@ impl<'a> LiveReader<'a> {
             counters,
             stop,
             cut: false,
+            on_first_read: None,
         }
     }
 }
@@ -725,6 +899,9 @@ impl Read for LiveReader<'_> {
         }
         if self.padded || self.cut || self.error.is_some() {
             return Ok(0);
+        }
+        if let Some(begin) = self.on_first_read.take() {
+            begin();
         }
         let n = loop {
             match self.file.read_at(buf, *offset) {
@@ -901,6 +1078,42 @@ mod tests {
     }
 
     #[test]
+    fn abandoning_mid_read_closes_a_valid_archive_with_the_file_at_its_size() {
+        // The walking thread wrote a header and 1000 of 5000 declared bytes, then got stuck.
+        let shared = Arc::new(Shared::new(CountingSink::default()));
+        let mut w = SharedWriter(Arc::clone(&shared));
+        let mut header = tar::Header::new_gnu();
+        header.set_path("stuck.db").unwrap();
+        header.set_size(5000);
+        header.set_mode(0o644);
+        header.set_cksum();
+        w.write_all(header.as_bytes()).unwrap();
+        shared.begin_file(Path::new("/data/stuck.db"), 5000);
+        shared.data_begins(5000);
+        w.write_all(&[9u8; 1000]).unwrap();
+
+        let (sink, report) = shared.abandon().expect("not inside a write").unwrap();
+        assert!(report.stopped_early);
+        assert!(
+            report.changed[0].reason.contains("did not return"),
+            "{report:?}"
+        );
+        // The stuck thread's next write fails; the archive is already closed.
+        assert!(w.write_all(b"late").is_err());
+        assert!(shared.abandon().is_none());
+        let entries = entries(&sink.bytes);
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].0, "stuck.db");
+        assert_eq!(entries[0].2.len(), 5000);
+        assert!(entries[0].2[..1000].iter().all(|&b| b == 9));
+        assert!(entries[0].2[1000..].iter().all(|&b| b == 0));
+        assert_eq!(
+            sink.bytes.len() as u64,
+            BLOCK + 5000_u64.next_multiple_of(BLOCK) + END_OF_ARCHIVE
+        );
+    }
+
+    #[test]
     fn a_file_cut_at_the_deadline_keeps_its_size_and_the_rest_is_one_run_of_zeros() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("big.db");
@@ -908,18 +1121,20 @@ mod tests {
         let counters = Counters::default();
         // The deadline has come: nothing more is read.
         let stop = AtomicBool::new(true);
+        let shared = Arc::new(Shared::new(CountingSink::default()));
         let mut w = TarWriter {
-            builder: tar::Builder::new(CountingSink::default()),
-            report: ArchiveReport::default(),
+            builder: tar::Builder::new(SharedWriter(Arc::clone(&shared))),
+            shared: Arc::clone(&shared),
             first_names: HashMap::new(),
             counters: &counters,
             stop: &stop,
         };
         w.add_file(&path, PathBuf::from("big.db")).unwrap();
-        assert!(w.report.stopped_early);
-        assert!(w.report.changed[0].reason.contains("cut at the deadline"));
         w.builder.finish().unwrap();
-        let sink = w.builder.into_inner().unwrap();
+        drop(w);
+        let (sink, report) = shared.finish().unwrap();
+        assert!(report.stopped_early);
+        assert!(report.changed[0].reason.contains("cut at the deadline"));
         assert_eq!(sink.runs, 100_000_u64.next_multiple_of(BLOCK));
         let entries = entries(&sink.bytes);
         assert_eq!(entries[0].0, "big.db");

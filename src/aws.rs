@@ -9,15 +9,16 @@ use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 
-/// Loads the SDK configuration; `region_hint` (from the instance identity) is used when neither
-/// the environment nor the profile names a region.
+/// Loads the SDK configuration. The region: the environment, the profile, `region_hint` (the
+/// instance identity, already read from metadata), then instance metadata itself.
 pub async fn sdk_config(region_hint: Option<&str>) -> SdkConfig {
     let fallback = region_hint.map(|r| Region::new(r.to_owned()));
     let region = RegionProviderChain::first_try(
         aws_config::environment::region::EnvironmentVariableRegionProvider::new(),
     )
     .or_else(aws_config::profile::ProfileFileRegionProvider::builder().build())
-    .or_else(fallback);
+    .or_else(fallback)
+    .or_else(aws_config::imds::region::ImdsRegionProvider::builder().build());
     aws_config::defaults(BehaviorVersion::latest())
         .region(region)
         .load()

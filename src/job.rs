@@ -271,6 +271,57 @@ impl<W: Write> Write for Hashing<W> {
     }
 }
 
+/// How long the walking thread has, after the partial stop, to close the archive itself before it
+/// is taken to be stuck in the file system (a healthy one stops within one read).
+const STUCK_AFTER_STOP: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Closes the compressed stream: the upload writer, the stored bytes' SHA-256, the report.
+fn close(
+    sink: Sink<Hashing<ObjectWriter>>,
+    report: ArchiveReport,
+) -> Result<(ObjectWriter, String, ArchiveReport), JobError> {
+    let hashing = sink.0.finish().map_err(JobError::Compress)?;
+    Ok((hashing.inner, hex::encode(hashing.sha.finalize()), report))
+}
+
+/// Resolves only if the partial stop came, [`STUCK_AFTER_STOP`] passed, and the walking thread is
+/// still in the file system: then the archive is closed without it ([`archive::Shared::abandon`]).
+async fn abandon_when_stuck(
+    shared: &Arc<archive::Shared<Sink<Hashing<ObjectWriter>>>>,
+    stop: &AtomicBool,
+) -> Result<(ObjectWriter, String, ArchiveReport), JobError> {
+    let mut stopped_at = None;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        if !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            continue;
+        }
+        let since = *stopped_at.get_or_insert_with(Instant::now);
+        if since.elapsed() < STUCK_AFTER_STOP {
+            continue;
+        }
+        let shared = Arc::clone(shared);
+        // Closing writes into the upload writer, which blocks: not on the async runtime.
+        let closed = tokio::task::spawn_blocking(move || {
+            shared.abandon().map(|closed| {
+                let (sink, report) = closed.map_err(JobError::Compress)?;
+                close(sink, report)
+            })
+        })
+        .await;
+        match closed {
+            Ok(Some(result)) => {
+                tracing::warn!(
+                    "the walking thread is stuck in the file system: archive closed without it"
+                );
+                return result;
+            }
+            Ok(None) => {} // writing (not stuck), or closing the archive itself
+            Err(e) => return Err(JobError::Thread(e.to_string())),
+        }
+    }
+}
+
 /// The tar stream's way into the compressor: runs of zeros (a file cut at the deadline) go to
 /// the compressor's precomputed units instead of being compressed.
 struct Sink<W>(Box<dyn Compressor<W>>);
@@ -320,10 +371,23 @@ impl BackupJob<'_> {
             self.cancel.clone(),
         );
         let aborter = writer.abort_handle();
-        let pipeline = {
+        let hashing = Hashing {
+            inner: writer,
+            sha: Sha256::new(),
+        };
+        let compressor = compress::compressor(
+            cfg.backup.compression,
+            cfg.backup.level,
+            compress::default_threads(),
+            hashing,
+        )
+        .map_err(JobError::Compress)?;
+        let shared = Arc::new(archive::Shared::new(Sink(compressor)));
+        let mut pipeline = {
             let backup = cfg.backup.clone();
             let counters = Arc::clone(&self.counters);
             let stop = Arc::clone(&self.stop);
+            let shared = Arc::clone(&shared);
             tokio::task::spawn_blocking(move || {
                 // The walk checks `stop` between entries and while reading (deadlines);
                 // cancellation stops the stream at the upload writer instead.
@@ -332,26 +396,19 @@ impl BackupJob<'_> {
                     exclude: &backup.exclude_set,
                     one_file_system: backup.one_file_system,
                 };
-                let hashing = Hashing {
-                    inner: writer,
-                    sha: Sha256::new(),
-                };
-                let compressor = compress::compressor(
-                    backup.compression,
-                    backup.level,
-                    compress::default_threads(),
-                    hashing,
-                )
-                .map_err(JobError::Compress)?;
-                let (out, report) =
-                    archive::write_archive(&opts, Sink(compressor), &counters, &stop)?;
-                let hashing = out.0.finish().map_err(JobError::Compress)?;
-                Ok::<_, JobError>((hashing.inner, hex::encode(hashing.sha.finalize()), report))
+                let (sink, report) = archive::write_shared(&opts, &shared, &counters, &stop)?;
+                close(sink, report)
             })
         };
-        let streamed = match pipeline.await {
-            Ok(r) => r,
-            Err(e) => Err(JobError::Thread(e.to_string())),
+        // The walking thread may get stuck in the file system (a hung NFS or FUSE mount): a
+        // cancelled job does not wait for it, and at the deadline the archive is closed without it.
+        let streamed = tokio::select! {
+            joined = &mut pipeline => match joined {
+                Ok(r) => r,
+                Err(e) => Err(JobError::Thread(e.to_string())),
+            },
+            () = self.cancel.cancelled() => Err(JobError::Cancelled),
+            closed = abandon_when_stuck(&shared, &self.stop) => closed,
         };
         let (writer, sha256, report) = match streamed {
             Ok(ok) => ok,

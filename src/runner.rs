@@ -39,7 +39,7 @@ use crate::job::{ActionOutcome, BackupJob, JobError, JobResult, JobStatus, Store
 use crate::lifecycle::{
     ActionRef, Completed, Hook, Lifecycle, LifecycleError, NOT_ACTIVE_GRACE, TERMINATING_WAIT,
 };
-use crate::report::{self, Report};
+use crate::report::{self, Report, ReportError};
 use crate::state::StateFile;
 use crate::watch::{NoticeSource, TerminationNotice};
 
@@ -147,7 +147,7 @@ pub trait BackupApi: Send + Sync + 'static {
     /// Runs one backup to the end.
     fn backup(&self, run: BackupRun) -> BoxFuture<'static, Result<Stored, JobError>>;
     /// Publishes a report; its message id.
-    fn publish<'a>(&'a self, report: &'a Report) -> BoxFuture<'a, Result<String, String>>;
+    fn publish<'a>(&'a self, report: &'a Report) -> BoxFuture<'a, Result<String, ReportError>>;
 }
 
 /// The clients a job needs.
@@ -206,7 +206,7 @@ impl BackupApi for Pipeline {
         })
     }
 
-    fn publish<'a>(&'a self, r: &'a Report) -> BoxFuture<'a, Result<String, String>> {
+    fn publish<'a>(&'a self, r: &'a Report) -> BoxFuture<'a, Result<String, ReportError>> {
         Box::pin(async move {
             match &self.config.sns.topic_arn {
                 Some(topic) => report::publish(&self.sns, topic, r).await,
@@ -350,16 +350,19 @@ impl Runner {
     /// Runs or joins the job for `notice` and returns its result.
     pub async fn submit(self: &Arc<Self>, notice: TerminationNotice) -> JobResult {
         self.state.record_notice(&notice);
-        let mut rx = {
+        let admitted = {
             let mut slots = self.slots.lock().expect("runner lock");
             if let Some(done) = self.already_settled(&slots, &notice) {
-                tracing::info!(reason = %notice.reason, "termination already backed up; returning that result");
-                return done;
-            }
-            if let Some(running) = &slots.running {
+                if notice.complete_lifecycle && done.lifecycle.is_none() {
+                    Err(done)
+                } else {
+                    tracing::info!(reason = %notice.reason, "termination already backed up; returning that result");
+                    return done;
+                }
+            } else if let Some(running) = &slots.running {
                 running.hints.send_modify(|h| h.merge(&notice));
                 tracing::info!(reason = %notice.reason, "joining the running job");
-                running.result.clone()
+                Ok(running.result.clone())
             } else {
                 let (tx, rx) = watch::channel(None);
                 let mut hints = Hints::default();
@@ -372,6 +375,7 @@ impl Runner {
                     counters: Arc::clone(&counters),
                 });
                 let this = Arc::clone(self);
+                let notice = notice.clone();
                 tokio::spawn(async move {
                     let result = Arc::clone(&this)
                         .run_guarded(notice, hints_rx, counters)
@@ -379,8 +383,13 @@ impl Runner {
                     this.finish(&result);
                     let _ = tx.send(Some(result));
                 });
-                rx
+                Ok(rx)
             }
+        };
+        let mut rx = match admitted {
+            Ok(rx) => rx,
+            // Backed up for a Spot notice; now Auto Scaling holds the instance too.
+            Err(done) => return self.complete_after(done, &notice).await,
         };
         loop {
             if let Some(result) = rx.borrow_and_update().clone() {
@@ -408,6 +417,19 @@ impl Runner {
             .reload()
             .last_job
             .filter(|last| last.token.as_ref() == Some(token) && last.settles_termination())
+    }
+
+    /// Completes the lifecycle action a later notice brings for a termination already backed up
+    /// (a Spot instance in a group: the Spot notice first, then its terminate hook): no second
+    /// backup, but the hook is not left to time out.
+    async fn complete_after(&self, done: JobResult, notice: &TerminationNotice) -> JobResult {
+        let mut hints = Hints::default();
+        hints.merge(notice);
+        let mut story = Story::new(self, hints, Instant::now());
+        let lifecycle = story.complete_action(done.status).await;
+        let result = JobResult { lifecycle, ..done };
+        self.finish(&result);
+        result
     }
 
     /// Records the result and frees the slot.
@@ -1208,7 +1230,7 @@ mod tests {
                 })
             })
         }
-        fn publish<'a>(&'a self, r: &'a Report) -> BoxFuture<'a, Result<String, String>> {
+        fn publish<'a>(&'a self, r: &'a Report) -> BoxFuture<'a, Result<String, ReportError>> {
             self.reports.lock().unwrap().push(r.clone());
             Box::pin(async { Ok("m-1".into()) })
         }
@@ -1507,7 +1529,7 @@ mod tests {
                     Err(JobError::Cancelled)
                 })
             }
-            fn publish<'a>(&'a self, _: &'a Report) -> BoxFuture<'a, Result<String, String>> {
+            fn publish<'a>(&'a self, _: &'a Report) -> BoxFuture<'a, Result<String, ReportError>> {
                 Box::pin(async { Ok(String::new()) })
             }
         }
@@ -1529,6 +1551,32 @@ mod tests {
         let done = &lc.calls("CompleteLifecycleAction")[0];
         assert_eq!(done.result, Some(LifecycleResult::Abandon));
         assert!(done.at < Duration::from_secs(3000), "{done:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_scale_in_after_a_spot_backup_completes_the_action_without_a_second_backup() {
+        let b = bench(
+            FakeLifecycle::new(Duration::from_secs(60)),
+            FakeBackup::new(Duration::from_secs(10)),
+            "",
+        );
+        let spot_result = b.runner.submit(spot(120)).await;
+        assert_eq!(spot_result.lifecycle, None);
+        let r = b
+            .runner
+            .submit(notice(NoticeSource::TargetLifecycleState))
+            .await;
+        assert_eq!(r.object_url, spot_result.object_url);
+        assert!(
+            r.lifecycle.as_ref().is_some_and(ActionOutcome::settled),
+            "{r:?}"
+        );
+        assert_eq!(b.lc.calls("CompleteLifecycleAction").len(), 1);
+        assert_eq!(
+            b.backup.reports.lock().unwrap().len(),
+            1,
+            "one backup, one report"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -90,8 +90,22 @@ impl Report {
     }
 }
 
-/// Publishes `report` to `topic_arn`.
-pub async fn publish(client: &Client, topic_arn: &str, report: &Report) -> Result<String, String> {
+/// SNS refused or could not take the report.
+#[derive(Debug, thiserror::Error)]
+#[error("publishing the report to {topic_arn}: {message}")]
+pub struct ReportError {
+    /// The topic.
+    pub topic_arn: String,
+    /// SNS's or the connection's error.
+    pub message: String,
+}
+
+/// Publishes `report` to `topic_arn`; its message id.
+pub async fn publish(
+    client: &Client,
+    topic_arn: &str,
+    report: &Report,
+) -> Result<String, ReportError> {
     let attr = |v: &str| {
         MessageAttributeValue::builder()
             .data_type("String")
@@ -110,7 +124,10 @@ pub async fn publish(client: &Client, topic_arn: &str, report: &Report) -> Resul
         .message_attributes("group", attr(&report.group))
         .send()
         .await
-        .map_err(|e| crate::sdk::sdk_message(&e))?;
+        .map_err(|e| ReportError {
+            topic_arn: topic_arn.to_owned(),
+            message: crate::sdk::sdk_message(&e),
+        })?;
     Ok(out.message_id().unwrap_or_default().to_owned())
 }
 

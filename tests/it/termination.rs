@@ -429,3 +429,148 @@ fn a_restore_whose_download_stalls_fails_after_the_read_timeout() {
     assert_eq!(out.code, Some(1), "{out:#?}");
     assert!(out.stderr.contains("timed out"), "{out:#?}");
 }
+
+/// A FUSE mount whose `hung.db` stops answering reads after its first MiB
+/// (`tests/emulators/hangfs.py`); unmounted (lazily) when dropped.
+struct HungMount {
+    path: std::path::PathBuf,
+    server: std::process::Child,
+}
+
+impl HungMount {
+    fn mount(path: &std::path::Path) -> Self {
+        std::fs::create_dir_all(path).unwrap();
+        let server = Command::new(crate::support::root().join(".venv/bin/python"))
+            .arg(crate::support::root().join("tests/emulators/hangfs.py"))
+            .arg(path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mount = Self {
+            path: path.to_owned(),
+            server,
+        };
+        eventually("the FUSE mount", Duration::from_secs(30), || {
+            path.join("ok.txt").exists().then_some(())
+        });
+        mount
+    }
+}
+
+impl Drop for HungMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
+/// A read that never returns (a hung NFS or FUSE mount) at a Spot notice: the archive is closed
+/// without the stuck thread, the file recorded as cut, and a valid partial archive is stored in
+/// time (the backup used to wait on the read for ever).
+#[test]
+fn a_read_that_never_returns_is_abandoned_at_the_deadline() {
+    let server = crate::support::s3s_fs();
+    let instance = crate::support::bucket_name("i-hungfs");
+    let imds = Imds::start(&instance, "");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write(&data.join("a.log"), b"first\n");
+    let mount = HungMount::mount(&dir.path().join("nfs"));
+    let bucket = server.bucket("hungfs");
+    let config = format!(
+        "{}[watch]\npoll_interval = \"1s\"\n",
+        crate::support::config_for(&bucket, &[&data, &mount.path], "", "")
+    );
+    let lb = Lifeboat::new(dir.path(), &server.endpoint, &config);
+    let daemon = start_daemon(&lb, &imds, &[]);
+    let (when, at) = spot_time(30);
+    imds.set(&format!(
+        r#"{{"spot_action": {{"action": "terminate", "time": "{at}"}}}}"#
+    ));
+    let manifest = partial_manifest_before(server, &bucket, when);
+    let changed = manifest["changed"].as_array().unwrap();
+    assert!(
+        changed.iter().any(
+            |c| c["path"].as_str().unwrap_or_default().ends_with("hung.db")
+                && c["reason"].as_str().unwrap().contains("did not return")
+        ),
+        "{changed:?}"
+    );
+    let archive = server
+        .data_dir
+        .as_ref()
+        .unwrap()
+        .join(&bucket)
+        .join(manifest["key"].as_str().unwrap());
+    let listing = Command::new("sh")
+        .arg("-c")
+        .arg(r#"python3 "$0" "$1" | tar -tvf -"#)
+        .arg(crate::support::root().join("tests/tools/gunzip_members.py"))
+        .arg(&archive)
+        .output()
+        .unwrap();
+    assert!(listing.status.success(), "{listing:?}");
+    let text = String::from_utf8_lossy(&listing.stdout);
+    assert!(text.contains("a.log"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.contains("hung.db") && l.contains(&(256u64 << 20).to_string())),
+        "{text}"
+    );
+    assert_eq!(stop_daemon(daemon).code, Some(0));
+    drop(mount);
+}
+
+/// An instance that goes back into service (a warm pool, instance reuse) after a termination was
+/// backed up is backed up again at its next termination (the watcher used to report
+/// `Terminated` once per process, and the runner to answer with the old result).
+#[test]
+fn an_instance_back_in_service_is_backed_up_again_at_its_next_termination() {
+    let server = moto();
+    let (group, instance, topic) = group_with_hook(server, "reuse", 60);
+    let imds = Imds::start(&instance, &group);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write(&data.join("a.log"), b"x\n");
+    let bucket = server.bucket("reuse");
+    let lb = Lifeboat::new(
+        dir.path(),
+        &server.endpoint,
+        &daemon_config(&bucket, &data, &topic, ""),
+    );
+    let daemon = start_daemon(&lb, &imds, &[]);
+    scale_in(server, &group);
+    imds.set(r#"{"target_lifecycle_state": "Terminated"}"#);
+    assert_eq!(finished_action(server, &instance)["result"], "CONTINUE");
+    let manifests = || {
+        server
+            .keys(&bucket)
+            .into_iter()
+            .filter(|k| k.ends_with(".manifest.json"))
+            .count()
+    };
+    eventually("the first archive", Duration::from_secs(60), || {
+        (manifests() >= 1).then_some(())
+    });
+    // Back in service (moto cannot return the instance to its group: only the second backup is
+    // checked here; completing it is the unit tests' part), then terminating again.
+    imds.set(r#"{"target_lifecycle_state": "Warmed:Running"}"#);
+    // The daemon must poll at least once while the instance is back in service.
+    let log_seen = || {
+        let (_, log) = crate::support::http("GET", &format!("{}/_emulator/log", imds.endpoint), "");
+        log.matches("target-lifecycle-state").count()
+    };
+    let polls = log_seen();
+    eventually("two more metadata polls", Duration::from_secs(30), || {
+        (log_seen() >= polls + 2).then_some(())
+    });
+    imds.set(r#"{"target_lifecycle_state": "Terminated"}"#);
+    eventually("the second archive", Duration::from_secs(60), || {
+        (manifests() >= 2).then_some(())
+    });
+    assert_eq!(manifests(), 2);
+    assert_eq!(stop_daemon(daemon).code, Some(0));
+}
