@@ -35,7 +35,7 @@ fn scale_in_is_backed_up_heartbeated_reported_and_completed() {
     );
     let mut cmd = lb.command(&["run"]);
     cmd.env("AWS_EC2_METADATA_SERVICE_ENDPOINT", &imds.endpoint);
-    let daemon = cmd.spawn().unwrap();
+    let daemon = crate::support::Daemon::new(cmd.spawn().unwrap());
     let socket = dir.path().join("run/control.sock");
     eventually(
         "the daemon's control socket",
@@ -149,15 +149,7 @@ fn scale_in_is_backed_up_heartbeated_reported_and_completed() {
     assert!(text.contains("completed with CONTINUE"), "{text}");
 
     // SIGTERM: a clean exit.
-    let pid = daemon.id().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let out = wait_output(daemon, Duration::from_secs(60), &["run"]);
+    let out = daemon.stop();
     assert_eq!(out.code, Some(0), "{out:#?}");
 }
 

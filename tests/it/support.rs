@@ -796,21 +796,52 @@ pub fn ssm_commands(server: &Server) -> Vec<serde_json::Value> {
     serde_json::from_str(&http("GET", &url, "").1).unwrap()
 }
 
+/// A `lifeboat run` process, killed when dropped (a failing test leaves no daemon behind).
+pub struct Daemon(Option<Child>);
+
+impl Daemon {
+    /// Wraps a spawned `lifeboat run`.
+    pub fn new(child: Child) -> Self {
+        Self(Some(child))
+    }
+
+    /// The process, while it runs.
+    pub fn child(&mut self) -> &mut Child {
+        self.0.as_mut().expect("running")
+    }
+
+    /// Stops it with SIGTERM and returns its output.
+    pub fn stop(mut self) -> Run {
+        let child = self.0.take().expect("running");
+        sigterm(&child);
+        wait_output(child, Duration::from_secs(60), &["run"])
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// Starts `lifeboat run` against `imds` (with extra `env`) and waits for its control socket.
-pub fn start_daemon(lb: &Lifeboat, imds: &Imds, env: &[(&str, &str)]) -> Child {
+pub fn start_daemon(lb: &Lifeboat, imds: &Imds, env: &[(&str, &str)]) -> Daemon {
     let mut cmd = lb.command(&["run"]);
     cmd.env("AWS_EC2_METADATA_SERVICE_ENDPOINT", &imds.endpoint);
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let child = cmd.spawn().unwrap();
+    let daemon = Daemon::new(cmd.spawn().unwrap());
     let socket = lb.dir.join("run/control.sock");
     eventually(
         "the daemon's control socket",
         Duration::from_secs(30),
         || socket.exists().then_some(()),
     );
-    child
+    daemon
 }
 
 /// Sends SIGTERM to a lifeboat process.
@@ -824,9 +855,8 @@ pub fn sigterm(child: &Child) {
 }
 
 /// Stops the daemon with SIGTERM and returns its output.
-pub fn stop_daemon(daemon: Child) -> Run {
-    sigterm(&daemon);
-    wait_output(daemon, Duration::from_secs(60), &["run"])
+pub fn stop_daemon(daemon: Daemon) -> Run {
+    daemon.stop()
 }
 
 /// A Spot interruption time `in_secs` from now, and as the notice writes it.

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::support::{
     Imds, Lifeboat, daemon_config, eventually, fault, finished_action, free_port, group_with_hook,
-    moto, noise, partial_manifest_before, scale_in, sigterm, spot_time, start_daemon, stop_daemon,
+    moto, noise, partial_manifest_before, scale_in, spot_time, start_daemon, stop_daemon,
     wait_output, write,
 };
 
@@ -47,8 +47,7 @@ fn sigterm_mid_backup_leaves_the_action_pending_and_the_next_daemon_completes_it
     eventually("an open multipart upload", Duration::from_secs(60), || {
         (server.open_uploads(&bucket) > 0).then_some(())
     });
-    sigterm(&first);
-    let out = wait_output(first, Duration::from_secs(60), &["run"]);
+    let out = first.stop();
     assert_eq!(out.code, Some(0), "{out:#?}");
     assert!(out.stderr.contains("left pending"), "{out:#?}");
 
@@ -125,7 +124,7 @@ fn a_metadata_outage_at_start_does_not_disable_protection() {
     )
     .stdout(Stdio::null())
     .stderr(std::fs::File::create(&log_path).unwrap());
-    let mut daemon = cmd.spawn().unwrap();
+    let mut daemon = crate::support::Daemon::new(cmd.spawn().unwrap());
     let started = Instant::now();
     eventually(
         "the daemon to say it waits",
@@ -139,7 +138,7 @@ fn a_metadata_outage_at_start_does_not_disable_protection() {
     // Ten seconds of outage, during which the daemon must stay up.
     eventually("ten seconds of outage", Duration::from_secs(30), || {
         assert!(
-            daemon.try_wait().unwrap().is_none(),
+            daemon.child().try_wait().unwrap().is_none(),
             "the daemon exited during the outage: {}",
             std::fs::read_to_string(&log_path).unwrap_or_default()
         );
@@ -165,9 +164,7 @@ fn a_metadata_outage_at_start_does_not_disable_protection() {
         key.starts_with(&format!("backups/standalone/{instance}/")),
         "stored under the wrong instance: {key}"
     );
-    sigterm(&daemon);
-    let status = daemon.wait().unwrap();
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(daemon.stop().code, Some(0));
     let log = std::fs::read_to_string(&log_path).unwrap();
     assert!(log.contains("instance metadata answers"), "{log}");
 }
