@@ -249,7 +249,7 @@ impl Default for RawS3 {
             kms_key_id: String::new(),
             expected_bucket_owner: String::new(),
             retry_budget: "3m".into(),
-            read_timeout: "60s".into(),
+            read_timeout: "1m".into(),
         }
     }
 }
