@@ -7,7 +7,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
 DURATION=${DURATION:-600}
-cargo build --release --quiet --bin lifeboat
+# LIFEBOAT_BIN=PATH measures that binary instead (an A/B comparison in one session).
+if [ -z "${LIFEBOAT_BIN:-}" ]; then
+  cargo build --release --quiet --bin lifeboat
+fi
+LIFEBOAT=${LIFEBOAT_BIN:-target/release/lifeboat}
 work=$(mktemp -d /tmp/lifeboat-idle.XXXXXX)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 .venv/bin/python tests/emulators/imds.py --port "$port" >"$work/imds.log" 2>&1 &
@@ -19,7 +23,7 @@ printf '[s3]\nbucket = "idle-bench"\n' >"$work/lifeboat.toml"
 AWS_EC2_METADATA_SERVICE_ENDPOINT="http://127.0.0.1:$port" AWS_REGION=us-east-1 \
 AWS_ACCESS_KEY_ID=idle AWS_SECRET_ACCESS_KEY=idle AWS_ENDPOINT_URL=http://127.0.0.1:9 \
 RUNTIME_DIRECTORY="$work/run" STATE_DIRECTORY="$work/state" \
-  target/release/lifeboat --config "$work/lifeboat.toml" run >"$work/daemon.log" 2>&1 &
+  "$LIFEBOAT" --config "$work/lifeboat.toml" run >"$work/daemon.log" 2>&1 &
 daemon_pid=$!
 for _ in $(seq 1 500); do [ -S "$work/run/control.sock" ] && break; sleep 0.01; done
 ticks=$(getconf CLK_TCK)

@@ -6,6 +6,7 @@
 #   RUNS=5 scripts/bench.sh      runs per contender (default 3); medians are printed
 #   MEMORY=0 scripts/bench.sh    skip the 1 GB vs 4 GB peak-RSS check
 #   ONLY=zstd scripts/bench.sh   only the zstd contenders (ONLY=gzip: only the gzip ones)
+#   LIFEBOAT_BIN=PATH scripts/bench.sh   time that binary instead of building this checkout's
 #
 # For each contender: wall time, MB/s of input (apparent file bytes), bytes stored, peak RSS
 # (GNU time's maximum resident set of the largest process). Needs pigz and an AWS CLI: installs
@@ -30,8 +31,12 @@ else
   fi
   AWS=$root/.tools/awscli/bin/aws
 fi
-cargo build --release --quiet --bin lifeboat
-LIFEBOAT=$root/target/release/lifeboat
+if [ -n "${LIFEBOAT_BIN:-}" ]; then
+  LIFEBOAT=$LIFEBOAT_BIN # another build, for an A/B comparison in one session
+else
+  cargo build --release --quiet --bin lifeboat
+  LIFEBOAT=$root/target/release/lifeboat
+fi
 
 TREE=${1:-$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')}
 TREE=$(cd "$TREE" && pwd -P)

@@ -32,6 +32,8 @@ pub const SPARSE_MIN_HOLES: u64 = 1 << 20;
 
 /// tar's block size: sparse data regions start on it.
 const BLOCK: u64 = 512;
+/// File data is read (and written into the stream) this much at a time.
+const READ_SIZE: usize = 256 * 1024;
 
 /// What to archive.
 #[derive(Debug, Clone, Copy)]
@@ -519,6 +521,7 @@ pub fn write_shared<W: TarSink>(
     let mut writer = TarWriter {
         builder: tar::Builder::new(SharedWriter(Arc::clone(shared))),
         shared: Arc::clone(shared),
+        buf: vec![0; READ_SIZE],
         first_names: HashMap::new(),
         counters,
         stop,
@@ -545,6 +548,8 @@ fn finish_err(source: io::Error) -> ArchiveError {
 struct TarWriter<'c, W: TarSink> {
     builder: tar::Builder<SharedWriter<W>>,
     shared: Arc<Shared<W>>,
+    /// File data passes through here, [`READ_SIZE`] at a time.
+    buf: Vec<u8>,
     /// (device, inode) of multiply-linked files → the name they were first archived under.
     first_names: HashMap<(u64, u64), PathBuf>,
     counters: &'c Counters,
@@ -684,29 +689,30 @@ impl<W: TarSink> TarWriter<'_, W> {
         let data_size = header.entry_size().unwrap_or(declared);
         self.shared.begin_file(path, declared);
         let mut reader = LiveReader::new(&file, map, self.counters, Some(self.stop));
-        let shared = Arc::clone(&self.shared);
-        reader.on_first_read = Some(Box::new(move || shared.data_begins(data_size)));
         let write_err = |source| ArchiveError::Write {
             path: path.display().to_string(),
             source,
         };
+        // The header (and any long-name entries) through tar; the data is written here, in
+        // large reads and writes rather than through tar's 8 KiB copy buffer.
         self.builder
-            .append_data(
-                &mut header,
-                &name,
-                &mut io::Cursor::new(ext_blocks).chain(&mut reader),
-            )
+            .append_data(&mut header, &name, io::empty())
             .map_err(write_err)?;
-        // The reader ended early (cut at the deadline, shrank, read error): the entry still
-        // holds its declared size. tar padded what was written to a block; the zeros that make
-        // up the rest go to the sink, which may store them for next to nothing.
-        let fill = data_size.next_multiple_of(BLOCK) - reader.emitted.next_multiple_of(BLOCK);
-        if fill > 0 {
-            self.builder
-                .get_mut()
-                .write_zeros(fill)
-                .map_err(write_err)?;
+        let sink = self.builder.get_mut();
+        sink.write_all(&ext_blocks).map_err(write_err)?;
+        self.shared.data_begins(data_size);
+        loop {
+            let n = reader.read(&mut self.buf).map_err(write_err)?;
+            if n == 0 {
+                break;
+            }
+            sink.write_all(&self.buf[..n]).map_err(write_err)?;
         }
+        // The padding to a whole block and, when the reader ended early (cut at the deadline,
+        // shrank, read error), the rest of the declared size: one run of zeros, which the sink
+        // may store for next to nothing.
+        sink.write_zeros(data_size.next_multiple_of(BLOCK) - reader.emitted)
+            .map_err(write_err)?;
         self.shared.end_file();
         let (read, padded, cut, error) =
             (reader.read, reader.padded, reader.cut, reader.error.take());
@@ -859,8 +865,6 @@ struct LiveReader<'a> {
     /// When set, stop reading (the deadline is near) and zero-fill the rest.
     stop: Option<&'a AtomicBool>,
     cut: bool,
-    /// Called before the first byte is yielded (the data's place in the stream is known then).
-    on_first_read: Option<Box<dyn FnOnce() + 'a>>,
 }
 
 impl<'a> LiveReader<'a> {
@@ -880,7 +884,6 @@ impl<'a> LiveReader<'a> {
             counters,
             stop,
             cut: false,
-            on_first_read: None,
         }
     }
 }
@@ -899,9 +902,6 @@ impl Read for LiveReader<'_> {
         }
         if self.padded || self.cut || self.error.is_some() {
             return Ok(0);
-        }
-        if let Some(begin) = self.on_first_read.take() {
-            begin();
         }
         let n = loop {
             match self.file.read_at(buf, *offset) {
@@ -1125,6 +1125,7 @@ mod tests {
         let mut w = TarWriter {
             builder: tar::Builder::new(SharedWriter(Arc::clone(&shared))),
             shared: Arc::clone(&shared),
+            buf: vec![0; READ_SIZE],
             first_names: HashMap::new(),
             counters: &counters,
             stop: &stop,

@@ -148,9 +148,10 @@ fn scale_in_is_backed_up_heartbeated_reported_and_completed() {
     assert!(text.contains("last job: Succeeded"), "{text}");
     assert!(text.contains("completed with CONTINUE"), "{text}");
 
-    // SIGTERM: a clean exit.
+    // SIGTERM while idle: a clean exit, and no talk of an upload that does not exist.
     let out = daemon.stop();
     assert_eq!(out.code, Some(0), "{out:#?}");
+    assert!(!out.stderr.contains("abort"), "{}", out.stderr);
 }
 
 #[test]
