@@ -1297,6 +1297,15 @@ mod tests {
         }
     }
 
+    /// Submits `notice` from a task of its own (the test goes on while the job runs).
+    fn in_background(
+        runner: &Arc<Runner>,
+        notice: TerminationNotice,
+    ) -> tokio::task::JoinHandle<JobResult> {
+        let runner = Arc::clone(runner);
+        tokio::spawn(async move { runner.submit(notice).await })
+    }
+
     /// Lets the spawned job start before the next notice arrives.
     async fn settle() {
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -1309,10 +1318,7 @@ mod tests {
             FakeBackup::new(Duration::from_secs(3600)),
             "",
         );
-        let first = tokio::spawn({
-            let r = Arc::clone(&b.runner);
-            async move { r.submit(notice(NoticeSource::Rebalance)).await }
-        });
+        let first = in_background(&b.runner, notice(NoticeSource::Rebalance));
         settle().await;
         let joined = b.runner.submit(spot(120)).await;
         let first = first.await.unwrap();
@@ -1334,10 +1340,7 @@ mod tests {
             FakeBackup::new(Duration::from_secs(300)),
             "",
         );
-        let first = tokio::spawn({
-            let r = Arc::clone(&b.runner);
-            async move { r.submit(notice(NoticeSource::Command)).await }
-        });
+        let first = in_background(&b.runner, notice(NoticeSource::Command));
         settle().await;
         let joined = b
             .runner
@@ -1451,10 +1454,7 @@ mod tests {
             FakeBackup::new(Duration::from_secs(600)),
             "",
         );
-        let job = tokio::spawn({
-            let r = Arc::clone(&b.runner);
-            async move { r.submit(notice(NoticeSource::TargetLifecycleState)).await }
-        });
+        let job = in_background(&b.runner, notice(NoticeSource::TargetLifecycleState));
         tokio::time::sleep(Duration::from_secs(30)).await;
         b.shutdown.cancel();
         let r = job.await.unwrap();

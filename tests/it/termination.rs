@@ -15,6 +15,43 @@ use crate::support::{
     wait_output, write,
 };
 
+/// GNU tar lists the stored archive of `manifest` (a gzip one) whole: `names` appear, and `sized`
+/// at its declared size. The stream is inflated by tests/tools/gunzip_members.py (each member's
+/// CRC checked; one repeated byte for byte is inflated once), since GNU gzip needs minutes for the
+/// gigabytes of zeros a cut file declares.
+fn assert_gnu_tar_lists(
+    server: &crate::support::Server,
+    bucket: &str,
+    manifest: &serde_json::Value,
+    names: &[&str],
+    sized: (&str, u64),
+) {
+    let archive = server
+        .data_dir
+        .as_ref()
+        .expect("an s3s-fs bucket")
+        .join(bucket)
+        .join(manifest["key"].as_str().unwrap());
+    let listing = Command::new("sh")
+        .arg("-c")
+        .arg(r#"python3 "$0" "$1" | tar -tvf -"#)
+        .arg(crate::support::root().join("tests/tools/gunzip_members.py"))
+        .arg(&archive)
+        .output()
+        .unwrap();
+    assert!(listing.status.success(), "{listing:?}");
+    let text = String::from_utf8_lossy(&listing.stdout);
+    for name in names {
+        assert!(text.contains(name), "{name} missing: {text}");
+    }
+    let (name, size) = sized;
+    assert!(
+        text.lines()
+            .any(|l| l.contains(name) && l.contains(&size.to_string())),
+        "{name} not at {size} bytes: {text}"
+    );
+}
+
 fn state_json(lb: &Lifeboat) -> Option<serde_json::Value> {
     serde_json::from_slice(&std::fs::read(lb.dir.join("state/state.json")).ok()?).ok()
 }
@@ -353,29 +390,13 @@ fn a_spot_notice_while_reading_a_24_gib_file_stores_a_valid_partial_archive_in_t
             .contains("cut at the deadline")),
         "{changed:?}"
     );
-    // Valid: GNU tar lists the whole stream, the big file at its declared size. The stream is
-    // inflated by tests/tools/gunzip_members.py (CRC-checked; a member repeated byte for byte is
-    // inflated once), since GNU gzip takes minutes over 24 GiB of zeros.
-    let archive = server
-        .data_dir
-        .as_ref()
-        .unwrap()
-        .join(&bucket)
-        .join(manifest["key"].as_str().unwrap());
-    let listing = Command::new("sh")
-        .arg("-c")
-        .arg(r#"python3 "$0" "$1" | tar -tvf -"#)
-        .arg(crate::support::root().join("tests/tools/gunzip_members.py"))
-        .arg(&archive)
-        .output()
-        .unwrap();
-    assert!(listing.status.success(), "{listing:?}");
-    let text = String::from_utf8_lossy(&listing.stdout);
-    assert!(text.contains("a.log"), "{text}");
-    assert!(
-        text.lines()
-            .any(|l| l.contains("z-big.db") && l.contains(&(24u64 << 30).to_string())),
-        "{text}"
+    // Valid: GNU tar lists the whole stream, the big file at its declared size.
+    assert_gnu_tar_lists(
+        server,
+        &bucket,
+        &manifest,
+        &["a.log"],
+        ("z-big.db", 24 << 30),
     );
     assert_eq!(stop_daemon(daemon).code, Some(0));
 }
@@ -498,26 +519,12 @@ fn a_read_that_never_returns_is_abandoned_at_the_deadline() {
         ),
         "{changed:?}"
     );
-    let archive = server
-        .data_dir
-        .as_ref()
-        .unwrap()
-        .join(&bucket)
-        .join(manifest["key"].as_str().unwrap());
-    let listing = Command::new("sh")
-        .arg("-c")
-        .arg(r#"python3 "$0" "$1" | tar -tvf -"#)
-        .arg(crate::support::root().join("tests/tools/gunzip_members.py"))
-        .arg(&archive)
-        .output()
-        .unwrap();
-    assert!(listing.status.success(), "{listing:?}");
-    let text = String::from_utf8_lossy(&listing.stdout);
-    assert!(text.contains("a.log"), "{text}");
-    assert!(
-        text.lines()
-            .any(|l| l.contains("hung.db") && l.contains(&(256u64 << 20).to_string())),
-        "{text}"
+    assert_gnu_tar_lists(
+        server,
+        &bucket,
+        &manifest,
+        &["a.log"],
+        ("hung.db", 256 << 20),
     );
     assert_eq!(stop_daemon(daemon).code, Some(0));
     drop(mount);
