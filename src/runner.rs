@@ -252,6 +252,17 @@ struct Slots {
     termination_done: Option<JobResult>,
 }
 
+impl Slots {
+    /// Keeps a result that settled this instance's termination, to answer later notices.
+    fn remember(&mut self, result: &JobResult) {
+        if result.settles_termination()
+            && (result.lifecycle.is_some() || is_termination_source(result.source))
+        {
+            self.termination_done = Some(result.clone());
+        }
+    }
+}
+
 /// Runs jobs, one at a time, for every notice source.
 pub struct Runner {
     config: Arc<Config>,
@@ -428,7 +439,8 @@ impl Runner {
         let mut story = Story::new(self, hints, Instant::now());
         let lifecycle = story.complete_action(done.status).await;
         let result = JobResult { lifecycle, ..done };
-        self.finish(&result);
+        self.state.record_result(&result);
+        self.slots.lock().expect("runner lock").remember(&result);
         result
     }
 
@@ -437,11 +449,7 @@ impl Runner {
         self.state.record_result(result);
         let mut slots = self.slots.lock().expect("runner lock");
         slots.running = None;
-        if result.settles_termination()
-            && (result.lifecycle.is_some() || is_termination_source(result.source))
-        {
-            slots.termination_done = Some(result.clone());
-        }
+        slots.remember(result);
     }
 
     /// Runs the job in a task of its own: a panic anywhere in the story is a failed job whose
