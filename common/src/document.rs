@@ -183,6 +183,23 @@ mod tests {
     }
 
     #[test]
+    fn every_parameter_reaches_the_script_as_an_environment_variable() {
+        // SSM reads `interpolationType` from each parameter's definition; as a step input it
+        // would do nothing.
+        let doc: serde_json::Value = serde_json::from_str(DOCUMENT).unwrap();
+        for p in PARAMS {
+            assert_eq!(
+                doc["parameters"][p.name]["interpolationType"], "ENV_VAR",
+                "{}",
+                p.name
+            );
+        }
+        for step in doc["mainSteps"].as_array().unwrap() {
+            assert!(step["inputs"].get("interpolationType").is_none(), "{step}");
+        }
+    }
+
+    #[test]
     fn checks_agree_with_the_patterns() {
         let samples = [
             "",

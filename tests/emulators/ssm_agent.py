@@ -11,8 +11,9 @@ SendCommand does what SSM and its agent do, on this machine:
 - the instance must be registered with this stand-in (POST /ssm/agents), else InvalidInstanceId,
   as for an instance that is not SSM-managed; a registered but offline agent ends Undeliverable;
 - each `aws:runShellScript` step is rendered as the agent renders it: `{{ Name }}` replaced by the
-  value in the text, and with `interpolationType: ENV_VAR` each value also in `SSM_<Name>` (an
-  agent registered as "legacy", older than 3.3.2746.0, sets no variables), then run with `sh`
+  value in the text, and each parameter whose definition says `interpolationType: ENV_VAR` also
+  in `SSM_<Name>` (an agent registered as "legacy", older than 3.3.2746.0, sets no variables; the
+  names it set are recorded as `agent_env`), then run with `sh`
   under the registered environment and the step's `timeoutSeconds` (or the registration's
   `execution_timeout`), ending Success, Failed or TimedOut;
 - every status change is recorded (GET /ssm/commands) and sent, as the EventBridge event
@@ -130,14 +131,20 @@ def check_parameters(declared, given):
     return values
 
 
-def render(step, values, legacy):
+def render(step, values, params, legacy):
     inputs = step["inputs"]
     text = "\n".join(inputs["runCommand"]) + "\n"
     for name, value in values.items():
         text = re.sub(r"\{\{\s*" + re.escape(name) + r"\s*\}\}", lambda _m: value, text)
     env = {}
-    if inputs.get("interpolationType") == "ENV_VAR" and not legacy:
-        env = {f"SSM_{name}": value for name, value in values.items()}
+    if not legacy:
+        # Where SSM reads it: each parameter's own definition (a step input of that name is
+        # not SSM's and does nothing).
+        env = {
+            f"SSM_{name}": value
+            for name, value in values.items()
+            if params.get(name, {}).get("interpolationType") == "ENV_VAR"
+        }
     return text, env
 
 
@@ -152,7 +159,8 @@ def run(record, doc, values, agent):
     for step in doc["mainSteps"]:
         if step["action"] != "aws:runShellScript":
             continue
-        text, step_env = render(step, values, agent.get("legacy", False))
+        text, step_env = render(step, values, doc.get("parameters", {}), agent.get("legacy", False))
+        record["agent_env"] = sorted(step_env)
         env = dict(agent.get("env", {}))
         env["PATH"] = agent.get("path", "/usr/bin:/bin")
         env.update(step_env)

@@ -417,6 +417,20 @@ fn injection_attempts_are_refused_or_inert_and_nothing_executes() {
             ],
             "{mode}: {cmd}"
         );
+        // A current agent passed every value as SSM_<Name>: the document declares
+        // interpolationType where SSM reads it, on each parameter.
+        let want: Vec<&str> = if legacy {
+            vec![]
+        } else {
+            vec![
+                "SSM_AutoScalingGroupName",
+                "SSM_InstanceId",
+                "SSM_LifecycleActionToken",
+                "SSM_LifecycleHookName",
+                "SSM_Reason",
+            ]
+        };
+        assert_eq!(cmd["agent_env"], json!(want), "{mode}: {cmd}");
     }
     assert!(!m.exists(), "an injected command ran");
     assert!(!b.dir.join("data/pwned").exists() && !Path::new("/pwned").exists());
