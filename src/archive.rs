@@ -230,9 +230,17 @@ fn walk(
     let excluded = |p: &Path| {
         opts.exclude.is_match(p) || p.file_name().is_some_and(|n| opts.exclude.is_match(n))
     };
+    // A configured path inside another is archived once, as its own path: the enclosing walk
+    // leaves it out, so it is neither archived twice nor missed when it is another file system
+    // (`one_file_system`).
+    let nested: std::collections::HashSet<&Path> = opts
+        .paths
+        .iter()
+        .filter(|p| opts.paths.iter().any(|o| o != *p && p.starts_with(o)))
+        .map(PathBuf::as_path)
+        .collect();
     for (i, root) in opts.paths.iter().enumerate() {
-        // A path inside one archived earlier is already in the archive.
-        if opts.paths[..i].iter().any(|prev| root.starts_with(prev)) {
+        if opts.paths[..i].contains(root) {
             continue;
         }
         let mut it = walkdir::WalkDir::new(root)
@@ -240,6 +248,16 @@ fn walk(
             .same_file_system(opts.one_file_system)
             .sort_by_file_name()
             .into_iter();
+        // walkdir does not enter a directory on another file system (`one_file_system`), and
+        // skip_current_dir after one would skip its parent instead: call it only for directories
+        // walkdir entered.
+        let root_dev = std::fs::metadata(root).map(|m| m.dev()).ok();
+        let entered = |entry: &walkdir::DirEntry| {
+            entry.file_type().is_dir()
+                && (!opts.one_file_system
+                    || entry.depth() == 0
+                    || entry.metadata().ok().map(|m| m.dev()) == root_dev)
+        };
         while let Some(next) = it.next() {
             if stop.load(Ordering::Relaxed) {
                 return Ok(false);
@@ -255,8 +273,9 @@ fn walk(
                     visit(Walked::Unreadable(path, reason))?;
                 }
                 Ok(entry) => {
-                    if excluded(entry.path()) {
-                        if entry.file_type().is_dir() {
+                    let nested_root = entry.depth() > 0 && nested.contains(entry.path());
+                    if nested_root || excluded(entry.path()) {
+                        if entered(&entry) {
                             it.skip_current_dir();
                         }
                         continue;
@@ -1001,6 +1020,37 @@ mod tests {
         assert_eq!(report.file_count(), 1);
         assert!(report.skipped.is_empty());
         assert!(!report.stopped_early);
+    }
+
+    #[test]
+    fn nested_configured_paths_are_archived_once_in_either_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let var = dir.path().join("var");
+        std::fs::create_dir_all(var.join("log")).unwrap();
+        std::fs::write(var.join("log/syslog"), b"s").unwrap();
+        std::fs::write(var.join("top"), b"t").unwrap();
+        for paths in [
+            vec![var.join("log"), var.clone()],
+            vec![var.clone(), var.join("log"), var.join("log")],
+        ] {
+            let exclude = GlobSet::empty();
+            let stop = AtomicBool::new(false);
+            let (out, _) = write_archive(
+                &options(&paths, &exclude),
+                Vec::new(),
+                &Counters::default(),
+                &stop,
+            )
+            .unwrap();
+            let names: Vec<String> = entries(&out).into_iter().map(|e| e.0).collect();
+            let syslog = names
+                .iter()
+                .filter(|n| n.ends_with("var/log/syslog"))
+                .count();
+            let log_dir = names.iter().filter(|n| n.ends_with("var/log/")).count();
+            assert_eq!((syslog, log_dir), (1, 1), "{paths:?}: {names:?}");
+            assert_eq!(names.iter().filter(|n| n.ends_with("var/top")).count(), 1);
+        }
     }
 
     #[test]

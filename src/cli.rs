@@ -181,6 +181,14 @@ pub fn main() -> ExitCode {
     } = cli.command
     {
         println!("# effective configuration from {}", config.source.display());
+        for (inner, outer) in config.backup.overlaps() {
+            println!(
+                "# note: backup.paths: {} is inside {}: archived once, as its own path (the walk of {} leaves it out, so it is archived even on another file system)",
+                inner.display(),
+                outer.display(),
+                outer.display()
+            );
+        }
         print!("{}", config.to_toml());
         return ExitCode::from(EXIT_OK);
     }

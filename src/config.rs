@@ -110,7 +110,9 @@ pub struct Config {
 /// `[backup]`.
 #[derive(Debug, Clone)]
 pub struct BackupConfig {
-    /// Absolute files or directories, archived in this order.
+    /// Absolute files or directories, archived in this order: normalised (no `.`, `..` or
+    /// trailing `/`) and without repeats. A path inside another is archived once, as its own
+    /// path (see [`BackupConfig::overlaps`]).
     pub paths: Vec<PathBuf>,
     /// Exclude patterns as written.
     pub exclude: Vec<String>,
@@ -180,6 +182,44 @@ pub struct WatchConfig {
     /// How long `lifeboat run` keeps asking instance metadata who it is before it concludes that
     /// it is not on EC2 (and exits with [`crate::cli::EXIT_NO_METADATA`], which systemd restarts).
     pub metadata_wait: Duration,
+}
+
+/// `path` without `.`, `..` and trailing `/`, lexically (as tar names it; symlinks are not
+/// resolved: a configured path that is a symlink is archived as the link).
+fn normalise(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+impl BackupConfig {
+    /// Configured paths inside other configured paths, as (inner, outer): each is archived once,
+    /// as its own path, and the outer walk leaves it out (so a nested path on another file
+    /// system is archived even with `one_file_system`).
+    pub fn overlaps(&self) -> Vec<(&Path, &Path)> {
+        let mut out = Vec::new();
+        for inner in &self.paths {
+            // The nearest enclosing configured path.
+            if let Some(outer) = self
+                .paths
+                .iter()
+                .filter(|o| *o != inner && inner.starts_with(o))
+                .max_by_key(|o| o.components().count())
+            {
+                out.push((inner.as_path(), outer.as_path()));
+            }
+        }
+        out
+    }
 }
 
 /// A size as written in the file: `"16MiB"` or a number of bytes.
@@ -411,12 +451,17 @@ impl Validator<'_> {
         if raw.paths.is_empty() {
             return Err(self.invalid("backup.paths", "is empty: list at least one path"));
         }
+        let mut paths: Vec<PathBuf> = Vec::with_capacity(raw.paths.len());
         for (i, p) in raw.paths.iter().enumerate() {
             if !p.is_absolute() {
                 return Err(self.invalid(
                     format!("backup.paths[{i}]"),
                     format!("{:?} is not an absolute path", p),
                 ));
+            }
+            let p = normalise(p);
+            if !paths.contains(&p) {
+                paths.push(p);
             }
         }
         let mut set = GlobSetBuilder::new();
@@ -441,7 +486,7 @@ impl Validator<'_> {
             ));
         }
         Ok(BackupConfig {
-            paths: raw.paths,
+            paths,
             exclude: raw.exclude,
             exclude_set,
             compression: raw.compression,
@@ -653,6 +698,20 @@ mod tests {
             .to_string();
         assert!(e.contains("backup.paths[1]"), "{e}");
         assert!(e.contains("not an absolute path"), "{e}");
+    }
+
+    #[test]
+    fn paths_are_normalised_and_repeats_dropped_and_overlaps_named() {
+        let c = parse(
+            "[backup]\npaths = [\"/var/log/\", \"/var/./lib/../\", \"/var/log\", \"/srv\"]\n[s3]\nbucket = \"b-1\"\n",
+        )
+        .unwrap();
+        let paths: Vec<&str> = c.backup.paths.iter().map(|p| p.to_str().unwrap()).collect();
+        assert_eq!(paths, ["/var/log", "/var", "/srv"]);
+        assert_eq!(
+            c.backup.overlaps(),
+            [(Path::new("/var/log"), Path::new("/var"))]
+        );
     }
 
     #[test]

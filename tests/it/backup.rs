@@ -329,3 +329,68 @@ fn list_shows_newest_first_and_restore_latest_picks_it() {
     assert_eq!(out.code, Some(0));
     assert!(out.stderr.contains("no backups"), "{out:#?}");
 }
+
+/// A tmpfs mounted at `path` (the test runs as root, as CI does); unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &Path) -> Self {
+        fs::create_dir_all(path).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=8m", "lifeboat-test"])
+            .arg(path)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount -t tmpfs {} (needs root)", path.display());
+        Self(path.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// `paths = [root, root/data]` where `root/data` is another file system: with
+/// `one_file_system` the walk of `root` stops at the mount, and `root/data`, listed on its own, is
+/// archived as its own path (it used to be dropped as "inside an earlier path"). Listed the other
+/// way round, `[root/log, root]`, nothing is archived twice (it used to be, and verify then failed).
+#[test]
+fn overlapping_paths_archive_each_file_once_and_a_nested_mount_is_not_missed() {
+    let server = s3s_fs();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    write(&root.join("log/app.log"), b"log\n");
+    write(&root.join("etc.conf"), b"conf\n");
+    let data = Tmpfs::mount(&root.join("data"));
+    write(&data.0.join("db.sqlite"), b"rows\n");
+    let bucket = server.bucket("overlap");
+    for paths in [
+        vec![root.clone(), root.join("data")],
+        vec![root.join("log"), root.clone(), root.join("data")],
+    ] {
+        let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+        let lb = Lifeboat::new(
+            dir.path(),
+            &server.endpoint,
+            &config_for(&bucket, &refs, "", ""),
+        );
+        let key = lb.run(&["backup"]).stored_key();
+        let archive = server.data_dir.as_ref().unwrap().join(&bucket).join(&key);
+        let listing = Command::new("tar")
+            .arg("-tzf")
+            .arg(&archive)
+            .output()
+            .unwrap();
+        assert!(listing.status.success(), "{listing:?}");
+        let names = String::from_utf8(listing.stdout).unwrap();
+        for file in ["log/app.log", "etc.conf", "data/db.sqlite"] {
+            let n = names.lines().filter(|l| l.ends_with(file)).count();
+            assert_eq!(n, 1, "{file} archived {n} times with {paths:?}:\n{names}");
+        }
+        lb.run(&["verify", "--key", &key]).ok();
+    }
+    drop(data);
+}

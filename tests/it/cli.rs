@@ -20,6 +20,27 @@ fn config_check_prints_the_effective_config_with_defaults() {
 }
 
 #[test]
+fn config_check_normalises_paths_and_says_what_overlaps() {
+    let dir = tempfile::tempdir().unwrap();
+    let lb = Lifeboat::new(
+        dir.path(),
+        "http://127.0.0.1:9",
+        "[backup]\npaths = [\"/var/log/\", \"/var/./\", \"/var/log\"]\n[s3]\nbucket = \"b-1\"\n",
+    );
+    let out = lb.run(&["config", "check"]);
+    let text = out.ok();
+    assert!(
+        text.contains("paths = [\n    \"/var/log\",\n    \"/var\",\n]")
+            || text.contains("paths = [\"/var/log\", \"/var\"]"),
+        "{text}"
+    );
+    assert!(
+        text.contains("# note: backup.paths: /var/log is inside /var: archived once"),
+        "{text}"
+    );
+}
+
+#[test]
 fn config_errors_name_file_key_and_problem_with_exit_2() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
