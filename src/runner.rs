@@ -1588,6 +1588,36 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_token_whose_job_was_interrupted_is_backed_up_again_by_the_next_process() {
+        let b = bench(
+            FakeLifecycle::new(Duration::from_secs(60)),
+            FakeBackup::new(Duration::from_secs(100)),
+            "",
+        );
+        let with_token = TerminationNotice {
+            token: Some("t-2".into()),
+            complete_lifecycle: true,
+            ..notice(NoticeSource::Command)
+        };
+        let job = in_background(&b.runner, with_token.clone());
+        settle().await;
+        b.shutdown.cancel();
+        assert_eq!(job.await.unwrap().status, JobStatus::Interrupted);
+        // The restarted daemon: same state file, the same token again.
+        let again = Runner::with_parts(
+            Arc::clone(&b.runner.config),
+            identity(),
+            Arc::clone(&b.lc) as Arc<dyn LifecycleApi>,
+            Arc::clone(&b.backup) as Arc<dyn BackupApi>,
+            Arc::new(StateFile::open(b._dir.path())),
+            CancellationToken::new(),
+        );
+        let r = again.submit(with_token).await;
+        assert_eq!(r.status, JobStatus::Succeeded);
+        assert_eq!(b.lc.calls("CompleteLifecycleAction").len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_token_already_settled_in_an_earlier_process_is_not_backed_up_again() {
         let b = bench(
             FakeLifecycle::new(Duration::from_secs(60)),
