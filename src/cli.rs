@@ -110,6 +110,11 @@ enum Command {
         /// Target directory.
         #[arg(long)]
         to: PathBuf,
+        /// Give files the owners recorded in the archive and keep their setuid/setgid bits (as
+        /// GNU tar's --same-owner; needs root). Without it, files belong to whoever restores and
+        /// set-id bits are dropped.
+        #[arg(long)]
+        same_owner: bool,
     },
     /// Check an archive against its manifest (SHA-256 and file list).
     Verify {
@@ -284,7 +289,8 @@ async fn dispatch(command: Command, config: Config) -> u8 {
             instance_id,
             to,
             latest: _,
-        } => restore(&config, key, instance_id, to).await,
+            same_owner,
+        } => restore(&config, key, instance_id, to, same_owner).await,
         Command::Verify { key } => verify(&config, &key).await,
         Command::Config { .. } | Command::Manpage { .. } => {
             unreachable!("handled before the runtime starts")
@@ -649,6 +655,7 @@ async fn restore(
     key: Option<String>,
     instance_id: Option<String>,
     to: PathBuf,
+    same_owner: bool,
 ) -> Result<u8, Failure> {
     let s3 = s3_client(config).await;
     let key = match (key, instance_id) {
@@ -660,10 +667,11 @@ async fn restore(
         .ok_or_else(|| catalog::CatalogError::NotAnArchive { key: key.clone() })?;
     let (reader, _) = catalog::open_archive(&s3, &config.s3, &key).await?;
     let target = to.clone();
-    let report =
-        tokio::task::spawn_blocking(move || restore::extract(reader, compression, &target))
-            .await
-            .context("the restore thread failed")??;
+    let report = tokio::task::spawn_blocking(move || {
+        restore::extract(reader, compression, &target, same_owner)
+    })
+    .await
+    .context("the restore thread failed")??;
     println!(
         "restored {} entries ({}) from s3://{}/{} into {}",
         report.entries,

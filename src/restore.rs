@@ -71,16 +71,21 @@ pub struct RestoreReport {
 }
 
 /// Extracts the archive read from `raw` (compressed as `compression`) into `target`.
+///
+/// Owners and set-id bits are the archive's word, and an archive is only as trustworthy as
+/// whoever could write it: they are applied only with `same_owner` (GNU tar's `--same-owner`).
+/// Without it the files belong to the restoring user and setuid/setgid bits are dropped, even as
+/// root.
 pub fn extract(
     raw: impl Read,
     compression: CompressionKind,
     target: &Path,
+    same_owner: bool,
 ) -> Result<RestoreReport, RestoreError> {
     fs::create_dir_all(target).map_err(|source| RestoreError::Target {
         path: target.to_owned(),
         source,
     })?;
-    let as_root = rustix::process::geteuid().is_root();
     let reader = crate::compress::decompressor(compression, raw)
         .map_err(|source| RestoreError::Read { source })?;
     let mut archive = tar::Archive::new(reader);
@@ -122,7 +127,7 @@ pub fn extract(
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
                 place(target, &components).and_then(|path| {
                     write_file(&mut entry, &path, &mut report)?;
-                    apply_metadata(&path, &header, as_root, false)?;
+                    apply_metadata(&path, &header, same_owner, false)?;
                     Ok(())
                 })
             }
@@ -136,7 +141,7 @@ pub fn extract(
                         source,
                     })
                 })?;
-                apply_metadata(&path, &header, as_root, true)?;
+                apply_metadata(&path, &header, same_owner, true)?;
                 Ok(())
             }),
             tar::EntryType::Link => {
@@ -168,7 +173,7 @@ pub fn extract(
     }
     dirs.sort_by(|a, b| b.0.cmp(&a.0));
     for (path, header) in dirs {
-        if let Err(Outcome::Failed(e)) = apply_metadata(&path, &header, as_root, false) {
+        if let Err(Outcome::Failed(e)) = apply_metadata(&path, &header, same_owner, false) {
             return Err(e);
         }
     }
@@ -337,11 +342,15 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(filled)
 }
 
-/// Owner (when root), mode and mtime from the header. Owner first: chown clears set-id bits.
+/// Set-id bits: applied only with the archive's owners.
+const SET_ID_BITS: u32 = 0o6000;
+
+/// Owner (with `same_owner`), mode and mtime from the header. Owner first: chown clears set-id
+/// bits. Without `same_owner` the set-id bits are dropped.
 fn apply_metadata(
     path: &Path,
     h: &tar::Header,
-    as_root: bool,
+    same_owner: bool,
     is_link: bool,
 ) -> Result<(), Outcome> {
     let failed = |source| {
@@ -350,7 +359,7 @@ fn apply_metadata(
             source,
         })
     };
-    if as_root {
+    if same_owner {
         let uid = h.uid().ok().and_then(|u| u32::try_from(u).ok());
         let gid = h.gid().ok().and_then(|g| u32::try_from(g).ok());
         std::os::unix::fs::lchown(path, uid, gid).map_err(failed)?;
@@ -360,7 +369,12 @@ fn apply_metadata(
         filetime::set_symlink_file_times(path, mtime, mtime).map_err(failed)?;
     } else {
         if let Ok(mode) = h.mode() {
-            fs::set_permissions(path, fs::Permissions::from_mode(mode & 0o7777)).map_err(failed)?;
+            let keep = if same_owner {
+                0o7777
+            } else {
+                0o7777 & !SET_ID_BITS
+            };
+            fs::set_permissions(path, fs::Permissions::from_mode(mode & keep)).map_err(failed)?;
         }
         filetime::set_file_times(path, mtime, mtime).map_err(failed)?;
     }
@@ -402,7 +416,7 @@ mod tests {
             ("ok/file.txt", tar::EntryType::Regular, b"fine", None),
             ("hard", tar::EntryType::Link, b"", Some("../outside")),
         ]);
-        let report = extract(&archive[..], CompressionKind::None, &target).unwrap();
+        let report = extract(&archive[..], CompressionKind::None, &target, false).unwrap();
         let reasons: Vec<_> = report.refused.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(
             reasons,

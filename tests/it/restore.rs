@@ -107,3 +107,61 @@ fn verify_detects_a_corrupted_archive() {
     assert!(out.stdout.starts_with("FAILED"), "{out:#?}");
     assert!(out.stdout.contains("SHA-256"), "{out:#?}");
 }
+
+/// A gzip tar with one file owned by uid/gid 12345, mode 4755 (setuid).
+fn setuid_tar() -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_path("bin/tool").unwrap();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o4755);
+    h.set_uid(12345);
+    h.set_gid(12345);
+    h.set_size(4);
+    h.set_cksum();
+    b.append(&h, &b"tool"[..]).unwrap();
+    let tar = b.into_inner().unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&tar).unwrap();
+    gz.finish().unwrap()
+}
+
+/// Run as root (as CI is): a restore applies the archive's owners and setuid bit only with
+/// `--same-owner`; without it the file is the restoring user's and the bit is gone (it used to
+/// apply both whenever restore ran as root).
+#[test]
+fn owners_and_setuid_bits_are_applied_only_with_same_owner() {
+    use std::os::unix::fs::MetadataExt;
+    let server = s3s_fs();
+    let dir = tempfile::tempdir().unwrap();
+    let bucket = server.bucket("setuid");
+    let key = "backups/standalone/i-0123456789abcdef0/20260101T000000Z-manual.tar.gz";
+    server.put(&bucket, key, setuid_tar());
+    let lb = Lifeboat::new(
+        dir.path(),
+        &server.endpoint,
+        &config_for(&bucket, &[dir.path()], "", ""),
+    );
+    let me = rustix::process::geteuid().as_raw();
+    let plain = dir.path().join("plain");
+    lb.run(&["restore", "--key", key, "--to", plain.to_str().unwrap()])
+        .ok();
+    let meta = fs::metadata(plain.join("bin/tool")).unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o7777), (me, 0o755));
+
+    if me == 0 {
+        let same = dir.path().join("same");
+        lb.run(&[
+            "restore",
+            "--key",
+            key,
+            "--to",
+            same.to_str().unwrap(),
+            "--same-owner",
+        ])
+        .ok();
+        let meta = fs::metadata(same.join("bin/tool")).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (12345, 12345));
+        assert_eq!(meta.mode() & 0o7777, 0o4755);
+    }
+}
