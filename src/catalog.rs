@@ -211,16 +211,17 @@ fn owner(s3: &S3Config) -> Option<String> {
     (!s3.expected_bucket_owner.is_empty()).then(|| s3.expected_bucket_owner.clone())
 }
 
-/// The newest backup of `instance_id` that has a manifest.
+/// The newest complete backup of `instance_id` (a partial one is restored only by its key).
 pub async fn latest(
     client: &Client,
     s3: &S3Config,
     instance_id: &str,
 ) -> Result<BackupEntry, CatalogError> {
+    // The newest complete one: a partial or unverifiable archive is restored only when named.
     list(client, s3, Some(instance_id))
         .await?
         .into_iter()
-        .find(|e| e.status != BackupStatus::NoManifest)
+        .find(|e| e.status == BackupStatus::Complete)
         .ok_or_else(|| CatalogError::NoBackup {
             bucket: s3.bucket.clone(),
             prefix: s3.prefix.clone(),

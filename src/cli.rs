@@ -115,6 +115,12 @@ enum Command {
         /// set-id bits are dropped.
         #[arg(long)]
         same_owner: bool,
+        /// Replace files that already exist in the target (directories are merged either way).
+        #[arg(long)]
+        overwrite: bool,
+        /// Restore an archive that cannot be checked against a manifest (none, or unreadable).
+        #[arg(long)]
+        force_unverified: bool,
     },
     /// Check an archive against its manifest (SHA-256 and file list).
     Verify {
@@ -290,7 +296,16 @@ async fn dispatch(command: Command, config: Config) -> u8 {
             to,
             latest: _,
             same_owner,
-        } => restore(&config, key, instance_id, to, same_owner).await,
+            overwrite,
+            force_unverified,
+        } => {
+            let flags = RestoreFlags {
+                same_owner,
+                overwrite,
+                force_unverified,
+            };
+            restore(&config, key, instance_id, to, flags).await
+        }
         Command::Verify { key } => verify(&config, &key).await,
         Command::Config { .. } | Command::Manpage { .. } => {
             unreachable!("handled before the runtime starts")
@@ -650,14 +665,29 @@ async fn verify(config: &Config, key: &str) -> Result<u8, Failure> {
     }
 }
 
+/// `restore`'s switches.
+struct RestoreFlags {
+    same_owner: bool,
+    overwrite: bool,
+    force_unverified: bool,
+}
+
+/// The instance id in an archive key (`PREFIX<group>/<instance-id>/<file>`).
+fn key_instance(key: &str) -> Option<&str> {
+    let mut parts = key.rsplit('/');
+    parts.next()?;
+    parts.next()
+}
+
 async fn restore(
     config: &Config,
     key: Option<String>,
     instance_id: Option<String>,
     to: PathBuf,
-    same_owner: bool,
+    flags: RestoreFlags,
 ) -> Result<u8, Failure> {
     let s3 = s3_client(config).await;
+    let named = key.is_some();
     let key = match (key, instance_id) {
         (Some(k), _) => k,
         (None, Some(id)) => catalog::latest(&s3, &config.s3, &id).await?.key,
@@ -665,13 +695,76 @@ async fn restore(
     };
     let compression = manifest::compression_of(&key)
         .ok_or_else(|| catalog::CatalogError::NotAnArchive { key: key.clone() })?;
+    // Prove before trusting: the manifest says what the archive must be.
+    let expected = match catalog::manifest(&s3, &config.s3, &key).await {
+        Ok(m) => {
+            if m.partial {
+                eprintln!(
+                    "lifeboat: warning: s3://{}/{key} is partial (cut short by its deadline)",
+                    config.s3.bucket
+                );
+            }
+            let in_key = key_instance(&key).unwrap_or_default();
+            if m.instance.instance_id != in_key {
+                let what = format!(
+                    "s3://{}/{key} is filed under {in_key} but its manifest says it is from {}",
+                    config.s3.bucket, m.instance.instance_id
+                );
+                if !named {
+                    return Err(Failure {
+                        error: anyhow::anyhow!(
+                            "{what}: refusing it (name it with --key to restore it anyway)"
+                        ),
+                        code: EXIT_CHECK,
+                    });
+                }
+                eprintln!("lifeboat: warning: {what}");
+            }
+            Some(restore::Expected {
+                size: m.bytes_stored,
+                sha256: m.sha256,
+            })
+        }
+        Err(e) if flags.force_unverified => {
+            eprintln!(
+                "lifeboat: warning: NOT VERIFIED: no usable manifest for s3://{}/{key} ({e}); restoring it as it is",
+                config.s3.bucket
+            );
+            None
+        }
+        Err(e) => {
+            return Err(Failure {
+                error: anyhow::Error::new(e).context(format!(
+                    "s3://{}/{key} cannot be verified without its manifest (--force-unverified restores it anyway)",
+                    config.s3.bucket
+                )),
+                code: EXIT_CHECK,
+            });
+        }
+    };
     let (reader, _) = catalog::open_archive(&s3, &config.s3, &key).await?;
     let target = to.clone();
-    let report = tokio::task::spawn_blocking(move || {
-        restore::extract(reader, compression, &target, same_owner)
-    })
-    .await
-    .context("the restore thread failed")??;
+    let opts = restore::RestoreOptions {
+        same_owner: flags.same_owner,
+        overwrite: flags.overwrite,
+        expected,
+    };
+    let restored =
+        tokio::task::spawn_blocking(move || restore::restore(reader, compression, &target, &opts))
+            .await
+            .context("the restore thread failed")?;
+    let report = match restored {
+        Ok(r) => r,
+        Err(
+            e @ (restore::RestoreError::Mismatch { .. } | restore::RestoreError::Conflict { .. }),
+        ) => {
+            return Err(Failure {
+                error: e.into(),
+                code: EXIT_CHECK,
+            });
+        }
+        Err(e) => return Err(e.into()),
+    };
     println!(
         "restored {} entries ({}) from s3://{}/{} into {}",
         report.entries,

@@ -48,6 +48,170 @@ pub enum RestoreError {
         /// OS error.
         source: io::Error,
     },
+    /// The archive is not the one its manifest describes: nothing was moved into the target.
+    #[error(
+        "the archive does not match its manifest ({what}): it was changed or damaged after the backup; nothing was restored"
+    )]
+    Mismatch {
+        /// What differs.
+        what: String,
+    },
+    /// A restored entry would replace something already in the target.
+    #[error(
+        "{path} already exists: nothing was restored (use --overwrite to replace existing files)"
+    )]
+    Conflict {
+        /// The first conflicting path.
+        path: PathBuf,
+    },
+}
+
+/// What the stored object must be, from its manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expected {
+    /// Bytes stored.
+    pub size: u64,
+    /// SHA-256 of the stored bytes, hex.
+    pub sha256: String,
+}
+
+/// How to restore.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    /// Apply the archive's owners and set-id bits (GNU tar's `--same-owner`).
+    pub same_owner: bool,
+    /// Replace existing files in the target (directories are merged either way).
+    pub overwrite: bool,
+    /// Check the stream against this before anything is moved into the target; `None` restores
+    /// unverified (`--force-unverified`).
+    pub expected: Option<Expected>,
+}
+
+/// Restores the archive read from `raw` into `target`, proving it first: the stream is extracted
+/// into a staging directory inside the target (the same file system, even when the target is a
+/// mount point) while its size and SHA-256 are computed; only when they match the manifest, and
+/// nothing in the target would be replaced (unless `overwrite`), are the entries moved into
+/// place. On any failure the staging directory is removed and the target is as it was.
+pub fn restore(
+    raw: impl Read,
+    compression: CompressionKind,
+    target: &Path,
+    opts: &RestoreOptions,
+) -> Result<RestoreReport, RestoreError> {
+    fs::create_dir_all(target).map_err(|source| RestoreError::Target {
+        path: target.to_owned(),
+        source,
+    })?;
+    let staging = tempfile::Builder::new()
+        .prefix(".lifeboat-restore-")
+        .tempdir_in(target)
+        .map_err(|source| RestoreError::Target {
+            path: target.to_owned(),
+            source,
+        })?;
+    let mut hashing = HashingReader {
+        inner: raw,
+        sha: sha2::Sha256::default(),
+        len: 0,
+    };
+    let report = extract(&mut hashing, compression, staging.path(), opts.same_owner)?;
+    // Whatever follows the end-of-archive marker is part of the stored object too.
+    io::copy(&mut hashing, &mut io::sink()).map_err(|source| RestoreError::Read { source })?;
+    if let Some(want) = &opts.expected {
+        use sha2::Digest;
+        let sha = hex::encode(hashing.sha.finalize());
+        if hashing.len != want.size {
+            return Err(RestoreError::Mismatch {
+                what: format!("{} bytes, the manifest says {}", hashing.len, want.size),
+            });
+        }
+        if sha != want.sha256 {
+            return Err(RestoreError::Mismatch {
+                what: format!("SHA-256 {sha}, the manifest says {}", want.sha256),
+            });
+        }
+    }
+    if !opts.overwrite
+        && let Some(path) = first_conflict(staging.path(), target)?
+    {
+        return Err(RestoreError::Conflict { path });
+    }
+    move_into(staging.path(), target)?;
+    Ok(report)
+}
+
+/// Counts and hashes the bytes read through it.
+struct HashingReader<R> {
+    inner: R,
+    sha: sha2::Sha256,
+    len: u64,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use sha2::Digest;
+        let n = self.inner.read(buf)?;
+        self.sha.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+}
+
+fn write_err(path: &Path) -> impl Fn(io::Error) -> RestoreError + '_ {
+    move |source| RestoreError::Write {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The first path under `dest` that an entry of `staged` would replace: anything but a directory
+/// meeting a directory. Directories that exist on both sides are merged.
+fn first_conflict(staged: &Path, dest: &Path) -> Result<Option<PathBuf>, RestoreError> {
+    let mut names: Vec<_> = fs::read_dir(staged)
+        .map_err(write_err(staged))?
+        .collect::<Result<_, _>>()
+        .map_err(write_err(staged))?;
+    names.sort_by_key(fs::DirEntry::file_name);
+    for entry in names {
+        let there = dest.join(entry.file_name());
+        let Ok(existing) = fs::symlink_metadata(&there) else {
+            continue;
+        };
+        let file_type = entry.file_type().map_err(write_err(&entry.path()))?;
+        if !(existing.is_dir() && file_type.is_dir()) {
+            return Ok(Some(there));
+        }
+        if let Some(p) = first_conflict(&entry.path(), &there)? {
+            return Ok(Some(p));
+        }
+    }
+    Ok(None)
+}
+
+/// Moves everything in `staged` into `dest`: a name not in `dest` is renamed in whole, a directory
+/// on both sides is merged, anything else in `dest` is replaced (checked before, unless
+/// `--overwrite`). Never follows a symlink in `dest`.
+fn move_into(staged: &Path, dest: &Path) -> Result<(), RestoreError> {
+    for entry in fs::read_dir(staged).map_err(write_err(staged))? {
+        let entry = entry.map_err(write_err(staged))?;
+        let from = entry.path();
+        let to = dest.join(entry.file_name());
+        match fs::symlink_metadata(&to) {
+            Err(_) => fs::rename(&from, &to).map_err(write_err(&to))?,
+            Ok(existing) if existing.is_dir() && entry.file_type().is_ok_and(|t| t.is_dir()) => {
+                move_into(&from, &to)?;
+            }
+            Ok(existing) => {
+                if existing.is_dir() {
+                    fs::remove_dir_all(&to).map_err(write_err(&to))?;
+                } else {
+                    fs::remove_file(&to).map_err(write_err(&to))?;
+                }
+                fs::rename(&from, &to).map_err(write_err(&to))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// An entry that was not restored, and why.
@@ -70,7 +234,8 @@ pub struct RestoreReport {
     pub refused: Vec<Refusal>,
 }
 
-/// Extracts the archive read from `raw` (compressed as `compression`) into `target`.
+/// Extracts the archive read from `raw` (compressed as `compression`) into `target`, in place
+/// and unverified ([`restore`] proves the archive first and is what the CLI runs).
 ///
 /// Owners and set-id bits are the archive's word, and an archive is only as trustworthy as
 /// whoever could write it: they are applied only with `same_owner` (GNU tar's `--same-owner`).
