@@ -1263,7 +1263,30 @@ mod tests {
         lc: Arc<FakeLifecycle>,
         backup: Arc<FakeBackup>,
         shutdown: CancellationToken,
-        _dir: tempfile::TempDir,
+        dir: tempfile::TempDir,
+    }
+
+    impl Bench {
+        /// A new runner on the same state file and fakes: the daemon after a restart.
+        fn restarted(&self) -> Arc<Runner> {
+            Runner::with_parts(
+                Arc::clone(&self.runner.config),
+                identity(),
+                Arc::clone(&self.lc) as Arc<dyn LifecycleApi>,
+                Arc::clone(&self.backup) as Arc<dyn BackupApi>,
+                Arc::new(StateFile::open(self.dir.path())),
+                CancellationToken::new(),
+            )
+        }
+    }
+
+    /// A `lifeboat backup --complete-lifecycle --token TOKEN` notice.
+    fn with_token(token: &str) -> TerminationNotice {
+        TerminationNotice {
+            token: Some(token.into()),
+            complete_lifecycle: true,
+            ..notice(NoticeSource::Command)
+        }
     }
 
     fn bench(lc: Arc<FakeLifecycle>, backup: Arc<FakeBackup>, extra: &str) -> Bench {
@@ -1282,7 +1305,7 @@ mod tests {
             lc,
             backup,
             shutdown,
-            _dir: dir,
+            dir,
         }
     }
 
@@ -1594,24 +1617,13 @@ mod tests {
             FakeBackup::new(Duration::from_secs(100)),
             "",
         );
-        let with_token = TerminationNotice {
-            token: Some("t-2".into()),
-            complete_lifecycle: true,
-            ..notice(NoticeSource::Command)
-        };
+        let with_token = with_token("t-2");
         let job = in_background(&b.runner, with_token.clone());
         settle().await;
         b.shutdown.cancel();
         assert_eq!(job.await.unwrap().status, JobStatus::Interrupted);
         // The restarted daemon: same state file, the same token again.
-        let again = Runner::with_parts(
-            Arc::clone(&b.runner.config),
-            identity(),
-            Arc::clone(&b.lc) as Arc<dyn LifecycleApi>,
-            Arc::clone(&b.backup) as Arc<dyn BackupApi>,
-            Arc::new(StateFile::open(b._dir.path())),
-            CancellationToken::new(),
-        );
+        let again = b.restarted();
         let r = again.submit(with_token).await;
         assert_eq!(r.status, JobStatus::Succeeded);
         assert_eq!(b.lc.calls("CompleteLifecycleAction").len(), 1);
@@ -1624,21 +1636,10 @@ mod tests {
             FakeBackup::new(Duration::from_secs(10)),
             "",
         );
-        let with_token = TerminationNotice {
-            token: Some("t-1".into()),
-            complete_lifecycle: true,
-            ..notice(NoticeSource::Command)
-        };
+        let with_token = with_token("t-1");
         b.runner.submit(with_token.clone()).await;
         // A new runner (a restarted daemon) reads the state file.
-        let again = Runner::with_parts(
-            Arc::clone(&b.runner.config),
-            identity(),
-            Arc::clone(&b.lc) as Arc<dyn LifecycleApi>,
-            Arc::clone(&b.backup) as Arc<dyn BackupApi>,
-            Arc::new(StateFile::open(b._dir.path())),
-            CancellationToken::new(),
-        );
+        let again = b.restarted();
         again.submit(with_token).await;
         assert_eq!(b.lc.calls("CompleteLifecycleAction").len(), 1);
     }
