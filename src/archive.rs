@@ -419,10 +419,6 @@ impl<W: TarSink> Shared<W> {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn report(&self) -> MutexGuard<'_, SharedState<W>> {
-        self.lock()
-    }
-
     /// Closes the archive as it stands when the walking thread is stuck in the file system: the
     /// entry being read is completed with zeros (and recorded as cut), the end-of-archive marker
     /// is written, and the sink and report are returned. `None` when the walking thread is inside
@@ -579,7 +575,7 @@ impl<W: TarSink> TarWriter<'_, W> {
     fn skip(&mut self, path: &Path, reason: impl Into<String>) {
         let reason = reason.into();
         tracing::debug!(path = %path.display(), %reason, "skipped");
-        self.shared.report().report.skipped.push(SkipRecord {
+        self.shared.lock().report.skipped.push(SkipRecord {
             path: RecordedPath::new(path),
             reason,
         });
@@ -587,7 +583,7 @@ impl<W: TarSink> TarWriter<'_, W> {
 
     fn record(&mut self, path: &Path, kind: EntryKind, size: u64, meta: &Metadata) {
         self.counters.entries.fetch_add(1, Ordering::Relaxed);
-        self.shared.report().report.files.push(FileRecord {
+        self.shared.lock().report.files.push(FileRecord {
             path: RecordedPath::new(path),
             kind,
             size,
@@ -735,7 +731,7 @@ impl<W: TarSink> TarWriter<'_, W> {
         self.shared.end_file();
         let (read, padded, cut, error) =
             (reader.read, reader.padded, reader.cut, reader.error.take());
-        let mut st = self.shared.report();
+        let mut st = self.shared.lock();
         st.report.bytes_read += read;
         if cut {
             st.report.stopped_early = true;
@@ -773,7 +769,7 @@ impl<W: TarSink> TarWriter<'_, W> {
         };
         if let Some(reason) = change {
             tracing::debug!(path = %path.display(), %reason, "changed while archived");
-            self.shared.report().report.changed.push(ChangeRecord {
+            self.shared.lock().report.changed.push(ChangeRecord {
                 path: RecordedPath::new(path),
                 declared_size: declared,
                 reason,

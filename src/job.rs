@@ -66,8 +66,6 @@ pub enum ActionOutcome {
     Completed {
         /// CONTINUE or ABANDON.
         result: LifecycleResult,
-        /// The result the job meant to send (they differ only if the configuration changed).
-        intended: LifecycleResult,
     },
     /// There was no active action any more: someone else completed it, or it timed out.
     AlreadyDone,
@@ -85,12 +83,12 @@ pub enum ActionOutcome {
 }
 
 impl ActionOutcome {
-    /// The action ended the way the job intended (or someone else ended it).
+    /// The action ended: this job completed it, or someone else did.
     pub fn settled(&self) -> bool {
         matches!(
             self,
-            ActionOutcome::Completed { result, intended } if result == intended
-        ) || matches!(self, ActionOutcome::AlreadyDone)
+            ActionOutcome::Completed { .. } | ActionOutcome::AlreadyDone
+        )
     }
 
     /// The result this job sent, if it completed the action.

@@ -274,12 +274,9 @@ pub struct Runner {
     slots: Mutex<Slots>,
 }
 
+/// A notice that the instance is going away (not a manual or early backup).
 fn is_termination(n: &TerminationNotice) -> bool {
-    n.complete_lifecycle
-        || matches!(
-            n.source,
-            NoticeSource::Spot | NoticeSource::TargetLifecycleState
-        )
+    n.complete_lifecycle || is_termination_source(n.source)
 }
 
 impl Runner {
@@ -574,6 +571,7 @@ impl Runner {
     }
 }
 
+/// Sources that only ever report a termination.
 fn is_termination_source(source: NoticeSource) -> bool {
     matches!(
         source,
@@ -797,12 +795,12 @@ impl<'r> Story<'r> {
         }
         let (mut action, _) = self.action.clone().expect("resolved above");
         action.token = action.token.or_else(|| self.hints.token.clone());
-        let intended = if status.stored() {
+        let result = if status.stored() {
             LifecycleResult::Continue
         } else {
             self.runner.config.lifecycle.on_failure
         };
-        Some(complete(self.runner.lifecycle.as_ref(), &action, intended, until).await)
+        Some(complete(self.runner.lifecycle.as_ref(), &action, result, until).await)
     }
 
     /// The job's result.
@@ -890,10 +888,7 @@ async fn complete(
             }
         }
     }
-    let done = |r| ActionOutcome::Completed {
-        result: r,
-        intended: result,
-    };
+    let done = |result| ActionOutcome::Completed { result };
     match lc.complete(action, result, until).await {
         Ok(Completed::Now) => done(result),
         Ok(Completed::AlreadyDone) if action.token.is_some() => {
@@ -1381,8 +1376,7 @@ mod tests {
         assert_eq!(
             joined.lifecycle,
             Some(ActionOutcome::Completed {
-                result: LifecycleResult::Continue,
-                intended: LifecycleResult::Continue
+                result: LifecycleResult::Continue
             })
         );
         // Heartbeats every 30 s (half the 60 s timeout) for a 300 s job: never 60 s apart.
@@ -1457,8 +1451,7 @@ mod tests {
         assert_eq!(
             r.lifecycle,
             Some(ActionOutcome::Completed {
-                result: LifecycleResult::Continue,
-                intended: LifecycleResult::Continue
+                result: LifecycleResult::Continue
             })
         );
     }
