@@ -83,6 +83,8 @@ pub enum BackupStatus {
     Partial,
     /// Archive present without a manifest (the job failed after the upload).
     NoManifest,
+    /// The manifest could not be read (no `s3:GetObject` on it, with the per-instance policy).
+    Unknown,
 }
 
 impl BackupStatus {
@@ -92,6 +94,7 @@ impl BackupStatus {
             Self::Complete => "complete",
             Self::Partial => "partial",
             Self::NoManifest => "no-manifest",
+            Self::Unknown => "unknown",
         }
     }
 }
@@ -136,14 +139,10 @@ pub async fn list(
         })?;
         for obj in page.contents() {
             let Some(key) = obj.key() else { continue };
-            let Some(rel) = key.strip_prefix(s3.prefix.as_str()) else {
+            let Some(parts) = manifest::parse_key(&s3.prefix, key) else {
                 continue;
             };
-            let parts: Vec<&str> = rel.split('/').collect();
-            let [group, instance, name] = parts[..] else {
-                continue;
-            };
-            if instance_id.is_some_and(|want| want != instance) {
+            if instance_id.is_some_and(|want| want != parts.instance_id) {
                 continue;
             }
             if key.ends_with(manifest::MANIFEST_SUFFIX) {
@@ -152,9 +151,9 @@ pub async fn list(
                 archives.push(BackupEntry {
                     key: key.to_owned(),
                     size: u64::try_from(obj.size().unwrap_or(0)).unwrap_or(0),
-                    group: group.to_owned(),
-                    instance_id: instance.to_owned(),
-                    name: name.to_owned(),
+                    group: parts.group.replace("%2F", "/").replace("%25", "%"),
+                    instance_id: parts.instance_id.to_owned(),
+                    name: parts.name.to_owned(),
                     status: BackupStatus::NoManifest,
                 });
             }
@@ -176,12 +175,12 @@ pub async fn list(
                 .set_expected_bucket_owner(owner)
                 .send()
                 .await;
-            let partial = head.ok().and_then(|h| {
+            let partial = head.ok().map(|h| {
                 h.metadata()
                     .and_then(|m| m.get(STATUS_METADATA))
-                    .map(|s| s == "partial")
+                    .is_some_and(|s| s == "partial")
             });
-            (i, partial.unwrap_or(false))
+            (i, partial)
         });
         if heads.len() >= 16 {
             if let Some(Ok((i, partial))) = heads.join_next().await {
@@ -199,11 +198,12 @@ pub async fn list(
     Ok(archives)
 }
 
-fn status(partial: bool) -> BackupStatus {
-    if partial {
-        BackupStatus::Partial
-    } else {
-        BackupStatus::Complete
+/// The status from the manifest's HEAD: `None` when it could not be read.
+fn status(partial: Option<bool>) -> BackupStatus {
+    match partial {
+        Some(true) => BackupStatus::Partial,
+        Some(false) => BackupStatus::Complete,
+        None => BackupStatus::Unknown,
     }
 }
 

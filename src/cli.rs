@@ -672,13 +672,6 @@ struct RestoreFlags {
     force_unverified: bool,
 }
 
-/// The instance id in an archive key (`PREFIX<group>/<instance-id>/<file>`).
-fn key_instance(key: &str) -> Option<&str> {
-    let mut parts = key.rsplit('/');
-    parts.next()?;
-    parts.next()
-}
-
 async fn restore(
     config: &Config,
     key: Option<String>,
@@ -704,7 +697,9 @@ async fn restore(
                     config.s3.bucket
                 );
             }
-            let in_key = key_instance(&key).unwrap_or_default();
+            let in_key = manifest::parse_key(&config.s3.prefix, &key)
+                .map(|p| p.instance_id)
+                .unwrap_or_default();
             if m.instance.instance_id != in_key {
                 let what = format!(
                     "s3://{}/{key} is filed under {in_key} but its manifest says it is from {}",

@@ -106,9 +106,11 @@ pub async fn run(config: &Config) -> Vec<Check> {
     }
     let services = Services::from_sdk_config(&conf, config);
 
+    // Where this instance's archives go (the per-instance policy allows nothing else); not an
+    // archive name, and only an upload, started and aborted, never an object.
     let key = format!(
-        "{}.lifeboat-doctor/{}",
-        config.s3.prefix, identity.instance_id
+        "{}.lifeboat-doctor",
+        crate::manifest::owner_prefix(&config.s3.prefix, &identity)
     );
     let dest = Destination::new(&config.s3, key, "application/octet-stream");
     checks.push(Check {
@@ -127,8 +129,9 @@ pub async fn run(config: &Config) -> Vec<Check> {
                     )
                 } else if text.contains("AccessDenied") || text.contains("Forbidden") {
                     format!(
-                        "allow s3:PutObject and s3:AbortMultipartUpload on arn:aws:s3:::{}/{}* \
-                         (and kms:GenerateDataKey on the key with sse = \"aws:kms\")",
+                        "allow s3:PutObject and s3:AbortMultipartUpload on \
+                         arn:aws:s3:::{}/{}*/${{ec2:SourceInstanceARN}}/* (packaging/iam/instance-policy.json; \
+                         and kms:GenerateDataKey, kms:Decrypt on the key with sse = \"aws:kms\")",
                         config.s3.bucket, config.s3.prefix
                     )
                 } else {

@@ -54,6 +54,12 @@ pub struct InstanceIdentity {
     pub instance_type: String,
     /// Whether the values came from instance metadata.
     pub on_ec2: bool,
+    /// The AWS account that owns the instance (instance identity document), or empty.
+    #[serde(default)]
+    pub account_id: String,
+    /// The AWS partition (`aws`, `aws-cn`, `aws-us-gov`, …), or empty off EC2.
+    #[serde(default)]
+    pub partition: String,
 }
 
 impl InstanceIdentity {
@@ -75,7 +81,27 @@ impl InstanceIdentity {
             availability_zone: STANDALONE.into(),
             instance_type: STANDALONE.into(),
             on_ec2: false,
+            account_id: String::new(),
+            partition: String::new(),
         }
+    }
+
+    /// The instance's ARN, `arn:PARTITION:ec2:REGION:ACCOUNT:instance/ID`: the value of the
+    /// `ec2:SourceInstanceARN` condition key on requests signed with its instance-profile
+    /// credentials. `None` off EC2 or when metadata did not say the account.
+    pub fn instance_arn(&self) -> Option<String> {
+        let known = |s: &str| !s.is_empty() && s != STANDALONE;
+        (self.on_ec2
+            && known(&self.account_id)
+            && known(&self.region)
+            && known(&self.partition)
+            && self.instance_id.starts_with("i-"))
+        .then(|| {
+            format!(
+                "arn:{}:ec2:{}:{}:instance/{}",
+                self.partition, self.region, self.account_id, self.instance_id
+            )
+        })
     }
 
     /// Looks the identity up in instance metadata; `standalone` if that fails within about a
@@ -172,6 +198,14 @@ impl InstanceIdentity {
             .ok()
             .filter(|g| !g.is_empty())
             .unwrap_or_else(|| STANDALONE.into());
+        // The partition is in metadata; older metadata services lack it, and the region says it.
+        let partition = client
+            .get("/latest/meta-data/services/partition")
+            .await
+            .map(String::from)
+            .ok()
+            .filter(|p| !p.is_empty())
+            .unwrap_or_else(|| partition_of(&doc.region).to_owned());
         let or_standalone = |s: String| {
             if s.is_empty() {
                 STANDALONE.to_owned()
@@ -186,6 +220,8 @@ impl InstanceIdentity {
             availability_zone: or_standalone(doc.availability_zone),
             instance_type: or_standalone(doc.instance_type),
             on_ec2: true,
+            account_id: doc.account_id,
+            partition,
         })
     }
 }
@@ -205,4 +241,20 @@ struct IdentityDocument {
     region: String,
     availability_zone: String,
     instance_type: String,
+    account_id: String,
+}
+
+/// The partition a region belongs to, when metadata does not say.
+fn partition_of(region: &str) -> &'static str {
+    if region.starts_with("cn-") {
+        "aws-cn"
+    } else if region.starts_with("us-gov-") {
+        "aws-us-gov"
+    } else if region.starts_with("us-iso-") {
+        "aws-iso"
+    } else if region.starts_with("us-isob-") {
+        "aws-iso-b"
+    } else {
+        "aws"
+    }
 }

@@ -1,7 +1,14 @@
 //! The manifest stored beside every archive, and the object layout both follow:
-//! `PREFIX<group>/<instance-id>/<UTC time>-<reason>.tar.gz` with
-//! `PREFIX<group>/<instance-id>/<UTC time>-<reason>.manifest.json` beside it. The manifest is
+//! `PREFIX<group>/<owner>/<UTC time>-<reason>.tar.gz` with
+//! `PREFIX<group>/<owner>/<UTC time>-<reason>.manifest.json` beside it. The manifest is
 //! written only after the archive is complete, so its presence marks a finished backup.
+//!
+//! `<owner>` is the instance's ARN on EC2 (`arn:aws:ec2:REGION:ACCOUNT:instance/i-…`, so the
+//! key reads `…/<group>/arn:aws:ec2:REGION:ACCOUNT:instance/i-…/<file>`): it is what the
+//! instance policy's `${ec2:SourceInstanceARN}` variable names, so each instance can write only
+//! its own keys. Off EC2 it is the host name; keys written by earlier versions (and by
+//! operators' own credentials) have the bare instance id there, and are read alike. A `/` in
+//! the group name is written as `%2F`, so the key always has the same number of segments.
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -103,12 +110,68 @@ pub fn archive_key(
         ))
         .unwrap_or_default();
     format!(
-        "{prefix}{}/{}/{stamp}-{}.{}",
-        identity.group,
-        identity.instance_id,
+        "{}{stamp}-{}.{}",
+        owner_prefix(prefix, identity),
         key_reason(reason),
         compression.extension()
     )
+}
+
+/// `PREFIX<group>/<owner>/`: where this instance's objects go (see the module docs).
+pub fn owner_prefix(prefix: &str, identity: &InstanceIdentity) -> String {
+    let owner = identity
+        .instance_arn()
+        .unwrap_or_else(|| identity.instance_id.clone());
+    format!(
+        "{prefix}{}/{owner}/",
+        identity.group.replace('%', "%25").replace('/', "%2F")
+    )
+}
+
+/// What an archive or manifest key says, read strictly: anything but exactly
+/// `PREFIX<group>/<instance-id>/<file>` or `PREFIX<group>/arn:…:ec2:…:instance/<instance-id>/<file>`
+/// (non-empty segments) is not a lifeboat key. The strictness is what makes the per-instance
+/// policy hold: an instance may add segments around its own ARN, but a key with more segments
+/// is ignored, so no key it can write reads as another instance's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyParts<'a> {
+    /// The group (with `%2F` still encoded).
+    pub group: &'a str,
+    /// The instance ARN the key is filed under, if it has one.
+    pub arn: Option<String>,
+    /// The instance id (or host name).
+    pub instance_id: &'a str,
+    /// The file name.
+    pub name: &'a str,
+}
+
+/// Parses `key` below `prefix` (see [`KeyParts`]).
+pub fn parse_key<'a>(prefix: &str, key: &'a str) -> Option<KeyParts<'a>> {
+    let rel = key.strip_prefix(prefix)?;
+    let parts: Vec<&str> = rel.split('/').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return None;
+    }
+    match parts[..] {
+        [group, instance_id, name] if !instance_id.starts_with("arn:") => Some(KeyParts {
+            group,
+            arn: None,
+            instance_id,
+            name,
+        }),
+        [group, head, instance_id, name] => {
+            let fields: Vec<&str> = head.split(':').collect();
+            let arn_head = matches!(fields[..], ["arn", p, "ec2", r, a, "instance"]
+                if !p.is_empty() && !r.is_empty() && !a.is_empty());
+            arn_head.then(|| KeyParts {
+                group,
+                arn: Some(format!("{head}/{instance_id}")),
+                instance_id,
+                name,
+            })
+        }
+        _ => None,
+    }
 }
 
 /// The archive key without its archive suffix, if it has one.
@@ -157,15 +220,35 @@ mod tests {
             availability_zone: "us-east-1a".into(),
             instance_type: "m7g.large".into(),
             on_ec2: true,
+            account_id: "123456789012".into(),
+            partition: "aws".into(),
         };
         let t = time::macros::datetime!(2026-11-20 08:22:01 UTC);
         let k = archive_key("lifeboat/", &id, t, "Scale In!", CompressionKind::Gzip);
-        assert_eq!(k, "lifeboat/web/i-0abc/20261120T082201Z-scale-in.tar.gz");
+        assert_eq!(
+            k,
+            "lifeboat/web/arn:aws:ec2:us-east-1:123456789012:instance/i-0abc/20261120T082201Z-scale-in.tar.gz"
+        );
+        let parts = parse_key("lifeboat/", &k).unwrap();
+        assert_eq!(parts.instance_id, "i-0abc");
+        assert_eq!(parts.group, "web");
+        // Off EC2 (or without the account): the bare id, as before.
+        let host = InstanceIdentity {
+            account_id: String::new(),
+            group: "team/web".into(),
+            ..id
+        };
+        let k = archive_key("lifeboat/", &host, t, "manual", CompressionKind::Zstd);
+        assert_eq!(
+            k,
+            "lifeboat/team%2Fweb/i-0abc/20261120T082201Z-manual.tar.zst"
+        );
+        assert_eq!(parse_key("lifeboat/", &k).unwrap().instance_id, "i-0abc");
         assert_eq!(
             manifest_key(&k),
-            "lifeboat/web/i-0abc/20261120T082201Z-scale-in.manifest.json"
+            "lifeboat/team%2Fweb/i-0abc/20261120T082201Z-manual.manifest.json"
         );
-        assert_eq!(compression_of(&k), Some(CompressionKind::Gzip));
+        assert_eq!(compression_of(&k), Some(CompressionKind::Zstd));
         assert!(!is_archive_key(&manifest_key(&k)));
     }
 
@@ -174,5 +257,29 @@ mod tests {
         assert_eq!(key_reason(""), "manual");
         assert_eq!(key_reason("../../etc"), "etc");
         assert_eq!(key_reason("spot interruption"), "spot-interruption");
+    }
+
+    #[test]
+    fn keys_an_instance_can_write_around_its_own_arn_never_read_as_another_instance() {
+        // The instance policy allows `PREFIX*/${ec2:SourceInstanceARN}/*`: every key below has
+        // "/arn:…:instance/i-evil/" in it, so i-evil may write them all.
+        let evil = "arn:aws:ec2:us-east-1:123456789012:instance/i-evil";
+        let victim = "arn:aws:ec2:us-east-1:123456789012:instance/i-victim";
+        for key in [
+            format!("lb/web/i-victim/{evil}/99991231T000000Z-x.tar.gz"),
+            format!("lb/web/{evil}/x/i-victim/99991231T000000Z-x.tar.gz"),
+            format!("lb/web/{evil}/{victim}/99991231T000000Z-x.tar.gz"),
+            format!("lb/{victim}/{evil}/99991231T000000Z-x.tar.gz"),
+            format!("lb//{evil}/99991231T000000Z-x.tar.gz"),
+        ] {
+            let parsed = parse_key("lb/", &key);
+            assert!(
+                parsed.as_ref().is_none_or(|p| p.instance_id == "i-evil"),
+                "{key} reads as {parsed:?}"
+            );
+        }
+        let own_key = format!("lb/web/{evil}/1.tar.gz");
+        let own = parse_key("lb/", &own_key).unwrap();
+        assert_eq!(own.arn.as_deref(), Some(evil));
     }
 }

@@ -165,6 +165,7 @@ class Handler(BaseHTTPRequestHandler):
             "/latest/meta-data/instance-id": s["instance_id"],
             "/latest/dynamic/instance-identity/document": json.dumps(doc),
             "/latest/meta-data/placement/region": s["region"],
+            "/latest/meta-data/services/partition": "aws",
             "/latest/meta-data/autoscaling/target-lifecycle-state": s["target_lifecycle_state"],
         }
         if s["spot_action"]:

@@ -394,3 +394,43 @@ fn overlapping_paths_archive_each_file_once_and_a_nested_mount_is_not_missed() {
     }
     drop(data);
 }
+
+/// `sse = "aws:kms"` with a key: the archive (every part of a multipart upload) and its
+/// manifest are stored encrypted with that key, and they restore.
+#[test]
+fn sse_kms_stores_archive_and_manifest_under_the_configured_key() {
+    let server = moto();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write(&data.join("big.bin"), &crate::support::noise(12 << 20, 7));
+    let bucket = server.bucket("kms");
+    let key_arn = "arn:aws:kms:us-east-1:123456789012:key/6f1c2c5e-8d3b-4f57-9a55-0a1d2b3c4d5e";
+    let lb = Lifeboat::new(
+        dir.path(),
+        &server.endpoint,
+        &config_for(
+            &bucket,
+            &[&data],
+            "compression = \"none\"",
+            &format!("part_size = \"5MiB\"\nsse = \"aws:kms\"\nkms_key_id = \"{key_arn}\""),
+        ),
+    );
+    let key = lb.run(&["backup"]).stored_key();
+    let client = server.client();
+    for k in [key.clone(), key.replace(".tar", ".manifest.json")] {
+        let head = crate::support::rt()
+            .block_on(client.head_object().bucket(&bucket).key(&k).send())
+            .unwrap();
+        assert_eq!(
+            head.server_side_encryption().map(|s| s.as_str()),
+            Some("aws:kms"),
+            "{k}"
+        );
+        assert_eq!(head.ssekms_key_id(), Some(key_arn), "{k}");
+    }
+    let target = dir.path().join("restored");
+    lb.run(&["restore", "--key", &key, "--to", target.to_str().unwrap()])
+        .ok();
+    let restored = target.join(data.strip_prefix("/").unwrap()).join("big.bin");
+    assert_eq!(fs::read(restored).unwrap().len(), 12 << 20);
+}

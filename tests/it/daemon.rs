@@ -88,7 +88,7 @@ fn scale_in_is_backed_up_heartbeated_reported_and_completed() {
 
     // The archive and its manifest are in S3 under the group and instance.
     let keys = server.keys(&bucket);
-    let prefix = format!("backups/{group}/{instance}/");
+    let prefix = crate::support::instance_prefix(&group, &instance);
     assert!(
         keys.iter()
             .any(|k| k.starts_with(&prefix) && k.ends_with("-terminate.tar")),

@@ -133,6 +133,119 @@ fn the_shipped_iam_policies_name_their_resources() {
     }
 }
 
+/// The statements of a policy document, with the branches of `Fn::If` statements flattened.
+fn statements_of(doc: &Value) -> Vec<Value> {
+    let mut out = Vec::new();
+    for st in doc["Statement"].as_array().unwrap() {
+        match st.get("Fn::If") {
+            Some(branches) => out.extend(
+                branches.as_array().unwrap()[1..]
+                    .iter()
+                    .filter(|b| b.get("Effect").is_some())
+                    .cloned(),
+            ),
+            None => out.push(st.clone()),
+        }
+    }
+    out
+}
+
+/// Whether an IAM action (possibly a wildcard) reaches objects: reading, writing, tagging,
+/// aborting uploads or listing their parts.
+fn reaches_objects(action: &str) -> bool {
+    action == "*"
+        || action.strip_prefix("s3:").is_some_and(|a| {
+            a.contains('*') || a.contains("Object") || a.contains("MultipartUpload")
+        })
+}
+
+/// Resource strings of a statement: Fn::Sub templates as written, anything else as JSON.
+fn resources(st: &Value) -> Vec<String> {
+    let one = |r: &Value| match r {
+        Value::String(s) => s.clone(),
+        other => match other.get("Fn::Sub") {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Array(a)) => a[0].as_str().unwrap().to_owned(),
+            _ => other.to_string(),
+        },
+    };
+    match &st["Resource"] {
+        Value::Array(a) => a.iter().map(one).collect(),
+        r => vec![one(r)],
+    }
+}
+
+/// Fails on any statement of `doc` that grants object access beyond the caller's own instance
+/// ARN (`.../${ec2:SourceInstanceARN}/*`; `${!…}` is the same inside Fn::Sub).
+fn assert_own_objects_only(name: &str, doc: &Value) {
+    let mut object_grants = 0;
+    for st in statements_of(doc) {
+        if st["Effect"] != "Allow" {
+            continue;
+        }
+        let actions: Vec<String> = match &st["Action"] {
+            Value::Array(a) => a.iter().map(|x| x.as_str().unwrap().to_owned()).collect(),
+            a => vec![a.as_str().unwrap().to_owned()],
+        };
+        let sid = st["Sid"].as_str().unwrap_or("(no Sid)");
+        assert!(
+            st.get("NotAction").is_none() && st.get("NotResource").is_none(),
+            "{name}/{sid}"
+        );
+        if !actions.iter().any(|a| reaches_objects(a)) {
+            continue;
+        }
+        object_grants += 1;
+        for r in resources(&st) {
+            assert!(
+                r.ends_with("/${ec2:SourceInstanceARN}/*")
+                    || r.ends_with("/${!ec2:SourceInstanceARN}/*"),
+                "{name}/{sid}: {actions:?} on {r} reaches other instances' archives"
+            );
+        }
+    }
+    assert!(
+        object_grants >= 2,
+        "{name}: writes and reads its own archives"
+    );
+}
+
+#[test]
+fn no_instance_policy_grants_object_access_across_instances() {
+    let shipped: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("packaging/iam/instance-policy.json")).unwrap(),
+    )
+    .unwrap();
+    assert_own_objects_only("instance-policy.json", &shipped);
+
+    let t = template();
+    let resources = t["Resources"].as_object().unwrap();
+    let mut on_instance_role = 0;
+    for (name, r) in resources {
+        let roles = r["Properties"]["Roles"].to_string();
+        if r["Type"] == "AWS::IAM::ManagedPolicy" && roles.contains("InstanceRoleName") {
+            assert_own_objects_only(name, &r["Properties"]["PolicyDocument"]);
+            on_instance_role += 1;
+        }
+    }
+    assert_eq!(on_instance_role, 1, "one policy on the instance role");
+    // The cross-instance read is its own policy, attached only to the roles named for it.
+    let restore = &resources["RestorePolicy"]["Properties"];
+    assert!(!restore["Roles"].to_string().contains("InstanceRoleName"));
+    assert!(restore["Roles"].to_string().contains("RestoreRoleNames"));
+
+    // The check itself: the policy this release replaced, a prefix-wide grant, fails it.
+    let old = serde_json::json!({"Statement": [{
+        "Sid": "WriteAndReadArchivesUnderThePrefixOnly", "Effect": "Allow",
+        "Action": ["s3:PutObject", "s3:AbortMultipartUpload", "s3:GetObject"],
+        "Resource": "arn:aws:s3:::BUCKET/PREFIX*"}]});
+    let caught = std::panic::catch_unwind(|| assert_own_objects_only("old", &old));
+    assert!(
+        caught.is_err(),
+        "a prefix-wide object grant must fail the check"
+    );
+}
+
 #[test]
 fn the_packaged_config_lists_every_key_with_the_codes_default() {
     let shipped = std::fs::read_to_string(root().join("packaging/lifeboat.toml")).unwrap();

@@ -2,8 +2,11 @@
 
 use std::fs;
 use std::io::Write;
+use std::time::Duration;
 
-use crate::support::{Lifeboat, config_for, moto, s3s_fs, write};
+use crate::support::{
+    Imds, Lifeboat, config_for, instance_prefix, moto, s3s_fs, wait_output, write,
+};
 
 /// A tar with raw, unchecked names (what an attacker would upload).
 fn hostile_tar() -> Vec<u8> {
@@ -297,4 +300,83 @@ fn restore_refuses_to_replace_existing_files_without_overwrite() {
         b"from the backup\n"
     );
     assert_eq!(fs::read(inner.join("sub/b.conf")).unwrap(), b"b\n");
+}
+
+/// Runs `lifeboat backup` as the instance the emulator `imds` describes; the archive's key.
+fn backup_on(lb: &Lifeboat, imds: &Imds) -> String {
+    let mut cmd = lb.command(&["backup"]);
+    cmd.env("AWS_EC2_METADATA_SERVICE_ENDPOINT", &imds.endpoint);
+    wait_output(cmd.spawn().unwrap(), Duration::from_secs(300), &["backup"]).stored_key()
+}
+
+/// An instance files its archives under its instance ARN (what the instance policy's
+/// `${ec2:SourceInstanceARN}` lets it write). Another instance's planted archives, in every
+/// place that policy lets it write (its own ARN, with anything around it), each with a manifest
+/// that claims the victim and matches the archive, are never picked by `restore --instance-id`
+/// nor listed as the victim's.
+#[test]
+fn a_planted_archive_is_not_picked_by_restore_instance_id() {
+    let server = moto();
+    let dir = tempfile::tempdir().unwrap();
+    let bucket = server.bucket("planted");
+    let (victim, evil) = ("i-0000000000000000a", "i-0000000000000000e");
+    let backup_of = |id: &str, text: &[u8]| {
+        let data = dir.path().join(format!("data-{id}"));
+        write(&data.join("who.txt"), text);
+        let lb = Lifeboat::new(
+            dir.path(),
+            &server.endpoint,
+            &config_for(&bucket, &[&data], "", ""),
+        );
+        let imds = Imds::start(id, "web");
+        (backup_on(&lb, &imds), lb)
+    };
+    let (real, lb) = backup_of(victim, b"the victim's own data\n");
+    assert!(real.starts_with(&instance_prefix("web", victim)), "{real}");
+    let (evil_key, _) = backup_of(evil, b"planted\n");
+    let evil_prefix = instance_prefix("web", evil);
+    let victim_arn = instance_prefix("web", victim)["backups/web/".len()..].to_owned();
+    let archive = server.get(&bucket, &evil_key);
+    let manifest_key = |k: &str| k.replace(".tar.gz", ".manifest.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&server.get(&bucket, &manifest_key(&evil_key))).unwrap();
+    let name = "99991231T235959Z-planted.tar.gz";
+    for planted in [
+        format!("{evil_prefix}{name}"),
+        format!("{evil_prefix}x/{victim_arn}{name}"),
+        format!(
+            "backups/web/{victim}/{}{name}",
+            &evil_prefix["backups/web/".len()..]
+        ),
+        format!(
+            "backups/{victim_arn}{}{name}",
+            &evil_prefix["backups/".len()..]
+        ),
+    ] {
+        manifest["instance"]["instance_id"] = victim.into();
+        manifest["key"] = planted.clone().into();
+        server.put(&bucket, &planted, archive.clone());
+        server.put(
+            &bucket,
+            &manifest_key(&planted),
+            serde_json::to_vec(&manifest).unwrap(),
+        );
+    }
+    let listed = lb.run(&["list", "--instance-id", victim]);
+    assert_eq!(listed.ok().lines().count(), 2, "{listed:#?}");
+    assert!(listed.ok().contains(&real), "{listed:#?}");
+    let target = dir.path().join("restored");
+    lb.run(&[
+        "restore",
+        "--instance-id",
+        victim,
+        "--to",
+        target.to_str().unwrap(),
+    ])
+    .ok();
+    let data_dir = dir.path().join(format!("data-{victim}"));
+    let restored = target
+        .join(data_dir.strip_prefix("/").unwrap())
+        .join("who.txt");
+    assert_eq!(fs::read(restored).unwrap(), b"the victim's own data\n");
 }

@@ -844,6 +844,12 @@ pub fn start_daemon(lb: &Lifeboat, imds: &Imds, env: &[(&str, &str)]) -> Daemon 
     daemon
 }
 
+/// Where an instance on the IMDS emulator files its archives: under its instance ARN (the
+/// emulator's account and region), as the per-instance IAM policy requires.
+pub fn instance_prefix(group: &str, instance: &str) -> String {
+    format!("backups/{group}/arn:aws:ec2:{REGION}:123456789012:instance/{instance}/")
+}
+
 /// Sends SIGTERM to a lifeboat process.
 pub fn sigterm(child: &Child) {
     let ok = Command::new("kill")
