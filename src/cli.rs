@@ -5,7 +5,7 @@
 //! - 0: success;
 //! - 1: the operation failed (S3 unreachable, access denied, bucket missing, …);
 //! - 2: usage or configuration error;
-//! - 3: a check failed: `verify` found a mismatch, or `restore` refused entries;
+//! - 3: a check failed: `verify` found a mismatch, or `restore` refused the archive;
 //! - 4: `backup --complete-lifecycle` stored the data but the lifecycle action was not completed
 //!   as intended (no such hook, access denied, out of time): whoever runs it must step in;
 //! - 5: `run` found no instance metadata within `watch.metadata_wait` (systemd restarts it);
@@ -750,8 +750,24 @@ async fn restore(
             .context("the restore thread failed")?;
     let report = match restored {
         Ok(r) => r,
+        Err(restore::RestoreError::Refused { first, refused }) => {
+            println!("refused {} entries:", refused.len());
+            for r in &refused {
+                println!("  {}: {}", r.name, r.reason);
+            }
+            return Err(Failure {
+                error: anyhow::anyhow!(
+                    "s3://{}/{key} cannot be restored exactly: {} entries refused (first: {first}); nothing was restored",
+                    config.s3.bucket,
+                    refused.len()
+                ),
+                code: EXIT_CHECK,
+            });
+        }
         Err(
-            e @ (restore::RestoreError::Mismatch { .. } | restore::RestoreError::Conflict { .. }),
+            e @ (restore::RestoreError::Mismatch { .. }
+            | restore::RestoreError::Conflict { .. }
+            | restore::RestoreError::Corrupt { .. }),
         ) => {
             return Err(Failure {
                 error: e.into(),
@@ -768,12 +784,5 @@ async fn restore(
         key,
         to.display()
     );
-    if report.refused.is_empty() {
-        return Ok(EXIT_OK);
-    }
-    println!("refused {} entries:", report.refused.len());
-    for r in &report.refused {
-        println!("  {}: {}", r.name, r.reason);
-    }
-    Ok(EXIT_CHECK)
+    Ok(EXIT_OK)
 }

@@ -1,18 +1,26 @@
 //! Extraction into a target directory that never writes outside it, whatever the archive holds.
 //!
-//! Every entry name is checked before anything is written: absolute names and `..` components are
-//! refused; each parent directory is walked from the target one component at a time and must be a
-//! real directory (a symlink planted by an earlier entry is never followed); an existing file or
-//! link at the final name is unlinked, never written through; hard links must point at a path
-//! inside the target. Devices and FIFOs are refused. Every refusal is reported with its reason.
-//! Long runs of zeros are written as holes, so sparse files stay sparse.
+//! Every create, chmod, chown and utimes is relative to an open directory handle (`cap-std`'s
+//! `Dir`), one name at a time, never following a symlink: a parent is opened with
+//! `open_dir_nofollow`, files are created with `O_NOFOLLOW | O_EXCL`, and metadata is applied to
+//! the open file or directory (`fchown`, `fchmod`, `futimens`), or to a symlink itself
+//! (`AT_SYMLINK_NOFOLLOW`). A symlink swapped in for a directory, by the archive or by anyone
+//! else while restore runs, is therefore never followed. Entry names are checked first: absolute
+//! names and `..` components are refused; hard links must point at a file restored in the
+//! target; devices and FIFOs are refused. An archive lifeboat cannot restore exactly (an entry
+//! refused, an unknown entry type, a truncated stream, data after the end) is refused as a whole:
+//! nothing reaches the target. Long runs of zeros are written as holes.
 
 use std::ffi::OsStr;
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+use cap_fs_ext::{DirExt, FollowSymlinks, OpenOptionsFollowExt, OpenOptionsMaybeDirExt};
+use cap_std::fs::{Dir, OpenOptions, OpenOptionsExt};
+use rustix::fs::{AtFlags, Mode, Timespec, Timestamps};
 
 use crate::config::CompressionKind;
 
@@ -26,7 +34,7 @@ static ZEROS: [u8; COPY_BLOCK] = [0; COPY_BLOCK];
 /// Why extraction stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
-    /// The target directory could not be created.
+    /// The target directory could not be created or opened.
     #[error("creating the target directory {path}: {source}")]
     Target {
         /// Target.
@@ -35,15 +43,15 @@ pub enum RestoreError {
         source: io::Error,
     },
     /// The archive stream is unreadable (corrupt, truncated, or the download failed).
-    #[error("reading the archive: {source}")]
+    #[error("reading the archive: {source}; nothing was restored")]
     Read {
         /// Decoder or download error.
         source: io::Error,
     },
     /// Writing a restored entry failed.
-    #[error("writing {path}: {source}")]
+    #[error("writing {path}: {source}; nothing was restored")]
     Write {
-        /// The file being written.
+        /// The entry being written (relative to the target).
         path: PathBuf,
         /// OS error.
         source: io::Error,
@@ -55,6 +63,23 @@ pub enum RestoreError {
     Mismatch {
         /// What differs.
         what: String,
+    },
+    /// The tar stream is damaged: nothing was moved into the target.
+    #[error("the archive is damaged: {what}; nothing was restored")]
+    Corrupt {
+        /// What is wrong.
+        what: String,
+    },
+    /// Entries lifeboat cannot restore exactly: nothing was moved into the target.
+    #[error(
+        "{} entries cannot be restored exactly (first: {first}); nothing was restored",
+        refused.len()
+    )]
+    Refused {
+        /// The first refusal, as `name: reason`.
+        first: String,
+        /// Every refused entry.
+        refused: Vec<Refusal>,
     },
     /// A restored entry would replace something already in the target.
     #[error(
@@ -87,133 +112,6 @@ pub struct RestoreOptions {
     pub expected: Option<Expected>,
 }
 
-/// Restores the archive read from `raw` into `target`, proving it first: the stream is extracted
-/// into a staging directory inside the target (the same file system, even when the target is a
-/// mount point) while its size and SHA-256 are computed; only when they match the manifest, and
-/// nothing in the target would be replaced (unless `overwrite`), are the entries moved into
-/// place. On any failure the staging directory is removed and the target is as it was.
-pub fn restore(
-    raw: impl Read,
-    compression: CompressionKind,
-    target: &Path,
-    opts: &RestoreOptions,
-) -> Result<RestoreReport, RestoreError> {
-    fs::create_dir_all(target).map_err(|source| RestoreError::Target {
-        path: target.to_owned(),
-        source,
-    })?;
-    let staging = tempfile::Builder::new()
-        .prefix(".lifeboat-restore-")
-        .tempdir_in(target)
-        .map_err(|source| RestoreError::Target {
-            path: target.to_owned(),
-            source,
-        })?;
-    let mut hashing = HashingReader {
-        inner: raw,
-        sha: sha2::Sha256::default(),
-        len: 0,
-    };
-    let report = extract(&mut hashing, compression, staging.path(), opts.same_owner)?;
-    // Whatever follows the end-of-archive marker is part of the stored object too.
-    io::copy(&mut hashing, &mut io::sink()).map_err(|source| RestoreError::Read { source })?;
-    if let Some(want) = &opts.expected {
-        use sha2::Digest;
-        let sha = hex::encode(hashing.sha.finalize());
-        if hashing.len != want.size {
-            return Err(RestoreError::Mismatch {
-                what: format!("{} bytes, the manifest says {}", hashing.len, want.size),
-            });
-        }
-        if sha != want.sha256 {
-            return Err(RestoreError::Mismatch {
-                what: format!("SHA-256 {sha}, the manifest says {}", want.sha256),
-            });
-        }
-    }
-    if !opts.overwrite
-        && let Some(path) = first_conflict(staging.path(), target)?
-    {
-        return Err(RestoreError::Conflict { path });
-    }
-    move_into(staging.path(), target)?;
-    Ok(report)
-}
-
-/// Counts and hashes the bytes read through it.
-struct HashingReader<R> {
-    inner: R,
-    sha: sha2::Sha256,
-    len: u64,
-}
-
-impl<R: Read> Read for HashingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        use sha2::Digest;
-        let n = self.inner.read(buf)?;
-        self.sha.update(&buf[..n]);
-        self.len += n as u64;
-        Ok(n)
-    }
-}
-
-fn write_err(path: &Path) -> impl Fn(io::Error) -> RestoreError + '_ {
-    move |source| RestoreError::Write {
-        path: path.to_owned(),
-        source,
-    }
-}
-
-/// The first path under `dest` that an entry of `staged` would replace: anything but a directory
-/// meeting a directory. Directories that exist on both sides are merged.
-fn first_conflict(staged: &Path, dest: &Path) -> Result<Option<PathBuf>, RestoreError> {
-    let mut names: Vec<_> = fs::read_dir(staged)
-        .map_err(write_err(staged))?
-        .collect::<Result<_, _>>()
-        .map_err(write_err(staged))?;
-    names.sort_by_key(fs::DirEntry::file_name);
-    for entry in names {
-        let there = dest.join(entry.file_name());
-        let Ok(existing) = fs::symlink_metadata(&there) else {
-            continue;
-        };
-        let file_type = entry.file_type().map_err(write_err(&entry.path()))?;
-        if !(existing.is_dir() && file_type.is_dir()) {
-            return Ok(Some(there));
-        }
-        if let Some(p) = first_conflict(&entry.path(), &there)? {
-            return Ok(Some(p));
-        }
-    }
-    Ok(None)
-}
-
-/// Moves everything in `staged` into `dest`: a name not in `dest` is renamed in whole, a directory
-/// on both sides is merged, anything else in `dest` is replaced (checked before, unless
-/// `--overwrite`). Never follows a symlink in `dest`.
-fn move_into(staged: &Path, dest: &Path) -> Result<(), RestoreError> {
-    for entry in fs::read_dir(staged).map_err(write_err(staged))? {
-        let entry = entry.map_err(write_err(staged))?;
-        let from = entry.path();
-        let to = dest.join(entry.file_name());
-        match fs::symlink_metadata(&to) {
-            Err(_) => fs::rename(&from, &to).map_err(write_err(&to))?,
-            Ok(existing) if existing.is_dir() && entry.file_type().is_ok_and(|t| t.is_dir()) => {
-                move_into(&from, &to)?;
-            }
-            Ok(existing) => {
-                if existing.is_dir() {
-                    fs::remove_dir_all(&to).map_err(write_err(&to))?;
-                } else {
-                    fs::remove_file(&to).map_err(write_err(&to))?;
-                }
-                fs::rename(&from, &to).map_err(write_err(&to))?;
-            }
-        }
-    }
-    Ok(())
-}
-
 /// An entry that was not restored, and why.
 #[derive(Debug, Clone)]
 pub struct Refusal {
@@ -234,8 +132,224 @@ pub struct RestoreReport {
     pub refused: Vec<Refusal>,
 }
 
+/// Restores the archive read from `raw` into `target`, proving it first: the stream is extracted
+/// into a staging directory inside the target (the same file system, even when the target is a
+/// mount point) while its size and SHA-256 are computed; only when they match the manifest,
+/// every entry could be restored exactly, the stream ended where a tar stream ends, and nothing
+/// in the target would be replaced (unless `overwrite`), are the entries moved into place. On
+/// any failure the staging directory is removed and the target is as it was.
+pub fn restore(
+    raw: impl Read,
+    compression: CompressionKind,
+    target: &Path,
+    opts: &RestoreOptions,
+) -> Result<RestoreReport, RestoreError> {
+    let root = open_target(target)?;
+    let staging = Staging::create(&root, target)?;
+    let mut hashing = HashingReader {
+        inner: raw,
+        sha: sha2::Sha256::default(),
+        len: 0,
+    };
+    let report = extract_into(&mut hashing, compression, &staging.dir, opts.same_owner);
+    // Whatever follows the compressed stream is part of the stored object too.
+    io::copy(&mut hashing, &mut io::sink()).map_err(|source| RestoreError::Read { source })?;
+    if let Some(want) = &opts.expected {
+        use sha2::Digest;
+        let sha = hex::encode(hashing.sha.finalize());
+        if hashing.len != want.size {
+            return Err(RestoreError::Mismatch {
+                what: format!("{} bytes, the manifest says {}", hashing.len, want.size),
+            });
+        }
+        if sha != want.sha256 {
+            return Err(RestoreError::Mismatch {
+                what: format!("SHA-256 {sha}, the manifest says {}", want.sha256),
+            });
+        }
+    }
+    let report = report?;
+    if let Some(first) = report.refused.first() {
+        return Err(RestoreError::Refused {
+            first: format!("{}: {}", first.name, first.reason),
+            refused: report.refused,
+        });
+    }
+    if !opts.overwrite
+        && let Some(path) = first_conflict(&staging.dir, &root, Path::new(""))?
+    {
+        return Err(RestoreError::Conflict {
+            path: target.join(path),
+        });
+    }
+    move_into(&staging.dir, &root, Path::new(""), &mut |_| {})?;
+    Ok(report)
+}
+
+/// Creates `target` if needed and opens it (the one path lifeboat follows: the operator's).
+fn open_target(target: &Path) -> Result<Dir, RestoreError> {
+    let failed = |source| RestoreError::Target {
+        path: target.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(target).map_err(failed)?;
+    Dir::open_ambient_dir(target, cap_std::ambient_authority()).map_err(failed)
+}
+
+/// A private directory inside the target, removed (with whatever is left in it) when dropped.
+struct Staging<'a> {
+    parent: &'a Dir,
+    name: String,
+    dir: Dir,
+}
+
+impl<'a> Staging<'a> {
+    fn create(parent: &'a Dir, target: &Path) -> Result<Self, RestoreError> {
+        loop {
+            let name = format!(".lifeboat-restore-{:016x}", fastrand::u64(..));
+            let failed = |source| RestoreError::Target {
+                path: target.join(&name),
+                source,
+            };
+            match parent.create_dir(&name) {
+                Ok(()) => {
+                    let handle = open_for_metadata(parent, OsStr::new(&name)).map_err(failed)?;
+                    rustix::fs::fchmod(&handle, Mode::from_raw_mode(0o700))
+                        .map_err(|e| failed(e.into()))?;
+                    let dir = parent.open_dir_nofollow(&name).map_err(failed)?;
+                    return Ok(Self { parent, name, dir });
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(failed(e)),
+            }
+        }
+    }
+}
+
+impl Drop for Staging<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.parent.remove_dir_all(&self.name) {
+            tracing::warn!(dir = %self.name, error = %e, "could not remove the staging directory");
+        }
+    }
+}
+
+/// Counts and hashes the bytes read through it.
+struct HashingReader<R> {
+    inner: R,
+    sha: sha2::Sha256,
+    len: u64,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use sha2::Digest;
+        let n = self.inner.read(buf)?;
+        self.sha.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+}
+
+/// Notes whether the tar parser ran into the end of the stream (no end-of-archive marker).
+struct EofWatch<R> {
+    inner: R,
+    eof: bool,
+}
+
+impl<R: Read> Read for EofWatch<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            self.eof = true;
+        }
+        Ok(n)
+    }
+}
+
+fn write_err(path: &Path) -> impl Fn(io::Error) -> RestoreError + '_ {
+    move |source| RestoreError::Write {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The first path under `dest` that an entry of `staged` would replace: anything but a directory
+/// meeting a directory. Directories that exist on both sides are merged. `at` is the path of
+/// both, relative to the target.
+fn first_conflict(staged: &Dir, dest: &Dir, at: &Path) -> Result<Option<PathBuf>, RestoreError> {
+    let mut names: Vec<_> = staged
+        .entries()
+        .map_err(write_err(at))?
+        .collect::<Result<_, _>>()
+        .map_err(write_err(at))?;
+    names.sort_by_key(|e| e.file_name());
+    for entry in names {
+        let name = entry.file_name();
+        let path = at.join(&name);
+        let Ok(existing) = dest.symlink_metadata(&name) else {
+            continue;
+        };
+        let is_dir = entry.file_type().map_err(write_err(&path))?.is_dir();
+        if !(existing.is_dir() && is_dir) {
+            return Ok(Some(path));
+        }
+        let (Ok(s), Ok(d)) = (staged.open_dir_nofollow(&name), dest.open_dir_nofollow(&name)) else {
+            return Ok(Some(path));
+        };
+        if let Some(p) = first_conflict(&s, &d, &path)? {
+            return Ok(Some(p));
+        }
+    }
+    Ok(None)
+}
+
+/// Moves everything in `staged` into `dest`: a name not in `dest` is renamed in whole, a directory
+/// on both sides is merged (through handles opened without following symlinks: a directory
+/// swapped for a symlink meanwhile is replaced, never followed), anything else in `dest` is
+/// replaced (checked before, unless `--overwrite`). `merging` is called with each directory
+/// about to be merged (a test's seam for swapping one).
+fn move_into(
+    staged: &Dir,
+    dest: &Dir,
+    at: &Path,
+    merging: &mut dyn FnMut(&Path),
+) -> Result<(), RestoreError> {
+    for entry in staged.entries().map_err(write_err(at))? {
+        let entry = entry.map_err(write_err(at))?;
+        let name = entry.file_name();
+        let path = at.join(&name);
+        let is_dir = entry.file_type().map_err(write_err(&path))?.is_dir();
+        match dest.symlink_metadata(&name) {
+            Err(_) => {}
+            Ok(existing) if existing.is_dir() && is_dir => {
+                if let Ok(into) = dest.open_dir_nofollow(&name) {
+                    merging(&path);
+                    let from = staged.open_dir_nofollow(&name).map_err(write_err(&path))?;
+                    move_into(&from, &into, &path, merging)?;
+                    continue;
+                }
+                // Swapped for something else since it was looked at: replaced below.
+                dest.remove_file_or_symlink(&name)
+                    .map_err(write_err(&path))?;
+            }
+            Ok(existing) if existing.is_dir() => {
+                dest.remove_dir_all(&name).map_err(write_err(&path))?;
+            }
+            Ok(_) => dest
+                .remove_file_or_symlink(&name)
+                .map_err(write_err(&path))?,
+        }
+        staged
+            .rename(&name, dest, &name)
+            .map_err(write_err(&path))?;
+    }
+    Ok(())
+}
+
 /// Extracts the archive read from `raw` (compressed as `compression`) into `target`, in place
-/// and unverified ([`restore`] proves the archive first and is what the CLI runs).
+/// and unverified ([`restore`] proves the archive first and is what the CLI runs). Refused
+/// entries are listed in the report and the rest is restored.
 ///
 /// Owners and set-id bits are the archive's word, and an archive is only as trustworthy as
 /// whoever could write it: they are applied only with `same_owner` (GNU tar's `--same-owner`).
@@ -247,100 +361,363 @@ pub fn extract(
     target: &Path,
     same_owner: bool,
 ) -> Result<RestoreReport, RestoreError> {
-    fs::create_dir_all(target).map_err(|source| RestoreError::Target {
-        path: target.to_owned(),
-        source,
-    })?;
+    let root = open_target(target)?;
+    extract_into(raw, compression, &root, same_owner)
+}
+
+/// An entry's metadata, from its header and pax records.
+#[derive(Debug, Clone, Copy)]
+struct Meta {
+    mode: u32,
+    uid: u64,
+    gid: u64,
+    mtime: Timespec,
+}
+
+/// The pax records of one entry that lifeboat applies itself (the tar crate applies `path`,
+/// `linkpath` and `size`).
+#[derive(Debug, Default)]
+struct Pax {
+    mtime: Option<Timespec>,
+    uid: Option<u64>,
+    gid: Option<u64>,
+    sparse: Option<PaxSparse>,
+}
+
+/// A GNU sparse file in a pax archive (formats 0.0, 0.1 and 1.0).
+#[derive(Debug, Default)]
+struct PaxSparse {
+    major: Option<u64>,
+    name: Option<Vec<u8>>,
+    size: Option<u64>,
+    /// `(offset, length)` of each data region; in the data itself for format 1.0.
+    map: Vec<(u64, u64)>,
+    pending_offset: Option<u64>,
+}
+
+fn pax_of(entry: &mut tar::Entry<'_, impl Read>) -> Result<Pax, String> {
+    let mut pax = Pax::default();
+    let Some(exts) = entry.pax_extensions().map_err(|e| e.to_string())? else {
+        return Ok(pax);
+    };
+    let num = |key: &str, v: &str| {
+        v.parse::<u64>()
+            .map_err(|_| format!("pax record {key}={v} is not a number"))
+    };
+    for ext in exts {
+        let ext = ext.map_err(|e| e.to_string())?;
+        let key = ext.key().map_err(|_| "a pax record key is not UTF-8".to_owned())?;
+        let value = ext.value_bytes();
+        let text = || String::from_utf8_lossy(value).into_owned();
+        if key.starts_with("GNU.sparse.") {
+            pax.sparse.get_or_insert_with(PaxSparse::default);
+        }
+        let sparse = pax.sparse.as_mut();
+        match (key, sparse) {
+            ("mtime", _) => pax.mtime = Some(pax_time(&text())?),
+            ("uid", _) => pax.uid = Some(num(key, &text())?),
+            ("gid", _) => pax.gid = Some(num(key, &text())?),
+            ("GNU.sparse.major", Some(sparse)) => sparse.major = Some(num(key, &text())?),
+            ("GNU.sparse.name", Some(sparse)) => sparse.name = Some(value.to_vec()),
+            ("GNU.sparse.size" | "GNU.sparse.realsize", Some(sparse)) => {
+                sparse.size = Some(num(key, &text())?);
+            }
+            ("GNU.sparse.map", Some(sparse)) => {
+                let nums: Vec<u64> = text()
+                    .split(',')
+                    .map(|n| num(key, n))
+                    .collect::<Result<_, _>>()?;
+                if nums.len() % 2 != 0 {
+                    return Err("GNU.sparse.map has an odd number of values".into());
+                }
+                sparse.map = nums.chunks(2).map(|c| (c[0], c[1])).collect();
+            }
+            ("GNU.sparse.offset", Some(sparse)) => {
+                sparse.pending_offset = Some(num(key, &text())?);
+            }
+            ("GNU.sparse.numbytes", Some(s)) => {
+                let off = s
+                    .pending_offset
+                    .take()
+                    .ok_or("GNU.sparse.numbytes without an offset")?;
+                let len = num(key, &text())?;
+                s.map.push((off, len));
+            }
+            _ => {}
+        }
+    }
+    Ok(pax)
+}
+
+/// A pax time (`seconds[.fraction]`, possibly negative).
+fn pax_time(v: &str) -> Result<Timespec, String> {
+    let bad = || format!("pax mtime {v:?} is not a time");
+    let (secs, frac) = v.split_once('.').unwrap_or((v, ""));
+    let tv_sec: i64 = secs.parse().map_err(|_| bad())?;
+    let digits: String = frac.chars().take(9).collect();
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let tv_nsec = if digits.is_empty() {
+        0
+    } else {
+        format!("{digits:0<9}").parse().map_err(|_| bad())?
+    };
+    // A negative time with a fraction counts the fraction down from the seconds.
+    Ok(if tv_sec < 0 && tv_nsec > 0 {
+        Timespec {
+            tv_sec: tv_sec - 1,
+            tv_nsec: 1_000_000_000 - tv_nsec,
+        }
+    } else {
+        Timespec { tv_sec, tv_nsec }
+    })
+}
+
+/// The metadata lifeboat applies: header fields, overridden by pax records; a field neither can
+/// say is a refusal (restoring it as 0 would be restoring it wrong).
+fn meta_of(h: &tar::Header, pax: &Pax, same_owner: bool) -> Result<Meta, String> {
+    let mode = h.mode().map_err(|e| format!("unreadable mode: {e}"))?;
+    // Owners are read only when they are applied.
+    let (uid, gid) = if same_owner {
+        (
+            pax.uid
+                .map_or_else(|| h.uid(), Ok)
+                .map_err(|e| format!("unreadable uid: {e}"))?,
+            pax.gid
+                .map_or_else(|| h.gid(), Ok)
+                .map_err(|e| format!("unreadable gid: {e}"))?,
+        )
+    } else {
+        (0, 0)
+    };
+    let mtime = match pax.mtime {
+        Some(t) => t,
+        None => Timespec {
+            tv_sec: header_mtime(h)?,
+            tv_nsec: 0,
+        },
+    };
+    Ok(Meta {
+        mode,
+        uid,
+        gid,
+        mtime,
+    })
+}
+
+/// The header's mtime, including GNU's base-256 negative times (before 1970).
+fn header_mtime(h: &tar::Header) -> Result<i64, String> {
+    let raw = &h.as_old().mtime;
+    if raw[0] == 0xff {
+        // Two's complement, big-endian, in the whole field.
+        let mut v: i64 = -1;
+        for &b in &raw[1..] {
+            v = (v << 8) | i64::from(b);
+        }
+        return Ok(v);
+    }
+    h.mtime()
+        .map_err(|e| format!("unreadable mtime: {e}"))
+        .and_then(|t| i64::try_from(t).map_err(|_| "mtime out of range".into()))
+}
+
+/// The archive's entry kinds, as lifeboat treats them.
+enum Kind {
+    Dir,
+    File,
+    Symlink,
+    HardLink,
+    /// Carries nothing to restore (a volume label, a pax global header with only comments).
+    Skip,
+}
+
+fn kind_of(entry: &mut tar::Entry<'_, impl Read>, name: &[u8]) -> Result<Kind, String> {
+    use tar::EntryType as T;
+    Ok(match entry.header().entry_type() {
+        T::Directory => Kind::Dir,
+        // V7 archives have no directory type: a "file" whose name ends in a slash.
+        T::Regular if name.ends_with(b"/") => Kind::Dir,
+        T::Regular | T::Continuous | T::GNUSparse => Kind::File,
+        T::Symlink => Kind::Symlink,
+        T::Link => Kind::HardLink,
+        // A GNU volume label names the archive, not a file.
+        other if other.as_byte() == b'V' => Kind::Skip,
+        T::XGlobalHeader => {
+            let mut data = Vec::new();
+            entry
+                .read_to_end(&mut data)
+                .map_err(|e| format!("unreadable pax global header: {e}"))?;
+            for ext in tar::PaxExtensions::new(&data) {
+                let key = ext
+                    .map_err(|e| format!("unreadable pax global header: {e}"))?
+                    .key()
+                    .map_err(|_| "a pax global header key is not UTF-8".to_owned())?
+                    .to_owned();
+                if key != "comment" {
+                    return Err(format!(
+                        "pax global header sets {key}, which lifeboat does not apply"
+                    ));
+                }
+            }
+            Kind::Skip
+        }
+        T::Fifo | T::Char | T::Block => {
+            return Err("devices and FIFOs are not restored".into());
+        }
+        other => return Err(format!("unsupported entry type {other:?}")),
+    })
+}
+
+fn extract_into(
+    raw: impl Read,
+    compression: CompressionKind,
+    root: &Dir,
+    same_owner: bool,
+) -> Result<RestoreReport, RestoreError> {
     let reader = crate::compress::decompressor(compression, raw)
         .map_err(|source| RestoreError::Read { source })?;
-    let mut archive = tar::Archive::new(reader);
+    let mut watched = EofWatch {
+        inner: reader,
+        eof: false,
+    };
+    let mut archive = tar::Archive::new(&mut watched);
     let mut report = RestoreReport::default();
     // Directory modes and times are applied last, deepest first, so a read-only directory does
     // not block its own contents.
-    let mut dirs: Vec<(PathBuf, tar::Header)> = Vec::new();
+    let mut dirs: Vec<(Vec<Vec<u8>>, Meta)> = Vec::new();
+    let mut parents = Parents::default();
     let entries = archive
         .entries()
         .map_err(|source| RestoreError::Read { source })?;
     for entry in entries {
         let mut entry = entry.map_err(|source| RestoreError::Read { source })?;
         let name_bytes = entry.path_bytes().into_owned();
-        let name = String::from_utf8_lossy(&name_bytes).into_owned();
-        let refuse = |report: &mut RestoreReport, reason: String| {
-            tracing::warn!(entry = %name, %reason, "refused");
-            report.refused.push(Refusal {
-                name: name.clone(),
-                reason,
-            });
-        };
-        let components = match safe_components(&name_bytes) {
-            Ok(c) => c,
-            Err(reason) => {
-                refuse(&mut report, reason);
-                continue;
+        let mut name = String::from_utf8_lossy(&name_bytes).into_owned();
+        let outcome = (|| {
+            let kind = kind_of(&mut entry, &name_bytes).map_err(Outcome::Refused)?;
+            if matches!(kind, Kind::Skip) {
+                return Ok(false);
             }
-        };
-        let kind = entry.header().entry_type();
-        let header = entry.header().clone();
-        let result = match kind {
-            tar::EntryType::Directory => match safe_dir(target, &components) {
-                Ok(path) => {
-                    dirs.push((path, header));
-                    Ok(())
+            let pax = pax_of(&mut entry).map_err(Outcome::Refused)?;
+            let meta = meta_of(entry.header(), &pax, same_owner).map_err(Outcome::Refused)?;
+            let mut real_name = name_bytes.clone();
+            if let Some(sparse) = &pax.sparse
+                && let Some(n) = &sparse.name
+            {
+                real_name.clone_from(n);
+                name = String::from_utf8_lossy(n).into_owned();
+            }
+            let comps = safe_components(&real_name).map_err(Outcome::Refused)?;
+            let Some((last, dir_comps)) = comps.split_last() else {
+                // `./`: the target itself, which restore does not change.
+                return match kind {
+                    Kind::Dir => Ok(false),
+                    _ => Err(Outcome::Refused("empty path".into())),
+                };
+            };
+            let last = OsStr::from_bytes(last);
+            let rel = rel_path(&comps);
+            match kind {
+                Kind::Dir => {
+                    parents.get(root, &comps)?;
+                    dirs.push((comps.clone(), meta));
                 }
-                Err(reason) => Err(Outcome::Refused(reason)),
-            },
-            tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
-                place(target, &components).and_then(|path| {
-                    write_file(&mut entry, &path, &mut report)?;
-                    apply_metadata(&path, &header, same_owner, false)?;
-                    Ok(())
-                })
-            }
-            tar::EntryType::Symlink => place(target, &components).and_then(|path| {
-                let link = entry
-                    .link_name_bytes()
-                    .ok_or_else(|| Outcome::Refused("symlink without a target".into()))?;
-                std::os::unix::fs::symlink(OsStr::from_bytes(&link), &path).map_err(|source| {
-                    Outcome::Failed(RestoreError::Write {
-                        path: path.clone(),
-                        source,
-                    })
-                })?;
-                apply_metadata(&path, &header, same_owner, true)?;
-                Ok(())
-            }),
-            tar::EntryType::Link => {
-                let link = entry.link_name_bytes().map(|b| b.into_owned());
-                match link.as_deref().map(safe_components) {
-                    None => Err(Outcome::Refused("hard link without a target".into())),
-                    Some(Err(reason)) => {
-                        Err(Outcome::Refused(format!("hard link target: {reason}")))
+                Kind::File => {
+                    let parent = parents.get(root, dir_comps)?;
+                    clear(parent, last, &rel)?;
+                    let mut file = create_file(parent, last).map_err(failed(&rel))?;
+                    let len = match pax.sparse {
+                        Some(sparse) => write_pax_sparse(&mut entry, &mut file, sparse, &rel)?,
+                        None => write_data(&mut entry, &mut file, &rel)?,
+                    };
+                    report.bytes += len;
+                    apply_to_fd(&file, &meta, same_owner).map_err(failed(&rel))?;
+                }
+                Kind::Symlink => {
+                    let target = entry
+                        .link_name_bytes()
+                        .ok_or_else(|| Outcome::Refused("symlink without a target".into()))?
+                        .into_owned();
+                    let parent = parents.get(root, dir_comps)?;
+                    clear(parent, last, &rel)?;
+                    parent
+                        .symlink(OsStr::from_bytes(&target), last)
+                        .map_err(failed(&rel))?;
+                    apply_to_symlink(parent, last, &meta, same_owner).map_err(failed(&rel))?;
+                }
+                Kind::HardLink => {
+                    let link = entry
+                        .link_name_bytes()
+                        .ok_or_else(|| Outcome::Refused("hard link without a target".into()))?
+                        .into_owned();
+                    let tcomps = safe_components(&link)
+                        .map_err(|r| Outcome::Refused(format!("hard link target: {r}")))?;
+                    let (tlast, tparents) = tcomps
+                        .split_last()
+                        .ok_or_else(|| Outcome::Refused("hard link to the target itself".into()))?;
+                    let tlast = OsStr::from_bytes(tlast);
+                    let not_restored = || {
+                        Outcome::Refused(format!(
+                            "hard link target {} is not a file restored in the target",
+                            String::from_utf8_lossy(&link)
+                        ))
+                    };
+                    let source = existing_dir(root, tparents).ok_or_else(not_restored)?;
+                    match source.symlink_metadata(tlast) {
+                        Ok(m) if m.is_file() => {}
+                        _ => return Err(not_restored()),
                     }
-                    Some(Ok(tcomps)) => safe_existing(target, &tcomps).and_then(|from| {
-                        let path = place(target, &components)?;
-                        fs::hard_link(&from, &path)
-                            .map_err(|source| Outcome::Failed(RestoreError::Write { path, source }))
-                    }),
+                    let parent = parents.get(root, dir_comps)?;
+                    if dir_comps == tparents && last == tlast {
+                        return Ok(true);
+                    }
+                    clear(parent, last, &rel)?;
+                    source.hard_link(tlast, parent, last).map_err(failed(&rel))?;
                 }
+                Kind::Skip => unreachable!("handled above"),
             }
-            tar::EntryType::Fifo | tar::EntryType::Char | tar::EntryType::Block => Err(
-                Outcome::Refused("devices and FIFOs are not restored".into()),
-            ),
-            other => Err(Outcome::Refused(format!(
-                "unsupported entry type {other:?}"
-            ))),
-        };
-        match result {
-            Ok(()) => report.entries += 1,
-            Err(Outcome::Refused(reason)) => refuse(&mut report, reason),
+            Ok(true)
+        })();
+        match outcome {
+            Ok(true) => report.entries += 1,
+            Ok(false) => {}
+            Err(Outcome::Refused(reason)) => {
+                tracing::warn!(entry = %name, %reason, "refused");
+                report.refused.push(Refusal { name, reason });
+            }
             Err(Outcome::Failed(e)) => return Err(e),
         }
     }
-    dirs.sort_by(|a, b| b.0.cmp(&a.0));
-    for (path, header) in dirs {
-        if let Err(Outcome::Failed(e)) = apply_metadata(&path, &header, same_owner, false) {
-            return Err(e);
+    if watched.eof {
+        return Err(RestoreError::Corrupt {
+            what: "it ends without the end-of-archive marker (truncated)".into(),
+        });
+    }
+    // After the marker, a tar stream holds only zeros (padding to its record size).
+    let mut buf = vec![0u8; COPY_BLOCK];
+    loop {
+        let n = watched.read(&mut buf).map_err(|e| RestoreError::Corrupt {
+            what: format!("after the end-of-archive marker: {e}"),
+        })?;
+        if n == 0 {
+            break;
         }
+        if buf[..n] != ZEROS[..n] {
+            return Err(RestoreError::Corrupt {
+                what: "data follows the end-of-archive marker".into(),
+            });
+        }
+    }
+    dirs.sort_by(|a, b| b.0.cmp(&a.0));
+    for (comps, meta) in dirs {
+        let rel = rel_path(&comps);
+        let (last, parent_comps) = comps.split_last().expect("directories have a name");
+        let dir = existing_dir(root, parent_comps)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
+            .and_then(|parent| open_for_metadata(&parent, OsStr::from_bytes(last)))
+            .map_err(write_err(&rel))?;
+        apply_to_fd(&dir, &meta, same_owner).map_err(write_err(&rel))?;
     }
     Ok(report)
 }
@@ -350,7 +727,26 @@ enum Outcome {
     Failed(RestoreError),
 }
 
-/// The entry name as relative components; refuses absolute names and `..`.
+impl From<RestoreError> for Outcome {
+    fn from(e: RestoreError) -> Self {
+        Self::Failed(e)
+    }
+}
+
+fn failed(rel: &Path) -> impl Fn(io::Error) -> Outcome + '_ {
+    move |source| {
+        Outcome::Failed(RestoreError::Write {
+            path: rel.to_owned(),
+            source,
+        })
+    }
+}
+
+fn rel_path(comps: &[Vec<u8>]) -> PathBuf {
+    comps.iter().map(|c| OsStr::from_bytes(c)).collect()
+}
+
+/// The entry name as relative components (empty for `./`); refuses absolute names and `..`.
 fn safe_components(name: &[u8]) -> Result<Vec<Vec<u8>>, String> {
     if name.first() == Some(&b'/') {
         return Err("absolute path".into());
@@ -363,116 +759,102 @@ fn safe_components(name: &[u8]) -> Result<Vec<Vec<u8>>, String> {
             c => out.push(c.to_vec()),
         }
     }
-    if out.is_empty() {
+    if out.is_empty() && name.is_empty() {
         return Err("empty path".into());
     }
     Ok(out)
 }
 
-/// Walks `target/comps[..n]`, creating missing directories; every step must be a real
-/// directory, never a symlink.
-fn walk_dirs(target: &Path, comps: &[Vec<u8>]) -> Result<PathBuf, Outcome> {
-    let mut cur = target.to_path_buf();
+/// The directory of the last entry, kept open: archives list a directory's entries together, so
+/// most entries need no walk at all.
+#[derive(Default)]
+struct Parents {
+    comps: Vec<Vec<u8>>,
+    dir: Option<Dir>,
+}
+
+impl Parents {
+    /// `root/comps`, walked one name at a time with `open_dir_nofollow`, creating missing
+    /// directories; a step that is a symlink or not a directory is a refusal.
+    fn get<'a>(&'a mut self, root: &'a Dir, comps: &[Vec<u8>]) -> Result<&'a Dir, Outcome> {
+        if comps.is_empty() {
+            return Ok(root);
+        }
+        if self.dir.is_none() || self.comps != comps {
+            self.dir = None;
+            let mut cur: Option<Dir> = None;
+            for (i, c) in comps.iter().enumerate() {
+                let name = OsStr::from_bytes(c);
+                let base = cur.as_ref().unwrap_or(root);
+                let here = || rel_path(&comps[..=i]);
+                let next = match base.open_dir_nofollow(name) {
+                    Ok(d) => d,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        base.create_dir(name).map_err(failed(&here()))?;
+                        base.open_dir_nofollow(name).map_err(failed(&here()))?
+                    }
+                    Err(_) => {
+                        let what = match base.symlink_metadata(name) {
+                            Ok(m) if m.file_type().is_symlink() => {
+                                "is a symlink: refusing to write through it"
+                            }
+                            _ => "is not a directory",
+                        };
+                        return Err(Outcome::Refused(format!("{} {what}", here().display())));
+                    }
+                };
+                cur = Some(next);
+            }
+            self.comps = comps.to_vec();
+            self.dir = cur;
+        }
+        Ok(self.dir.as_ref().expect("walked above"))
+    }
+}
+
+/// `root/comps` if every step is a real directory (no symlink followed), without creating any.
+fn existing_dir(root: &Dir, comps: &[Vec<u8>]) -> Option<Dir> {
+    let mut cur = root.try_clone().ok()?;
     for c in comps {
-        cur.push(OsStr::from_bytes(c));
-        match fs::symlink_metadata(&cur) {
-            Ok(m) if m.is_dir() => {}
-            Ok(m) if m.file_type().is_symlink() => {
-                return Err(Outcome::Refused(format!(
-                    "{} is a symlink: refusing to write through it",
-                    cur.display()
-                )));
-            }
-            Ok(_) => {
-                return Err(Outcome::Refused(format!(
-                    "{} is not a directory",
-                    cur.display()
-                )));
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                fs::create_dir(&cur).map_err(|source| {
-                    Outcome::Failed(RestoreError::Write {
-                        path: cur.clone(),
-                        source,
-                    })
-                })?;
-            }
-            Err(source) => return Err(Outcome::Failed(RestoreError::Write { path: cur, source })),
-        }
+        cur = cur.open_dir_nofollow(OsStr::from_bytes(c)).ok()?;
     }
-    Ok(cur)
+    Some(cur)
 }
 
-fn safe_dir(target: &Path, comps: &[Vec<u8>]) -> Result<PathBuf, String> {
-    walk_dirs(target, comps).map_err(|o| match o {
-        Outcome::Refused(r) => r,
-        Outcome::Failed(e) => e.to_string(),
-    })
+/// The directory `parent/name` opened for reading, so `fchmod`, `fchown` and `futimens` work on it
+/// (a `Dir` handle is `O_PATH`); never through a symlink, and only if it is a directory.
+fn open_for_metadata(parent: &Dir, name: &OsStr) -> io::Result<File> {
+    let mut opts = OpenOptions::new();
+    opts.read(true).maybe_dir(true).follow(FollowSymlinks::No);
+    let file = parent.open_with(name, &opts)?.into_std();
+    if !file.metadata()?.is_dir() {
+        return Err(io::Error::other("no longer a directory"));
+    }
+    Ok(file)
 }
 
-/// The path for a new non-directory entry: parents are real directories inside `target`, and
-/// whatever non-directory was at the name is removed (unlinked, not followed).
-fn place(target: &Path, comps: &[Vec<u8>]) -> Result<PathBuf, Outcome> {
-    let (last, parents) = comps.split_last().expect("names have a component");
-    let mut path = walk_dirs(target, parents)?;
-    path.push(OsStr::from_bytes(last));
-    match fs::symlink_metadata(&path) {
-        Ok(m) if m.is_dir() => Err(Outcome::Refused(format!(
-            "{} is a directory",
-            path.display()
-        ))),
-        Ok(_) => fs::remove_file(&path)
-            .map(|()| path.clone())
-            .map_err(|source| Outcome::Failed(RestoreError::Write { path, source })),
-        Err(_) => Ok(path),
+/// Makes room for a new non-directory entry at `parent/name`: an existing file or symlink (an
+/// earlier entry of the same name) is unlinked, never followed; a directory is a refusal.
+fn clear(parent: &Dir, name: &OsStr, rel: &Path) -> Result<(), Outcome> {
+    match parent.symlink_metadata(name) {
+        Ok(m) if m.is_dir() => Err(Outcome::Refused(format!("{} is a directory", rel.display()))),
+        Ok(_) => parent.remove_file_or_symlink(name).map_err(failed(rel)),
+        Err(_) => Ok(()),
     }
 }
 
-/// An existing path inside `target` reached only through real directories (hard link source).
-fn safe_existing(target: &Path, comps: &[Vec<u8>]) -> Result<PathBuf, Outcome> {
-    let (last, parents) = comps.split_last().expect("names have a component");
-    let mut cur = target.to_path_buf();
-    for c in parents {
-        cur.push(OsStr::from_bytes(c));
-        match fs::symlink_metadata(&cur) {
-            Ok(m) if m.is_dir() => {}
-            _ => {
-                return Err(Outcome::Refused(format!(
-                    "hard link target goes through {}, which is not a directory inside the target",
-                    cur.display()
-                )));
-            }
-        }
-    }
-    cur.push(OsStr::from_bytes(last));
-    match fs::symlink_metadata(&cur) {
-        Ok(m) if m.is_file() => Ok(cur),
-        _ => Err(Outcome::Refused(format!(
-            "hard link target {} is not a file restored in the target",
-            cur.display()
-        ))),
-    }
-}
-
-/// Writes the entry's data to a new file at `path`, leaving holes for long runs of zeros.
-fn write_file(
-    entry: &mut impl Read,
-    path: &Path,
-    report: &mut RestoreReport,
-) -> Result<(), Outcome> {
-    let failed = |source| {
-        Outcome::Failed(RestoreError::Write {
-            path: path.to_owned(),
-            source,
-        })
-    };
-    let mut file: File = OpenOptions::new()
-        .write(true)
+/// A new file, never through a symlink, readable by its owner only until its mode is applied.
+fn create_file(parent: &Dir, name: &OsStr) -> io::Result<File> {
+    let mut opts = OpenOptions::new();
+    opts.write(true)
         .create_new(true)
-        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-        .mode(0o600)
-        .open(path)
-        .map_err(failed)?;
+        .follow(FollowSymlinks::No)
+        .mode(0o600);
+    parent.open_with(name, &opts).map(cap_std::fs::File::into_std)
+}
+
+/// Writes the entry's data, leaving holes for runs of zeros; the length written.
+fn write_data(entry: &mut impl Read, file: &mut File, rel: &Path) -> Result<u64, Outcome> {
     let mut buf = vec![0u8; COPY_BLOCK];
     let mut len: u64 = 0;
     loop {
@@ -483,15 +865,83 @@ fn write_file(
         }
         let chunk = &buf[..n];
         if chunk == &ZEROS[..n] {
-            file.seek(SeekFrom::Current(n as i64)).map_err(failed)?;
+            file.seek(SeekFrom::Current(n as i64)).map_err(failed(rel))?;
         } else {
-            file.write_all(chunk).map_err(failed)?;
+            file.write_all(chunk).map_err(failed(rel))?;
         }
         len += n as u64;
     }
-    file.set_len(len).map_err(failed)?;
-    report.bytes += len;
-    Ok(())
+    file.set_len(len).map_err(failed(rel))?;
+    Ok(len)
+}
+
+/// Writes a pax sparse entry: its data regions at their offsets, holes between them, the real
+/// size; format 1.0 keeps the map at the start of the data, in 512-byte blocks.
+fn write_pax_sparse(
+    entry: &mut impl Read,
+    file: &mut File,
+    mut sparse: PaxSparse,
+    rel: &Path,
+) -> Result<u64, Outcome> {
+    let size = sparse
+        .size
+        .ok_or_else(|| Outcome::Refused("pax sparse entry without its real size".into()))?;
+    let read_err = |source| Outcome::Failed(RestoreError::Read { source });
+    if sparse.major == Some(1) {
+        let mut numbers = Vec::new();
+        let mut line = Vec::new();
+        let mut consumed = 0u64;
+        let mut byte = [0u8; 1];
+        let mut count: Option<u64> = None;
+        while count.is_none_or(|c| (numbers.len() as u64) < 2 * c) {
+            entry.read_exact(&mut byte).map_err(read_err)?;
+            consumed += 1;
+            if byte[0] != b'\n' {
+                line.push(byte[0]);
+                if line.len() > 20 {
+                    return Err(Outcome::Refused("pax sparse map is malformed".into()));
+                }
+                continue;
+            }
+            let n: u64 = std::str::from_utf8(&line)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| Outcome::Refused("pax sparse map is malformed".into()))?;
+            line.clear();
+            match count {
+                None => count = Some(n),
+                Some(_) => numbers.push(n),
+            }
+        }
+        let pad = (512 - consumed % 512) % 512;
+        io::copy(&mut entry.take(pad), &mut io::sink()).map_err(read_err)?;
+        sparse.map = numbers.chunks(2).map(|c| (c[0], c[1])).collect();
+    }
+    let mut end = 0u64;
+    for &(offset, len) in &sparse.map {
+        let stop = offset.checked_add(len);
+        if offset < end || stop.is_none_or(|s| s > size) {
+            return Err(Outcome::Refused(
+                "pax sparse map regions overlap or lie beyond the file".into(),
+            ));
+        }
+        file.seek(SeekFrom::Start(offset)).map_err(failed(rel))?;
+        let copied = io::copy(&mut entry.take(len), file).map_err(read_err)?;
+        if copied != len {
+            return Err(Outcome::Failed(RestoreError::Corrupt {
+                what: format!("{} ends inside its data", rel.display()),
+            }));
+        }
+        end = offset + len;
+    }
+    let mut rest = [0u8; 1];
+    if entry.read(&mut rest).map_err(read_err)? != 0 {
+        return Err(Outcome::Refused(
+            "pax sparse entry holds more data than its map describes".into(),
+        ));
+    }
+    file.set_len(size).map_err(failed(rel))?;
+    Ok(size)
 }
 
 fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
@@ -510,44 +960,55 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 /// Set-id bits: applied only with the archive's owners.
 const SET_ID_BITS: u32 = 0o6000;
 
-/// Owner (with `same_owner`), mode and mtime from the header. Owner first: chown clears set-id
-/// bits. Without `same_owner` the set-id bits are dropped.
-fn apply_metadata(
-    path: &Path,
-    h: &tar::Header,
-    same_owner: bool,
-    is_link: bool,
-) -> Result<(), Outcome> {
-    let failed = |source| {
-        Outcome::Failed(RestoreError::Write {
-            path: path.to_owned(),
-            source,
-        })
-    };
-    if same_owner {
-        let uid = h.uid().ok().and_then(|u| u32::try_from(u).ok());
-        let gid = h.gid().ok().and_then(|g| u32::try_from(g).ok());
-        std::os::unix::fs::lchown(path, uid, gid).map_err(failed)?;
+fn ids(meta: &Meta) -> io::Result<(rustix::fs::Uid, rustix::fs::Gid)> {
+    let range = || io::Error::new(io::ErrorKind::InvalidData, "uid or gid out of range");
+    let uid = u32::try_from(meta.uid).map_err(|_| range())?;
+    let gid = u32::try_from(meta.gid).map_err(|_| range())?;
+    if uid == u32::MAX || gid == u32::MAX {
+        return Err(range());
     }
-    let mtime = filetime::FileTime::from_unix_time(h.mtime().unwrap_or(0) as i64, 0);
-    if is_link {
-        filetime::set_symlink_file_times(path, mtime, mtime).map_err(failed)?;
+    Ok((
+        rustix::fs::Uid::from_raw(uid),
+        rustix::fs::Gid::from_raw(gid),
+    ))
+}
+
+/// Owner (with `same_owner`), mode and mtime, on the open file or directory. Owner first: chown
+/// clears set-id bits. Without `same_owner` the set-id bits are dropped.
+fn apply_to_fd(fd: impl AsFd, meta: &Meta, same_owner: bool) -> io::Result<()> {
+    let keep = if same_owner {
+        let (uid, gid) = ids(meta)?;
+        rustix::fs::fchown(&fd, Some(uid), Some(gid))?;
+        0o7777
     } else {
-        if let Ok(mode) = h.mode() {
-            let keep = if same_owner {
-                0o7777
-            } else {
-                0o7777 & !SET_ID_BITS
-            };
-            fs::set_permissions(path, fs::Permissions::from_mode(mode & keep)).map_err(failed)?;
-        }
-        filetime::set_file_times(path, mtime, mtime).map_err(failed)?;
-    }
+        0o7777 & !SET_ID_BITS
+    };
+    rustix::fs::fchmod(&fd, Mode::from_raw_mode(meta.mode & keep))?;
+    rustix::fs::futimens(&fd, &times(meta))?;
     Ok(())
+}
+
+/// Owner (with `same_owner`) and mtime of the symlink `parent/name` itself.
+fn apply_to_symlink(parent: &Dir, name: &OsStr, meta: &Meta, same_owner: bool) -> io::Result<()> {
+    if same_owner {
+        let (uid, gid) = ids(meta)?;
+        rustix::fs::chownat(parent, name, Some(uid), Some(gid), AtFlags::SYMLINK_NOFOLLOW)?;
+    }
+    rustix::fs::utimensat(parent, name, &times(meta), AtFlags::SYMLINK_NOFOLLOW)?;
+    Ok(())
+}
+
+fn times(meta: &Meta) -> Timestamps {
+    Timestamps {
+        last_access: meta.mtime,
+        last_modification: meta.mtime,
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
 
     fn tar_with(entries: &[(&str, tar::EntryType, &[u8], Option<&str>)]) -> Vec<u8> {
@@ -557,6 +1018,7 @@ mod tests {
             h.set_entry_type(*kind);
             h.set_mode(0o644);
             h.set_size(data.len() as u64);
+            h.set_mtime(1_700_000_000);
             // Write raw names so hostile ones get into the archive unchecked.
             let raw = h.as_old_mut();
             raw.name[..name.len()].copy_from_slice(name.as_bytes());
@@ -599,9 +1061,66 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut data = vec![0u8; 3 * COPY_BLOCK];
         data[COPY_BLOCK + 5] = 7;
-        let mut report = RestoreReport::default();
-        let path = dir.path().join("sparse");
-        assert!(write_file(&mut &data[..], &path, &mut report).is_ok());
-        assert_eq!(fs::read(&path).unwrap(), data);
+        let root = open_target(dir.path()).unwrap();
+        let mut file = create_file(&root, OsStr::new("sparse")).unwrap();
+        let len = write_data(&mut &data[..], &mut file, Path::new("sparse")).ok();
+        assert_eq!(len, Some(data.len() as u64));
+        assert_eq!(fs::read(dir.path().join("sparse")).unwrap(), data);
+    }
+
+    /// The race restore closes: a directory of the target is swapped for a symlink to somewhere
+    /// else just as restore is about to merge into it. Path-based code then writes through the
+    /// symlink; through a directory handle opened without following, the files land in the
+    /// directory that was checked (wherever it was moved), and nothing reaches the symlink's
+    /// target.
+    #[test]
+    fn a_directory_swapped_for_a_symlink_while_merging_is_not_followed() {
+        let outer = tempfile::tempdir().unwrap();
+        let target = outer.path().join("target");
+        let elsewhere = outer.path().join("elsewhere");
+        fs::create_dir_all(target.join("etc")).unwrap();
+        fs::create_dir_all(&elsewhere).unwrap();
+        let archive = tar_with(&[
+            ("etc/", tar::EntryType::Directory, b"", None),
+            ("etc/passwd", tar::EntryType::Regular, b"restored", None),
+        ]);
+        let root = open_target(&target).unwrap();
+        let staging = Staging::create(&root, &target).unwrap();
+        extract_into(&archive[..], CompressionKind::None, &staging.dir, false).unwrap();
+        move_into(&staging.dir, &root, Path::new(""), &mut |at| {
+            assert_eq!(at, Path::new("etc"));
+            fs::rename(target.join("etc"), outer.path().join("moved-away")).unwrap();
+            std::os::unix::fs::symlink(&elsewhere, target.join("etc")).unwrap();
+        })
+        .unwrap();
+        assert_eq!(fs::read_dir(&elsewhere).unwrap().count(), 0);
+        assert_eq!(
+            fs::read(outer.path().join("moved-away/passwd")).unwrap(),
+            b"restored"
+        );
+    }
+
+    #[test]
+    fn a_stream_cut_at_an_entry_boundary_or_followed_by_data_is_refused() {
+        let whole = tar_with(&[
+            ("a.txt", tar::EntryType::Regular, b"one", None),
+            ("b.txt", tar::EntryType::Regular, b"two", None),
+        ]);
+        // Header and one data block per entry; the end marker after them.
+        let cut = &whole[..2 * 1024];
+        let mut garbage = whole.clone();
+        garbage.extend_from_slice(b"appended after the end");
+        for (what, bytes) in [("cut", cut), ("garbage", &garbage[..])] {
+            let dir = tempfile::tempdir().unwrap();
+            let err = restore(
+                bytes,
+                CompressionKind::None,
+                dir.path(),
+                &RestoreOptions::default(),
+            )
+            .unwrap_err();
+            assert!(matches!(err, RestoreError::Corrupt { .. }), "{what}: {err}");
+            assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0, "{what}");
+        }
     }
 }

@@ -213,7 +213,8 @@ fn lifecycle_event_runs_the_document_and_the_agent_completes_continue() {
     assert_eq!(sent["command_id"], command["command_id"]);
     assert_eq!(command["statuses"], json!(["InProgress", "Success"]));
     let keys = moto().keys(&b.bucket);
-    let prefix = crate::support::instance_prefix(&b.group, &b.instance);
+    // The stand-in runs the agent without instance metadata: the key has the bare instance id.
+    let prefix = format!("backups/{}/{}/", b.group, b.instance);
     assert!(
         keys.iter()
             .any(|k| k.starts_with(&prefix) && k.ends_with("-scale-in.tar")),
