@@ -7,7 +7,7 @@
 #   .venv/   also cfn-lint (the deployment template) and fusepy (a FUSE file system whose reads
 #            hang, tests/emulators/hangfs.py)
 # and, when missing, the Debian tools the tests use (GNU tar, gzip, zstd, systemd-analyze,
-# lintian, rpmlint, libfuse2).
+# lintian, rpmlint, libfuse2, and bsdtar for the tar-format corpus).
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +26,8 @@ for tool in tar gzip zstd; do
   command -v "$tool" >/dev/null 2>&1 || need_apt+=("$tool")
 done
 # systemd-analyze checks the unit; lintian, rpmlint, rpm and objdump the packages.
-for tool in systemd-analyze:systemd lintian:lintian rpmlint:rpmlint rpm:rpm objdump:binutils; do
+# bsdtar writes part of restore's tar-format corpus (tests/tools/tar_corpus.py).
+for tool in systemd-analyze:systemd lintian:lintian rpmlint:rpmlint rpm:rpm objdump:binutils bsdtar:libarchive-tools; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool##*:}")
 done
 # fusepy loads libfuse.so.2.

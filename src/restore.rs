@@ -35,7 +35,7 @@ static ZEROS: [u8; COPY_BLOCK] = [0; COPY_BLOCK];
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
     /// The target directory could not be created or opened.
-    #[error("creating the target directory {path}: {source}")]
+    #[error("creating the target directory {path}")]
     Target {
         /// Target.
         path: PathBuf,
@@ -43,13 +43,13 @@ pub enum RestoreError {
         source: io::Error,
     },
     /// The archive stream is unreadable (corrupt, truncated, or the download failed).
-    #[error("reading the archive: {source}; nothing was restored")]
+    #[error("reading the archive (nothing was restored)")]
     Read {
         /// Decoder or download error.
         source: io::Error,
     },
     /// Writing a restored entry failed.
-    #[error("writing {path}: {source}; nothing was restored")]
+    #[error("writing {path} (nothing was restored)")]
     Write {
         /// The entry being written (relative to the target).
         path: PathBuf,
@@ -294,7 +294,10 @@ fn first_conflict(staged: &Dir, dest: &Dir, at: &Path) -> Result<Option<PathBuf>
         if !(existing.is_dir() && is_dir) {
             return Ok(Some(path));
         }
-        let (Ok(s), Ok(d)) = (staged.open_dir_nofollow(&name), dest.open_dir_nofollow(&name)) else {
+        let (Ok(s), Ok(d)) = (
+            staged.open_dir_nofollow(&name),
+            dest.open_dir_nofollow(&name),
+        ) else {
             return Ok(Some(path));
         };
         if let Some(p) = first_conflict(&s, &d, &path)? {
@@ -406,7 +409,9 @@ fn pax_of(entry: &mut tar::Entry<'_, impl Read>) -> Result<Pax, String> {
     };
     for ext in exts {
         let ext = ext.map_err(|e| e.to_string())?;
-        let key = ext.key().map_err(|_| "a pax record key is not UTF-8".to_owned())?;
+        let key = ext
+            .key()
+            .map_err(|_| "a pax record key is not UTF-8".to_owned())?;
         let value = ext.value_bytes();
         let text = || String::from_utf8_lossy(value).into_owned();
         if key.starts_with("GNU.sparse.") {
@@ -576,6 +581,7 @@ fn extract_into(
     same_owner: bool,
 ) -> Result<RestoreReport, RestoreError> {
     let reader = crate::compress::decompressor(compression, raw)
+        .and_then(without_volume_label)
         .map_err(|source| RestoreError::Read { source })?;
     let mut watched = EofWatch {
         inner: reader,
@@ -673,7 +679,9 @@ fn extract_into(
                         return Ok(true);
                     }
                     clear(parent, last, &rel)?;
-                    source.hard_link(tlast, parent, last).map_err(failed(&rel))?;
+                    source
+                        .hard_link(tlast, parent, last)
+                        .map_err(failed(&rel))?;
                 }
                 Kind::Skip => unreachable!("handled above"),
             }
@@ -720,6 +728,34 @@ fn extract_into(
         apply_to_fd(&dir, &meta, same_owner).map_err(write_err(&rel))?;
     }
     Ok(report)
+}
+
+/// GNU tar's volume label (`tar -V`) is a header before the first entry, naming the archive, not
+/// a file; its blank size field stops the tar crate, so a valid one (checksum and all) is
+/// dropped here.
+fn without_volume_label(mut r: impl Read) -> io::Result<impl Read> {
+    let mut first = vec![0u8; 512];
+    let n = read_full(&mut r, &mut first)?;
+    first.truncate(n);
+    if n == 512 && first[156] == b'V' {
+        let field = std::str::from_utf8(&first[148..156]).unwrap_or_default();
+        let stored = u32::from_str_radix(field.trim_matches(|c| c == ' ' || c == '\0'), 8).ok();
+        let sum: u32 = first
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| {
+                if (148..156).contains(&i) {
+                    32
+                } else {
+                    u32::from(b)
+                }
+            })
+            .sum();
+        if stored == Some(sum) {
+            first.clear();
+        }
+    }
+    Ok(io::Cursor::new(first).chain(r))
 }
 
 enum Outcome {
@@ -837,7 +873,10 @@ fn open_for_metadata(parent: &Dir, name: &OsStr) -> io::Result<File> {
 /// earlier entry of the same name) is unlinked, never followed; a directory is a refusal.
 fn clear(parent: &Dir, name: &OsStr, rel: &Path) -> Result<(), Outcome> {
     match parent.symlink_metadata(name) {
-        Ok(m) if m.is_dir() => Err(Outcome::Refused(format!("{} is a directory", rel.display()))),
+        Ok(m) if m.is_dir() => Err(Outcome::Refused(format!(
+            "{} is a directory",
+            rel.display()
+        ))),
         Ok(_) => parent.remove_file_or_symlink(name).map_err(failed(rel)),
         Err(_) => Ok(()),
     }
@@ -850,7 +889,9 @@ fn create_file(parent: &Dir, name: &OsStr) -> io::Result<File> {
         .create_new(true)
         .follow(FollowSymlinks::No)
         .mode(0o600);
-    parent.open_with(name, &opts).map(cap_std::fs::File::into_std)
+    parent
+        .open_with(name, &opts)
+        .map(cap_std::fs::File::into_std)
 }
 
 /// Writes the entry's data, leaving holes for runs of zeros; the length written.
@@ -865,7 +906,8 @@ fn write_data(entry: &mut impl Read, file: &mut File, rel: &Path) -> Result<u64,
         }
         let chunk = &buf[..n];
         if chunk == &ZEROS[..n] {
-            file.seek(SeekFrom::Current(n as i64)).map_err(failed(rel))?;
+            file.seek(SeekFrom::Current(n as i64))
+                .map_err(failed(rel))?;
         } else {
             file.write_all(chunk).map_err(failed(rel))?;
         }
@@ -992,7 +1034,13 @@ fn apply_to_fd(fd: impl AsFd, meta: &Meta, same_owner: bool) -> io::Result<()> {
 fn apply_to_symlink(parent: &Dir, name: &OsStr, meta: &Meta, same_owner: bool) -> io::Result<()> {
     if same_owner {
         let (uid, gid) = ids(meta)?;
-        rustix::fs::chownat(parent, name, Some(uid), Some(gid), AtFlags::SYMLINK_NOFOLLOW)?;
+        rustix::fs::chownat(
+            parent,
+            name,
+            Some(uid),
+            Some(gid),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )?;
     }
     rustix::fs::utimensat(parent, name, &times(meta), AtFlags::SYMLINK_NOFOLLOW)?;
     Ok(())
