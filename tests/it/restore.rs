@@ -560,3 +560,91 @@ fn restore_gives_gnu_tars_tree_or_refuses_for_archives_other_tools_wrote() {
         );
     }
 }
+
+/// Archives cut short or with data after their end: at an entry boundary (a plain tar), at a
+/// gzip member boundary, garbage appended. Each is refused, with its manifest (the size and
+/// SHA-256 tell) and without one (`--force-unverified`: the tar stream itself tells), with a
+/// message saying nothing was restored, and the target is left empty.
+#[test]
+fn a_truncated_or_extended_archive_is_refused_and_leaves_nothing() {
+    let server = moto();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    for i in 0..3 {
+        write(
+            &data.join(format!("f{i}.bin")),
+            &crate::support::noise(1 << 20, i),
+        );
+    }
+    let bucket = server.bucket("damaged");
+    let backup = |compression: &str| {
+        let lb = Lifeboat::new(
+            dir.path(),
+            &server.endpoint,
+            &config_for(
+                &bucket,
+                &[&data],
+                &format!("compression = \"{compression}\""),
+                "",
+            ),
+        );
+        let key = lb.run(&["backup"]).stored_key();
+        (lb, server.get(&bucket, &key), key)
+    };
+    let (lb, tar, tar_key) = backup("none");
+    let (_, gz, gz_key) = backup("gzip");
+    // The second entry's header: the plain tar cut there ends at an entry boundary.
+    let second = tar::Archive::new(&tar[..])
+        .entries()
+        .unwrap()
+        .nth(1)
+        .unwrap()
+        .unwrap()
+        .raw_header_position() as usize;
+    // The end of the first gzip member.
+    let mut rest = &gz[..];
+    std::io::copy(
+        &mut flate2::bufread::GzDecoder::new(&mut rest),
+        &mut std::io::sink(),
+    )
+    .unwrap();
+    let first_member = gz.len() - rest.len();
+    assert!(first_member < gz.len(), "the archive has several members");
+    let mut extended = gz.clone();
+    extended.extend_from_slice(b"appended after the end of the archive");
+    let cases = [
+        ("cut-at-entry", &tar[..second], &tar_key),
+        ("cut-at-member", &gz[..first_member], &gz_key),
+        ("garbage-after-end", &extended[..], &gz_key),
+    ];
+    for (what, bytes, original) in cases {
+        let suffix = if original.ends_with(".tar.gz") { ".tar.gz" } else { ".tar" };
+        let key = original.replace(suffix, &format!("-{what}{suffix}"));
+        let manifest = |k: &str| k.replace(suffix, ".manifest.json");
+        server.put(&bucket, &key, bytes.to_vec());
+        for verified in [true, false] {
+            let target = dir.path().join(format!("target-{what}-{verified}"));
+            let mut args = vec!["restore", "--key", &key, "--to", target.to_str().unwrap()];
+            if verified {
+                server.put(&bucket, &manifest(&key), server.get(&bucket, &manifest(original)));
+            } else {
+                server.put(&bucket, &manifest(&key), b"{}".to_vec());
+                args.push("--force-unverified");
+            }
+            let out = lb.run(&args);
+            assert!(
+                matches!(out.code, Some(1 | 3)),
+                "{what} (verified: {verified}): {out:#?}"
+            );
+            assert!(
+                out.stderr.contains("nothing was restored"),
+                "{what} (verified: {verified}): {out:#?}"
+            );
+            assert_eq!(
+                fs::read_dir(&target).map(|d| d.count()).unwrap_or(0),
+                0,
+                "{what} (verified: {verified}): something was left in the target"
+            );
+        }
+    }
+}
