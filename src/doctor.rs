@@ -53,10 +53,25 @@ pub async fn run(config: &Config) -> Vec<Check> {
     checks.push(Check {
         name: "instance metadata (IMDSv2)",
         outcome: if identity.on_ec2 {
-            Outcome::Ok(format!(
-                "{} ({}) in {}",
-                identity.instance_id, identity.instance_type, identity.region
-            ))
+            match identity.instance_arn() {
+                Some(_) => Outcome::Ok(format!(
+                    "{} ({}) in {}; archives go under {}",
+                    identity.instance_id,
+                    identity.instance_type,
+                    identity.region,
+                    crate::manifest::owner_prefix(&config.s3.prefix, &identity)
+                )),
+                None => Outcome::Fail(
+                    format!(
+                        "{}: the instance identity document names no account, so archives would \
+                         be filed under the bare instance id",
+                        identity.instance_id
+                    ),
+                    "the per-instance IAM policy allows writing only under the instance ARN: \
+                     check that /latest/dynamic/instance-identity/document answers"
+                        .into(),
+                ),
+            }
         } else {
             Outcome::Fail(
                 format!("no IMDSv2 answer from {endpoint}"),

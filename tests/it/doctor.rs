@@ -49,6 +49,12 @@ fn doctor_is_all_ok_on_a_protected_instance() {
     assert!(text.contains(&format!(
         "group {group}, hook lifeboat (heartbeat timeout 300 s"
     )));
+    // It says where this instance's archives go: under its ARN, where the instance policy allows.
+    let arn_prefix = crate::support::instance_prefix(&group, &instance);
+    assert!(
+        text.contains(&format!("archives go under {arn_prefix}")),
+        "{text}"
+    );
     // The probe left no upload behind.
     assert_eq!(server.open_uploads(&bucket), 0);
 }

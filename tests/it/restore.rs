@@ -618,7 +618,11 @@ fn a_truncated_or_extended_archive_is_refused_and_leaves_nothing() {
         ("garbage-after-end", &extended[..], &gz_key),
     ];
     for (what, bytes, original) in cases {
-        let suffix = if original.ends_with(".tar.gz") { ".tar.gz" } else { ".tar" };
+        let suffix = if original.ends_with(".tar.gz") {
+            ".tar.gz"
+        } else {
+            ".tar"
+        };
         let key = original.replace(suffix, &format!("-{what}{suffix}"));
         let manifest = |k: &str| k.replace(suffix, ".manifest.json");
         server.put(&bucket, &key, bytes.to_vec());
@@ -626,7 +630,11 @@ fn a_truncated_or_extended_archive_is_refused_and_leaves_nothing() {
             let target = dir.path().join(format!("target-{what}-{verified}"));
             let mut args = vec!["restore", "--key", &key, "--to", target.to_str().unwrap()];
             if verified {
-                server.put(&bucket, &manifest(&key), server.get(&bucket, &manifest(original)));
+                server.put(
+                    &bucket,
+                    &manifest(&key),
+                    server.get(&bucket, &manifest(original)),
+                );
             } else {
                 server.put(&bucket, &manifest(&key), b"{}".to_vec());
                 args.push("--force-unverified");
