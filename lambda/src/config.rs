@@ -51,6 +51,11 @@ pub struct Config {
     /// `TimeoutSeconds`, 30–2592000 s; default 120 s). An instance that cannot be reached in that
     /// time ends Undeliverable, and the action is completed.
     pub delivery_timeout: Duration,
+    /// `LIFEBOAT_HEARTBEAT_TIMEOUT`: the hook's heartbeat timeout in seconds (30–7200; the
+    /// template passes its `HeartbeatTimeout`), or unset. When Run Command stays throttled, an
+    /// action that would outlive Lambda's retries is left to them; one that would expire first is
+    /// completed. Unset: always left to the retries (the hook's timeout ends the wait).
+    pub heartbeat_timeout: Option<Duration>,
 }
 
 impl Config {
@@ -120,12 +125,25 @@ impl Config {
                 }
             },
         };
+        let heartbeat_timeout = match get("LIFEBOAT_HEARTBEAT_TIMEOUT") {
+            None => None,
+            Some(v) => match v.trim_end_matches('s').parse::<u64>() {
+                Ok(secs) if (30..=7200).contains(&secs) => Some(Duration::from_secs(secs)),
+                _ => {
+                    return Err(ConfigError {
+                        var: "LIFEBOAT_HEARTBEAT_TIMEOUT",
+                        problem: format!("{v:?} is not a number of seconds from 30 to 7200"),
+                    });
+                }
+            },
+        };
         Ok(Config {
             document,
             topic_arn,
             on_failure,
             output,
             delivery_timeout,
+            heartbeat_timeout,
         })
     }
 }
@@ -160,6 +178,14 @@ mod tests {
         assert_eq!(e.var, "LIFEBOAT_SNS_TOPIC_ARN");
         let e = config(&[("LIFEBOAT_DELIVERY_TIMEOUT", "5")]).unwrap_err();
         assert_eq!(e.var, "LIFEBOAT_DELIVERY_TIMEOUT");
+        let e = config(&[("LIFEBOAT_HEARTBEAT_TIMEOUT", "9000")]).unwrap_err();
+        assert_eq!(e.var, "LIFEBOAT_HEARTBEAT_TIMEOUT");
+        assert_eq!(
+            config(&[("LIFEBOAT_HEARTBEAT_TIMEOUT", "900")])
+                .unwrap()
+                .heartbeat_timeout,
+            Some(Duration::from_secs(900))
+        );
         let e = config(&[("LIFEBOAT_DOCUMENT", "a b")]).unwrap_err();
         assert_eq!(e.var, "LIFEBOAT_DOCUMENT");
         let e = config(&[("LIFEBOAT_OUTPUT_BUCKET", "b"), ("LIFEBOAT_LOG_GROUP", "g")]);

@@ -22,6 +22,15 @@ use crate::ssm::Ssm;
 /// Time kept back from SendCommand's retries for a fail-over completion and its report.
 const FAIL_OVER_RESERVE: Duration = Duration::from_secs(3);
 
+/// At most this much of the budget goes to checking the document (cached while warm): the rest is
+/// SendCommand's. A throttled check is skipped (SendCommand says InvalidDocument itself).
+const DOCUMENT_BUDGET: Duration = Duration::from_secs(3);
+
+/// How long Lambda's own retries of a failed asynchronous invocation take to run out: two
+/// retries, about one and two minutes after the failures, each up to the function's timeout.
+/// An action with less time left than this is completed rather than left to them.
+const RETRY_HORIZON: Duration = Duration::from_secs(240);
+
 /// The warm function's state: configuration and clients, built once per cold start.
 #[derive(Debug)]
 pub struct Handler {
@@ -69,8 +78,9 @@ impl Handler {
         Handler {
             config,
             ssm: Ssm::new(aws_sdk_ssm::Client::from_conf(ssm)),
-            lifecycle: Lifecycle::new(aws_sdk_autoscaling::Client::new(&sdk))
-                .with_not_active_grace(Duration::ZERO),
+            // The agent's grace for "no active lifecycle action" too: one second after the
+            // event it may be eventual consistency, not a completed action.
+            lifecycle: Lifecycle::new(aws_sdk_autoscaling::Client::new(&sdk)),
             sns: aws_sdk_sns::Client::new(&sdk),
         }
     }
@@ -91,7 +101,16 @@ impl Handler {
         };
         match event.detail_type.as_str() {
             LIFECYCLE_ACTION => match serde_json::from_value(event.detail) {
-                Ok(detail) => self.on_lifecycle(detail, until).await,
+                Ok(detail) => {
+                    let age = event.time.and_then(|t| {
+                        let now = SystemTime::now()
+                            .duration_since(SystemTime::UNIX_EPOCH)
+                            .ok()?;
+                        now.checked_sub(Duration::from_secs(u64::try_from(t.timestamp()).ok()?))
+                    });
+                    self.on_lifecycle(detail, age.unwrap_or_default(), until)
+                        .await
+                }
                 Err(e) => Ok(ignored(format!("malformed lifecycle action: {e}"))),
             },
             COMMAND_STATUS => match serde_json::from_value(event.detail) {
@@ -113,9 +132,14 @@ impl Handler {
         }
     }
 
+    /// Sends the document for a lifecycle event `age` old. Only a cause retrying cannot fix
+    /// (not managed, no document, a refused value) completes the action here; SSM throttling
+    /// past the budget fails the invocation, so Lambda retries it (then the dead-letter queue)
+    /// while the hook holds the instance, unless the action would expire before the retries run.
     async fn on_lifecycle(
         &self,
         d: LifecycleAction,
+        age: Duration,
         until: Instant,
     ) -> Result<Value, lambda_runtime::Error> {
         if d.event.as_deref() == Some(TEST_NOTIFICATION) {
@@ -152,21 +176,40 @@ impl Handler {
             .checked_sub(FAIL_OVER_RESERVE)
             .unwrap_or_else(Instant::now);
         let document = &self.config.document;
-        if let Err(e) = self.ssm.check_document(document, send_until).await {
-            return self.fail_over(&params, e.to_string(), until).await;
+        let document_until = send_until.min(Instant::now() + DOCUMENT_BUDGET);
+        match self.ssm.check_document(document, document_until).await {
+            Ok(()) => {}
+            Err(e) if e.retryable() => tracing::warn!("document check skipped: {e}"),
+            Err(e) => return self.fail_over(&params, e.to_string(), until).await,
         }
-        match self.ssm.already_sent(document, &params, send_until).await {
+        // A dedupe, never at the send's expense: one attempt, and on any error none.
+        match self.ssm.already_sent(document, &params).await {
             Ok(Some(id)) => return Ok(outcome("duplicate", json!({ "command_id": id }))),
             Ok(None) => {}
-            Err(e) => tracing::warn!("could not look for an earlier command: {e}"),
+            Err(e) => tracing::warn!("no look for an earlier command: {e}"),
         }
         match self.ssm.send(&self.config, &params, send_until).await {
             Ok(id) => Ok(outcome(
                 "sent",
                 json!({ "command_id": id, "instance_id": params.instance_id }),
             )),
+            Err(e) if e.retryable() && !self.expires_before_retries(age) => {
+                tracing::warn!(
+                    instance_id = %params.instance_id,
+                    "{e}: failing the invocation for Lambda to retry; the hook holds the instance"
+                );
+                Err(format!("{e} (the lifecycle action is left for Lambda's retry)").into())
+            }
             Err(e) => self.fail_over(&params, e.to_string(), until).await,
         }
+    }
+
+    /// Whether an action whose event is `age` old would expire before Lambda's retries have
+    /// run (unknown heartbeat timeout: no, the hook's own timeout ends the wait).
+    fn expires_before_retries(&self, age: Duration) -> bool {
+        self.config
+            .heartbeat_timeout
+            .is_some_and(|h| age + RETRY_HORIZON >= h)
     }
 
     async fn on_command(

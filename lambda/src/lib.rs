@@ -2,10 +2,14 @@
 //!
 //! - `EC2 Instance-terminate Lifecycle Action`: it validates the event, checks the SSM document
 //!   exists (cached while the function is warm), and sends `lifeboat-backup` to the instance with
-//!   Run Command, then returns; it never waits for the command. When Run Command cannot take the
-//!   command (instance not managed, document missing, throttled past the time budget, a value the
+//!   Run Command, then returns; it never waits for the command. When Run Command refuses the
+//!   command for a cause retrying cannot fix (instance not managed, document missing, a value the
 //!   document would refuse) it completes the lifecycle action itself with the configured result
-//!   and publishes an SNS report saying the backup did not run and why.
+//!   and publishes an SNS report saying the backup did not run and why. When SSM stays throttled
+//!   past the invocation's budget, the invocation fails: Lambda retries it (then the dead-letter
+//!   queue takes the event) while the hook holds the instance; only an action that would expire
+//!   before those retries (`LIFEBOAT_HEARTBEAT_TIMEOUT`) is completed instead. The dedupe look
+//!   for an earlier command (ListCommands) gets one attempt and never the send's time.
 //! - `EC2 Command Status-change Notification` for its document, ending Failed, TimedOut, Cancelled
 //!   or Undeliverable: it completes the action with the configured result (the token comes from
 //!   the command's parameters). "No active lifecycle action" means the agent already completed it,

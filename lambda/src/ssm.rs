@@ -19,6 +19,9 @@ use crate::config::{Config, Output};
 const DOCUMENT_TTL: Duration = Duration::from_secs(300);
 
 /// Why Run Command did not take the command.
+///
+/// Only [`SsmError::Exhausted`] can succeed later ([`SsmError::retryable`]); the others are
+/// answers retrying cannot change.
 #[derive(Debug, thiserror::Error)]
 pub enum SsmError {
     /// The instance is not managed by SSM (no agent, no role, or gone).
@@ -53,6 +56,13 @@ pub enum SsmError {
         /// SSM's answer.
         message: String,
     },
+}
+
+impl SsmError {
+    /// Whether a later attempt (Lambda's own retry of the invocation) may succeed.
+    pub fn retryable(&self) -> bool {
+        matches!(self, Self::Exhausted { .. })
+    }
 }
 
 type SdkError<E> = aws_sdk_ssm::error::SdkError<E, HttpResponse>;
@@ -160,38 +170,34 @@ impl Ssm {
     }
 
     /// The id of a command already sent to this instance with this document and token that has
-    /// not failed, if any: a duplicate event then sends nothing.
+    /// not failed, if any: a duplicate event then sends nothing. One attempt, no retries: this is
+    /// an optimisation (the agent also answers a token it has handled from its state file), and
+    /// it must never spend the time SendCommand needs when SSM is throttling.
     pub async fn already_sent(
         &self,
         document: &str,
         params: &BackupParams,
-        until: Instant,
     ) -> Result<Option<String>, SsmError> {
         if params.token.is_empty() {
             return Ok(None);
         }
-        let out = Self::retry(
-            "ListCommands",
-            until,
-            || {
-                self.client
-                    .list_commands()
-                    .instance_id(&params.instance_id)
-                    .filters(
-                        CommandFilter::builder()
-                            .key(CommandFilterKey::DocumentName)
-                            .value(document)
-                            .build()
-                            .expect("key and value are set"),
-                    )
-                    .send()
-            },
-            |e| SsmError::Refused {
+        let out = self
+            .client
+            .list_commands()
+            .instance_id(&params.instance_id)
+            .filters(
+                CommandFilter::builder()
+                    .key(CommandFilterKey::DocumentName)
+                    .value(document)
+                    .build()
+                    .expect("key and value are set"),
+            )
+            .send()
+            .await
+            .map_err(|e| SsmError::Refused {
                 operation: "ListCommands",
-                message: sdk_message(e),
-            },
-        )
-        .await?;
+                message: sdk_message(&e),
+            })?;
         Ok(out
             .commands()
             .iter()

@@ -16,6 +16,9 @@ SendCommand does what SSM and its agent do, on this machine:
   names it set are recorded as `agent_env`), then run with `sh`
   under the registered environment and the step's `timeoutSeconds` (or the registration's
   `execution_timeout`), ending Success, Failed or TimedOut;
+- POST /ssm/faults {"instance_id": I, "throttle_send": N, "throttle_list": N} answers the next N
+  SendCommand / ListCommands calls naming instance I with ThrottlingException (GET /ssm/throttled
+  lists them);
 - every status change is recorded (GET /ssm/commands) and sent, as the EventBridge event
   `EC2 Command Status-change Notification`, to the registration's `events_url` (or the target
   set with POST /ssm/target).
@@ -38,7 +41,24 @@ LOCK = threading.RLock()
 AGENTS = {}  # instance id -> {"env": {...}, "path": "...", "legacy": bool, "online": bool, ...}
 COMMANDS = []  # public records
 TARGET = {"url": None}
-FAULTS = {"throttle_send": 0}
+# Per instance: how many more SendCommand / ListCommands calls naming it are answered with
+# ThrottlingException (POST /ssm/faults {"instance_id": I, "throttle_send": N, "throttle_list": N}).
+FAULTS = {"throttle_send": {}, "throttle_list": {}}
+
+
+def take_throttle(kind, instance_ids):
+    """Whether this call is throttled (and counts it)."""
+    with LOCK:
+        for i in instance_ids:
+            left = FAULTS[kind].get(i, 0)
+            if left > 0:
+                FAULTS[kind][i] = left - 1
+                THROTTLED.append({"operation": kind, "instance_id": i, "at": time.time()})
+                return True
+    return False
+
+
+THROTTLED = []
 
 
 class InvalidInstanceId(SSMException):
@@ -196,10 +216,8 @@ _orig_send_command = ssm_models.SimpleSystemManagerBackend.send_command
 
 
 def send_command(self, **kw):
-    with LOCK:
-        if FAULTS["throttle_send"] > 0:
-            FAULTS["throttle_send"] -= 1
-            raise Throttling()
+    if take_throttle("throttle_send", kw.get("instance_ids") or []):
+        raise Throttling()
     name = kw.get("document_name")
     document = self.get_document(name, None, None, "JSON")
     doc = json.loads(document["Content"])
@@ -239,12 +257,26 @@ def send_command(self, **kw):
 
 ssm_models.SimpleSystemManagerBackend.send_command = send_command
 
+_orig_list_commands = ssm_models.SimpleSystemManagerBackend.list_commands
+
+
+def list_commands(self, command_id=None, instance_id=None, **kw):
+    if instance_id and take_throttle("throttle_list", [instance_id]):
+        raise Throttling()
+    return _orig_list_commands(self, command_id=command_id, instance_id=instance_id, **kw)
+
+
+ssm_models.SimpleSystemManagerBackend.list_commands = list_commands
+
 
 def control(method, path, body):
     """Control routes under /ssm; returns (status, json) or None when the path is not ours."""
     if method == "GET" and path == "/ssm/commands":
         with LOCK:
             return 200, json.dumps(COMMANDS)
+    if method == "GET" and path == "/ssm/throttled":
+        with LOCK:
+            return 200, json.dumps(THROTTLED)
     if method != "POST":
         return None
     if path == "/ssm/agents":
@@ -256,6 +288,8 @@ def control(method, path, body):
         return 200, "{}"
     if path == "/ssm/faults":
         with LOCK:
-            FAULTS["throttle_send"] = int(body.get("throttle_send", 0))
+            for kind in ("throttle_send", "throttle_list"):
+                if kind in body:
+                    FAULTS[kind][body["instance_id"]] = int(body[kind])
         return 200, "{}"
     return None

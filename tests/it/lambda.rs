@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use crate::support::{
     LambdaRuntime, Lifeboat, Server, control, daemon_config, eventually, finished_action,
-    group_with_hook, moto, notifications, root, rt, scale_in, ssm_commands, write,
+    group_with_hook, http, moto, notifications, root, rt, scale_in, ssm_commands, write,
 };
 
 /// A group with a waiting-to-be-terminated instance, the document, the Lambda and the stand-in.
@@ -44,6 +44,11 @@ fn create_document(server: &Server, name: &str) {
 }
 
 fn bench(test: &str, group_name: &str, lambda_env: &[(&str, &str)]) -> Bench {
+    bench_timed(test, group_name, lambda_env, 30)
+}
+
+/// [`bench`] with a function timeout of `timeout_s` seconds.
+fn bench_timed(test: &str, group_name: &str, lambda_env: &[(&str, &str)], timeout_s: u32) -> Bench {
     let server = moto();
     let (group, instance, topic) = group_with_hook(server, group_name, 60);
     let dir = tempfile::tempdir().unwrap();
@@ -64,7 +69,7 @@ fn bench(test: &str, group_name: &str, lambda_env: &[(&str, &str)]) -> Bench {
         ("LIFEBOAT_ON_FAILURE", "ABANDON"),
     ];
     env.extend_from_slice(lambda_env);
-    let lambda = LambdaRuntime::start(server, &env);
+    let lambda = LambdaRuntime::start_with_timeout(server, &env, timeout_s);
     control(
         server,
         "/events",
@@ -493,5 +498,87 @@ fn duplicate_events_for_one_token_make_one_backup() {
             .filter(|k| k.ends_with(".tar"))
             .count(),
         1
+    );
+}
+
+/// SSM throttles ListCommands and SendCommand past the invocation's budget in a mass scale-in:
+/// the invocation fails, for Lambda to retry it, and the lifecycle action is not completed (the
+/// hook holds the instance); the dedupe lookup got one attempt, SendCommand the rest of the
+/// budget. Lambda's retry, once SSM answers, sends the command; the agent backs up and completes
+/// CONTINUE. (The Lambda used to spend the budget on the dedupe, give SendCommand one attempt,
+/// and complete the action with `LIFEBOAT_ON_FAILURE`: the instance went with no backup.)
+#[test]
+fn throttled_ssm_fails_the_invocation_for_retry_and_never_completes_the_action() {
+    let b = bench_timed(
+        "lambda-throttled",
+        "lambda-throttled",
+        &[("LIFEBOAT_HEARTBEAT_TIMEOUT", "900")],
+        8,
+    );
+    b.register(&Bench::path_with_lifeboat(), json!({}));
+    let throttle = |n: u32| {
+        let faults = json!({ "instance_id": b.instance, "throttle_send": n, "throttle_list": n });
+        control(moto(), "/ssm/faults", &faults);
+    };
+    throttle(1000);
+    scale_in(moto(), &b.group);
+    let failed = eventually("the invocation to fail", Duration::from_secs(60), || {
+        b.lambda
+            .invocations()
+            .into_iter()
+            .find(|i| i["ok"] == false)
+    });
+    assert!(
+        failed["error"]
+            .to_string()
+            .contains("left for Lambda's retry"),
+        "{failed:#}"
+    );
+    let throttled = serde_json::from_str::<Vec<Value>>(
+        &http(
+            "GET",
+            &format!("{}/ssm/throttled", moto().control.as_ref().unwrap()),
+            "",
+        )
+        .1,
+    )
+    .unwrap();
+    let count = |kind: &str| {
+        throttled
+            .iter()
+            .filter(|t| t["instance_id"] == b.instance && t["operation"] == kind)
+            .count()
+    };
+    assert_eq!(
+        count("throttle_list"),
+        1,
+        "one dedupe attempt: {throttled:#?}"
+    );
+    assert!(
+        count("throttle_send") >= 3,
+        "SendCommand retried: {throttled:#?}"
+    );
+    let actions = moto().actions();
+    let action = actions
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["instance_id"] == b.instance)
+        .unwrap();
+    assert!(action["result"].is_null(), "still waiting: {action:#}");
+    assert!(b.completions(action).is_empty(), "{action:#}");
+
+    // Lambda retries the failed event; SSM answers again.
+    throttle(0);
+    let (status, _) = http("POST", &b.lambda.events_url(), &failed["event"].to_string());
+    assert_eq!(status, 202);
+    b.outcome("sent");
+    let action = finished_action(moto(), &b.instance);
+    assert_eq!(action["result"], "CONTINUE", "{action:#}");
+    assert_eq!(b.completions(&action).len(), 1, "{action:#}");
+    let keys = moto().keys(&b.bucket);
+    assert!(
+        keys.iter().any(|k| k.ends_with("-scale-in.tar")),
+        "{keys:?}"
     );
 }

@@ -720,6 +720,11 @@ pub struct LambdaRuntime {
 impl LambdaRuntime {
     /// Starts `bootstrap` with the Lambda's variables `env` (AWS endpoint and keys added).
     pub fn start(server: &Server, env: &[(&str, &str)]) -> Self {
+        Self::start_with_timeout(server, env, 30)
+    }
+
+    /// [`LambdaRuntime::start`] with a function timeout of `timeout_s` seconds.
+    pub fn start_with_timeout(server: &Server, env: &[(&str, &str)], timeout_s: u32) -> Self {
         let port = free_port();
         let script = root().join("tests/emulators/lambda_runtime.py");
         let mut line = vec![
@@ -736,6 +741,8 @@ impl LambdaRuntime {
             script.display().to_string(),
             "--port".into(),
             port.to_string(),
+            "--timeout".into(),
+            timeout_s.to_string(),
             "--".into(),
         ];
         args.extend(line);
