@@ -15,7 +15,12 @@ A test drives it through a control API on the same port:
                           connections without answering; {"expire_tokens": true} forget tokens
   GET  /_emulator/log     every metadata request seen: [{"method", "path", "status"}]
 
-Usage: imds.py --port PORT [--instance-id ID] [--group NAME]
+A fleet (tests/tools/fleet_sim.py): with --fleet FILE (JSON [{"ip", "instance_id", "group"}]) and
+--host 0.0.0.0, one server answers for every instance, each at its own loopback address
+(127.x.y.z all reach this host): the address a request was sent to picks the instance's state.
+A state update with "only_for": ID changes that instance only. --no-log keeps no request log.
+
+Usage: imds.py --port PORT [--instance-id ID] [--group NAME] [--fleet FILE --host 0.0.0.0]
 """
 import argparse
 import json
@@ -36,6 +41,9 @@ STATE = {
     "spot_action": None,
     "rebalance": None,
 }
+FLEET = {}  # loopback address -> that instance's state (fleet mode)
+BY_ID = {}  # instance id -> the same state
+KEEP_LOG = True
 TOKENS = {}  # token -> expiry (monotonic seconds)
 FAULTS = []  # queue of {"status"|"delay_ms"|"drop", "count"}
 LOG = []
@@ -72,15 +80,29 @@ class Handler(BaseHTTPRequestHandler):
         return None
 
     def record(self, status):
+        if not KEEP_LOG:
+            return
         with LOCK:
             LOG.append({"method": self.command, "path": self.path, "status": status})
+
+    def state(self):
+        """This request's instance: by the address it was sent to in fleet mode."""
+        if FLEET:
+            return FLEET.get(self.connection.getsockname()[0], STATE)
+        return STATE
 
     def do_POST(self):
         if self.path == "/_emulator/state":
             update = self.body_json()
             only_for = update.pop("only_for", None)
             with LOCK:
-                if only_for is None or only_for == STATE["instance_id"]:
+                if FLEET:
+                    targets = [BY_ID[only_for]] if only_for in BY_ID else []
+                    if only_for is None:
+                        targets = list(FLEET.values())
+                    for t in targets:
+                        t.update(update)
+                elif only_for is None or only_for == STATE["instance_id"]:
                     STATE.update(update)
             return self.reply(200, "ok")
         if self.path == "/_emulator/fault":
@@ -153,7 +175,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def metadata(self, path):
         with LOCK:
-            s = dict(STATE)
+            s = dict(self.state())
         doc = {
             "instanceId": s["instance_id"],
             "region": s["region"],
@@ -187,13 +209,24 @@ def main():
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--instance-id")
     p.add_argument("--group")
+    p.add_argument("--fleet")
+    p.add_argument("--no-log", action="store_true")
     a = p.parse_args()
+    global KEEP_LOG
+    KEEP_LOG = not a.no_log
+    if a.fleet:
+        with open(a.fleet) as f:
+            for member in json.load(f):
+                state = dict(STATE, instance_id=member["instance_id"], group=member["group"])
+                FLEET[member["ip"]] = state
+                BY_ID[member["instance_id"]] = state
     if a.instance_id:
         STATE["instance_id"] = a.instance_id
     if a.group:
         STATE["group"] = a.group
     server = ThreadingHTTPServer((a.host, a.port), Handler)
     server.daemon_threads = True
+    server.request_queue_size = 1024
     server.serve_forever()
 
 

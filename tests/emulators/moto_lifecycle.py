@@ -25,7 +25,17 @@ Terminating:Wait is announced to U as an `EC2 Instance-terminate Lifecycle Actio
 
 It also carries the SSM agent stand-in (tests/emulators/ssm_agent.py), controlled under /ssm/.
 
-Usage: moto_lifecycle.py --port PORT --control-port PORT [--imds-url URL]
+Fleet limits (tests/tools/fleet_sim.py), each a token bucket (RATE per second, BURST deep; 0 turns
+it off), answering as AWS does when empty: --as-rate/--as-burst for every Auto Scaling call
+(Describe*, heartbeats, completions and the scale-in itself share it, as they share the
+account's bucket), --send-rate and --list-rate for SSM SendCommand and ListCommands
+(ThrottlingException), --sns-rate for SNS Publish (Throttling), --s3-put-rate for PutObject and
+UploadPart per key prefix (the key up to the instance segment; 503 SlowDown). GET /fleet answers
+the calls and throttles by operation. A scale-in never removes an instance that waits on a hook
+(AWS drops the desired capacity when termination starts; moto would reconcile with the waiting
+instances counted out).
+
+Usage: moto_lifecycle.py --port PORT --control-port PORT [--imds-url URL] [fleet limits]
 """
 import argparse
 import json
@@ -169,6 +179,10 @@ def set_desired_capacity(self, new_capacity):
         if surplus > 0:
             for state in [s for s in active if not s.protected_from_scale_in][:surplus]:
                 start_wait(self, state, hooks)
+            # As AWS: the desired capacity drops now; the waiting instances stay until their
+            # actions end (moto's reconciliation would count them out and remove them).
+            self.desired_capacity = target
+            return
     _orig_set_desired_capacity(self, new_capacity)
 
 
@@ -252,6 +266,121 @@ def upload_part(self):
 S3Response.upload_part = upload_part
 
 
+class Bucket:
+    """A token bucket: RATE tokens a second, at most BURST; rate 0 never throttles."""
+
+    def __init__(self, rate, burst):
+        self.rate, self.burst = float(rate), float(burst or max(1.0, rate))
+        self.tokens, self.at = self.burst, time.monotonic()
+        self.lock = threading.Lock()
+
+    def take(self):
+        if self.rate <= 0:
+            return True
+        with self.lock:
+            t = time.monotonic()
+            self.tokens = min(self.burst, self.tokens + (t - self.at) * self.rate)
+            self.at = t
+            if self.tokens >= 1:
+                self.tokens -= 1
+                return True
+            return False
+
+
+LIMITS = {}  # name -> Bucket (or a dict of Buckets by prefix for S3)
+FLEET_CALLS = {}  # operation -> calls answered
+FLEET_THROTTLED = {}  # operation -> calls throttled
+
+
+def count(table, op):
+    with LOCK:
+        table[op] = table.get(op, 0) + 1
+
+
+def limited(name, op, key=None):
+    """Counts the call; whether the bucket lets it through."""
+    bucket = LIMITS.get(name)
+    if isinstance(bucket, dict):
+        with LOCK:
+            bucket = bucket.setdefault(key, Bucket(*LIMITS["_s3_rate"]))
+    if bucket is None or bucket.take():
+        count(FLEET_CALLS, op)
+        return True
+    count(FLEET_THROTTLED, op)
+    return False
+
+
+def query_throttle(namespace):
+    body = (
+        f'<ErrorResponse xmlns="{namespace}"><Error><Type>Sender</Type><Code>Throttling</Code>'
+        "<Message>Rate exceeded</Message></Error><RequestId>fleet</RequestId></ErrorResponse>"
+    )
+    return 400, {"Content-Type": "text/xml"}, body
+
+
+def install_limits(a):
+    """Wraps the services' dispatch with the buckets given on the command line."""
+    from moto.s3.responses import S3Response
+    from moto.sns.responses import SNSResponse
+    from moto.ssm.responses import SimpleSystemManagerResponse
+
+    LIMITS["as"] = Bucket(a.as_rate, a.as_burst)
+    LIMITS["SendCommand"] = Bucket(a.send_rate, a.send_rate)
+    LIMITS["ListCommands"] = Bucket(a.list_rate, a.list_rate)
+    LIMITS["Publish"] = Bucket(a.sns_rate, a.sns_rate)
+    LIMITS["s3"] = {}
+    LIMITS["_s3_rate"] = (a.s3_put_rate, a.s3_put_rate)
+
+    as_call = AutoScalingResponse.call_action
+
+    def as_call_action(self):
+        if limited("as", self._get_action()):
+            return as_call(self)
+        return query_throttle("https://autoscaling.amazonaws.com/doc/2011-01-01/")
+
+    AutoScalingResponse.call_action = as_call_action
+
+    ssm_call = SimpleSystemManagerResponse.call_action
+
+    def ssm_call_action(self):
+        op = self._get_action()
+        if op not in ("SendCommand", "ListCommands") or limited(op, op):
+            return ssm_call(self)
+        body = '{"__type": "ThrottlingException", "message": "Rate exceeded"}'
+        return 400, {"Content-Type": "application/x-amz-json-1.1"}, body
+
+    SimpleSystemManagerResponse.call_action = ssm_call_action
+
+    sns_call = SNSResponse.call_action
+
+    def sns_call_action(self):
+        op = self._get_action()
+        if op != "Publish" or limited("Publish", op):
+            return sns_call(self)
+        return query_throttle("http://sns.amazonaws.com/doc/2010-03-31/")
+
+    SNSResponse.call_action = sns_call_action
+
+    slow_down = (
+        503,
+        {"Content-Type": "application/xml"},
+        "<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>",
+    )
+
+    def s3_limited(orig, op):
+        def put(self):
+            # The partition a key lands in: the prefix up to its instance segment.
+            prefix = "/".join(self.path.split("?")[0].split("/")[:4])
+            if limited("s3", op, prefix):
+                return orig(self)
+            return slow_down
+
+        return put
+
+    S3Response.put_object = s3_limited(S3Response.put_object, "PutObject")
+    S3Response.upload_part = s3_limited(S3Response.upload_part, "UploadPart")
+
+
 def expire_loop():
     while True:
         time.sleep(0.1)
@@ -286,6 +415,11 @@ class Control(BaseHTTPRequestHandler):
         if self.path == "/throttled":
             with LOCK:
                 return self.reply(200, json.dumps(THROTTLED))
+        if self.path == "/fleet":
+            with LOCK:
+                return self.reply(
+                    200, json.dumps({"calls": FLEET_CALLS, "throttled": FLEET_THROTTLED})
+                )
         if self.path != "/actions":
             return self.reply(404, "{}")
         with LOCK:
@@ -323,8 +457,15 @@ def main():
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--control-port", type=int, required=True)
     p.add_argument("--imds-url")
+    p.add_argument("--as-rate", type=float, default=0)
+    p.add_argument("--as-burst", type=float, default=0)
+    p.add_argument("--send-rate", type=float, default=0)
+    p.add_argument("--list-rate", type=float, default=0)
+    p.add_argument("--sns-rate", type=float, default=0)
+    p.add_argument("--s3-put-rate", type=float, default=0)
     a = p.parse_args()
     IMDS_URL = a.imds_url
+    install_limits(a)
     threading.Thread(target=expire_loop, daemon=True).start()
     control = ThreadingHTTPServer((a.host, a.control_port), Control)
     control.daemon_threads = True

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Fleet simulation: N instances (default 1,000), each a real `lifeboat run` daemon with its own
+# instance metadata, terminated by one scale-in against token-bucket-limited AWS APIs on
+# loopback; prints a report (tests/tools/fleet_sim.py has the rates and where they come from).
+#
+#   scripts/fleet-sim.sh                      N = 1,000 at the default rates
+#   scripts/fleet-sim.sh --n 200              a smaller fleet
+#   scripts/fleet-sim.sh --as-rate 10 --as-burst 20 --send-rate 2.5 --list-rate 5
+#                                             rates halved
+#   LIFEBOAT_BIN=PATH scripts/fleet-sim.sh    another build
+#
+# Needs about 8 GiB of memory for 1,000 daemons (they share the binary's pages) and a few
+# minutes on 2 cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/bootstrap.sh
+if [ -n "${LIFEBOAT_BIN:-}" ]; then
+  bin=$LIFEBOAT_BIN
+else
+  cargo build --release --quiet --bin lifeboat
+  bin=$PWD/target/release/lifeboat
+fi
+# A thousand daemons each keep a few files and sockets open: raise the soft limit.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+exec .venv/bin/python tests/tools/fleet_sim.py --lifeboat "$bin" --workdir "$PWD/.bench/fleet" "$@"
