@@ -269,6 +269,8 @@ pub async fn run(
         Arc::clone(&state),
         shutdown.clone(),
     );
+    // A termination then finds the hook's settings cached: no describe call in a scale-in.
+    runner.prefetch_hook();
     state.set_daemon(DaemonInfo {
         pid: std::process::id(),
         started_at: crate::manifest::rfc3339(time::OffsetDateTime::now_utc()),

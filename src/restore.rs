@@ -647,9 +647,10 @@ fn extract_into(
                         .into_owned();
                     let parent = parents.get(root, dir_comps)?;
                     clear(parent, last, &rel)?;
-                    parent
-                        .symlink(OsStr::from_bytes(&target), last)
-                        .map_err(failed(&rel))?;
+                    // symlinkat, not cap-std's symlink: the link's text is data (an absolute or
+                    // dangling target is fine); it is never followed, here or later.
+                    rustix::fs::symlinkat(OsStr::from_bytes(&target), parent, last)
+                        .map_err(|e| failed(&rel)(e.into()))?;
                     apply_to_symlink(parent, last, &meta, same_owner).map_err(failed(&rel))?;
                 }
                 Kind::HardLink => {

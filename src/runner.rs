@@ -55,6 +55,13 @@ const INTERRUPTED_REPORT_BUDGET: Duration = Duration::from_secs(3);
 const UNBOUNDED_COMPLETION: Duration = Duration::from_secs(600);
 /// The first heartbeat comes within this long of the action being found (jittered).
 const FIRST_BEAT_WITHIN: Duration = Duration::from_secs(5);
+/// How long the daemon trusts the terminate hook's settings it read (DescribeLifecycleHooks),
+/// and how often it reads them again: a termination then needs no describe call, which matters
+/// when a thousand instances share the account's Auto Scaling rate limit.
+const HOOK_TTL: Duration = Duration::from_secs(3600);
+/// The daemon's first read of the hook comes within this long of its start (jittered, so a
+/// fleet started together does not describe in step).
+const HOOK_PREFETCH_WITHIN: Duration = Duration::from_secs(30);
 
 /// A boxed future, for the object-safe traits below.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -272,6 +279,31 @@ pub struct Runner {
     state: Arc<StateFile>,
     shutdown: CancellationToken,
     slots: Mutex<Slots>,
+    hooks: Arc<HookCache>,
+}
+
+/// The terminate hook's settings as last read, by group and configured name.
+#[derive(Default)]
+struct HookCache(Mutex<Option<(String, Option<String>, Hook, Instant)>>);
+
+impl HookCache {
+    /// The cached hook of `group` (configured name `wanted`), if read within [`HOOK_TTL`].
+    fn get(&self, group: &str, wanted: Option<&str>) -> Option<Hook> {
+        let cached = self.0.lock().expect("hook cache lock");
+        cached
+            .as_ref()
+            .filter(|(g, w, _, at)| g == group && w.as_deref() == wanted && at.elapsed() < HOOK_TTL)
+            .map(|(_, _, hook, _)| hook.clone())
+    }
+
+    fn put(&self, group: &str, wanted: Option<&str>, hook: &Hook) {
+        *self.0.lock().expect("hook cache lock") = Some((
+            group.to_owned(),
+            wanted.map(str::to_owned),
+            hook.clone(),
+            Instant::now(),
+        ));
+    }
 }
 
 /// A notice that the instance is going away (not a manual or early backup).
@@ -321,7 +353,47 @@ impl Runner {
             state,
             shutdown,
             slots: Mutex::new(Slots::default()),
+            hooks: Arc::default(),
         })
+    }
+
+    /// The configured hook name, if any.
+    fn wanted_hook(&self) -> Option<String> {
+        self.config.lifecycle.hook_name.clone()
+    }
+
+    /// Reads the group's terminate hook now (within [`HOOK_PREFETCH_WITHIN`], jittered) and
+    /// every [`HOOK_TTL`], so a termination finds it cached. Off a group, nothing.
+    pub fn prefetch_hook(self: &Arc<Self>) {
+        if self.identity.group == STANDALONE {
+            return;
+        }
+        let runner = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut pause = HOOK_PREFETCH_WITHIN.mul_f64(fastrand::f64());
+            loop {
+                tokio::select! {
+                    () = runner.shutdown.cancelled() => return,
+                    () = tokio::time::sleep(pause) => {}
+                }
+                let (group, wanted) = (&runner.identity.group, runner.wanted_hook());
+                let until = Instant::now() + Duration::from_secs(120);
+                match runner
+                    .lifecycle
+                    .terminate_hook(
+                        group,
+                        wanted.as_deref(),
+                        &runner.identity.instance_id,
+                        until,
+                    )
+                    .await
+                {
+                    Ok(hook) => runner.hooks.put(group, wanted.as_deref(), &hook),
+                    Err(e) => tracing::info!(error = %e, "terminate hook not read ahead"),
+                }
+                pause = HOOK_TTL.mul_f64(0.9 + 0.1 * fastrand::f64());
+            }
+        });
     }
 
     /// Live counters of the running job, if any.
@@ -628,8 +700,9 @@ impl<'r> Story<'r> {
             .hints
             .hook
             .clone()
-            .or_else(|| self.runner.config.lifecycle.hook_name.clone());
+            .or_else(|| self.runner.wanted_hook());
         let token = self.hints.token.clone();
+        let hooks = Arc::clone(&self.runner.hooks);
         Box::pin(async move {
             let group = match known_group {
                 Some(g) => g,
@@ -638,9 +711,16 @@ impl<'r> Story<'r> {
                     None => return Err(LifecycleError::NoGroup { instance_id: id }),
                 },
             };
-            let hook = lc
-                .terminate_hook(&group, wanted.as_deref(), &id, until)
-                .await?;
+            let hook = match hooks.get(&group, wanted.as_deref()) {
+                Some(hook) => hook,
+                None => {
+                    let hook = lc
+                        .terminate_hook(&group, wanted.as_deref(), &id, until)
+                        .await?;
+                    hooks.put(&group, wanted.as_deref(), &hook);
+                    hook
+                }
+            };
             let action = ActionRef {
                 group,
                 hook: hook.name.clone(),

@@ -8,6 +8,8 @@
 //! action" (seen in practice right after `Terminating:Wait`, and after someone else completed
 //! it) is retried for a short while, then taken as done.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use aws_sdk_autoscaling::Client;
@@ -203,11 +205,60 @@ pub fn backoff(attempt: u32, base: Duration, cap: Duration) -> Duration {
     ceiling.mul_f64(fastrand::f64())
 }
 
+/// Whether `err` is the service saying "too many requests" (rather than failing).
+fn is_throttle<E: ProvideErrorMetadata>(err: &SdkError<E>) -> bool {
+    matches!(err, SdkError::ServiceError(se) if matches!(
+        se.err().code(),
+        Some("Throttling" | "ThrottlingException" | "RequestLimitExceeded")
+    ))
+}
+
+/// Client-side pacing shared by every Auto Scaling call of the process: the account's bucket
+/// is shared by every caller, so a throttled call slows the next ones too. The level rises with
+/// each throttle and falls with each success; while it is up, a call first waits a jittered
+/// delay that grows with it, and a throttled retry backs off from it.
+#[derive(Debug, Default)]
+struct Pacer {
+    level: AtomicU32,
+}
+
+impl Pacer {
+    const MAX_LEVEL: u32 = 6;
+
+    async fn before_call(&self) {
+        let level = self.level.load(Ordering::Relaxed);
+        if level > 0 {
+            tokio::time::sleep(backoff(
+                level,
+                Duration::from_millis(250),
+                Duration::from_secs(30),
+            ))
+            .await;
+        }
+    }
+
+    fn throttled(&self) -> u32 {
+        let _ = self
+            .level
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
+                Some((l + 1).min(Self::MAX_LEVEL))
+            });
+        self.level.load(Ordering::Relaxed)
+    }
+
+    fn succeeded(&self) {
+        let _ = self
+            .level
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| l.checked_sub(1));
+    }
+}
+
 /// Auto Scaling, as lifeboat uses it.
 #[derive(Debug, Clone)]
 pub struct Lifecycle {
     client: Client,
     not_active_grace: Duration,
+    pacer: Arc<Pacer>,
 }
 
 impl Lifecycle {
@@ -216,6 +267,7 @@ impl Lifecycle {
         Self {
             client,
             not_active_grace: NOT_ACTIVE_GRACE,
+            pacer: Arc::default(),
         }
     }
 
@@ -235,6 +287,7 @@ impl Lifecycle {
     ) -> Result<Option<(String, String)>, LifecycleError> {
         let mut attempt = 0;
         loop {
+            self.pacer.before_call().await;
             match self
                 .client
                 .describe_auto_scaling_instances()
@@ -243,6 +296,7 @@ impl Lifecycle {
                 .await
             {
                 Ok(out) => {
+                    self.pacer.succeeded();
                     return Ok(out.auto_scaling_instances().first().map(|i| {
                         (
                             i.auto_scaling_group_name().unwrap_or_default().to_owned(),
@@ -274,6 +328,7 @@ impl Lifecycle {
     ) -> Result<Hook, LifecycleError> {
         let mut attempt = 0;
         let out = loop {
+            self.pacer.before_call().await;
             match self
                 .client
                 .describe_lifecycle_hooks()
@@ -281,7 +336,10 @@ impl Lifecycle {
                 .send()
                 .await
             {
-                Ok(out) => break out,
+                Ok(out) => {
+                    self.pacer.succeeded();
+                    break out;
+                }
                 Err(e) => {
                     self.pause_or_fail(
                         &e,
@@ -338,6 +396,7 @@ impl Lifecycle {
     ) -> Result<bool, LifecycleError> {
         let mut attempt = 0;
         loop {
+            self.pacer.before_call().await;
             let result = self
                 .client
                 .record_lifecycle_action_heartbeat()
@@ -348,7 +407,10 @@ impl Lifecycle {
                 .send()
                 .await;
             match result {
-                Ok(_) => return Ok(true),
+                Ok(_) => {
+                    self.pacer.succeeded();
+                    return Ok(true);
+                }
                 Err(e) if classify(&e) == Class::NotActive => return Ok(false),
                 Err(e) => {
                     self.pause_or_fail(
@@ -375,6 +437,7 @@ impl Lifecycle {
         let mut attempt = 0;
         let mut not_active_since: Option<Instant> = None;
         loop {
+            self.pacer.before_call().await;
             let sent = self
                 .client
                 .complete_lifecycle_action()
@@ -387,6 +450,7 @@ impl Lifecycle {
                 .await;
             match sent {
                 Ok(_) => {
+                    self.pacer.succeeded();
                     tracing::info!(
                         group = %action.group,
                         hook = %action.hook,
@@ -450,11 +514,22 @@ impl Lifecycle {
             return Err(fail());
         }
         *attempt += 1;
-        let pause = backoff(
-            *attempt,
-            Duration::from_millis(500),
-            Duration::from_secs(20),
-        );
+        // Throttled: back off from the process's throttling level, longer than from a failure,
+        // so a fleet's retries do not spend the account's bucket.
+        let pause = if is_throttle(err) {
+            let level = self.pacer.throttled();
+            backoff(
+                *attempt + level,
+                Duration::from_millis(500),
+                Duration::from_secs(60),
+            )
+        } else {
+            backoff(
+                *attempt,
+                Duration::from_millis(500),
+                Duration::from_secs(20),
+            )
+        };
         if Instant::now() + pause >= until {
             return Err(fail());
         }

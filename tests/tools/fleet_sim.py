@@ -98,6 +98,9 @@ def main():
     p.add_argument("--heartbeat-timeout", type=int, default=300)
     p.add_argument("--limit", type=int, default=900, help="seconds to wait for every action")
     p.add_argument("--start-rate", type=float, default=50, help="daemons started per second")
+    p.add_argument("--settle", type=float, default=45,
+                   help="seconds the fleet runs before the scale-in (daemons read their hook "
+                        "within 30 s of starting, as a fleet long in service has)")
     a = p.parse_args()
 
     import boto3  # moto's dependency, in the test venv
@@ -206,6 +209,7 @@ def run(a, work, procs, moto_port, control_port, imds_port, imds_url, boto3):
     else:
         sys.exit(f"fleet-sim: only {ready} of {len(daemons)} daemons came up")
     print(f"fleet-sim: {a.n} daemons up in {time.time() - started:.0f} s", file=sys.stderr)
+    time.sleep(a.settle)
 
     peak = [mem_used_mib()]
     stop = threading.Event()

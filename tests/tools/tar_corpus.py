@@ -42,6 +42,8 @@ def build_tree(src, full=True):
     put("with space.txt", b"spaces\n")
     put("binary.bin", bytes(range(256)) * 64)
     os.symlink("etc/app/config.ini", os.path.join(src, "config-link"))
+    os.symlink("/etc/hostname", os.path.join(src, "absolute-link"))
+    os.symlink("../../nowhere", os.path.join(src, "etc", "dangling-link"))
     os.link(os.path.join(src, "etc/app/config.ini"), os.path.join(src, "config-hard"))
     if full:
         deep = os.path.join("long-" + "d" * 60, "e" * 60)
