@@ -284,7 +284,10 @@ pub struct Runner {
 
 /// The terminate hook's settings as last read, by group and configured name.
 #[derive(Default)]
-struct HookCache(Mutex<Option<(String, Option<String>, Hook, Instant)>>);
+struct HookCache(Mutex<Option<CachedHook>>);
+
+/// Group, configured hook name, the hook, when it was read.
+type CachedHook = (String, Option<String>, Hook, Instant);
 
 impl HookCache {
     /// The cached hook of `group` (configured name `wanted`), if read within [`HOOK_TTL`].
