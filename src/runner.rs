@@ -1686,6 +1686,30 @@ mod tests {
         );
     }
 
+    /// A fleet's scale-in shares one Auto Scaling rate limit: the daemon reads its hook ahead
+    /// (once, jittered after start) and a termination then describes no hook.
+    #[tokio::test(start_paused = true)]
+    async fn a_termination_after_the_hook_was_read_ahead_describes_no_hook() {
+        let b = bench(
+            FakeLifecycle::new(Duration::from_secs(60)),
+            FakeBackup::new(Duration::from_secs(10)),
+            "",
+        );
+        b.runner.prefetch_hook();
+        tokio::time::sleep(HOOK_PREFETCH_WITHIN + Duration::from_secs(1)).await;
+        assert_eq!(b.lc.calls("DescribeLifecycleHooks").len(), 1, "read ahead");
+        let r = b
+            .runner
+            .submit(notice(NoticeSource::TargetLifecycleState))
+            .await;
+        assert!(
+            r.lifecycle.as_ref().is_some_and(ActionOutcome::settled),
+            "{r:?}"
+        );
+        assert_eq!(b.lc.calls("DescribeLifecycleHooks").len(), 1, "none more");
+        assert_eq!(b.lc.calls("CompleteLifecycleAction").len(), 1);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_token_whose_job_was_interrupted_is_backed_up_again_by_the_next_process() {
         let b = bench(
