@@ -98,9 +98,10 @@ def main():
     p.add_argument("--heartbeat-timeout", type=int, default=300)
     p.add_argument("--limit", type=int, default=900, help="seconds to wait for every action")
     p.add_argument("--start-rate", type=float, default=50, help="daemons started per second")
-    p.add_argument("--settle", type=float, default=45,
-                   help="seconds the fleet runs before the scale-in (daemons read their hook "
-                        "within 30 s of starting, as a fleet long in service has)")
+    p.add_argument("--settle", type=float,
+                   help="seconds the fleet runs before the scale-in (default: long enough for "
+                        "every daemon's first read of its hook, within 30 s of its start, to get "
+                        "through the Auto Scaling bucket, as in a fleet long in service)")
     a = p.parse_args()
 
     import boto3  # moto's dependency, in the test venv
@@ -209,7 +210,8 @@ def run(a, work, procs, moto_port, control_port, imds_port, imds_url, boto3):
     else:
         sys.exit(f"fleet-sim: only {ready} of {len(daemons)} daemons came up")
     print(f"fleet-sim: {a.n} daemons up in {time.time() - started:.0f} s", file=sys.stderr)
-    time.sleep(a.settle)
+    settle = a.settle if a.settle is not None else max(45.0, 30 + 1.2 * a.n / (a.as_rate or 1e9))
+    time.sleep(settle)
 
     peak = [mem_used_mib()]
     stop = threading.Event()
