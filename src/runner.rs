@@ -929,10 +929,34 @@ fn waiting(state: &str) -> bool {
     state == TERMINATING_WAIT || state == WARMED_TERMINATING_WAIT
 }
 
-/// Waits for a `…Terminating:Wait` state (the target state changes before the transition), then
-/// completes with `result`. A token that turns out stale (no active action by token while the
-/// instance still waits) falls back to the instance id.
+/// Completes with `result`. Completion comes first: in a scale-in the instance waits by the time
+/// its backup is stored, and a describe per termination is a call every instance of a fleet
+/// pays for in the account's shared Auto Scaling rate limit. Only "no active action" (after
+/// its grace) asks which case it is: not waiting yet (the target state changes before the
+/// transition: wait for `…Terminating:Wait`, then complete), completed by someone else or gone,
+/// or a stale token (the instance still waits: complete by instance id).
 async fn complete(
+    lc: &dyn LifecycleApi,
+    action: &ActionRef,
+    result: LifecycleResult,
+    until: Instant,
+) -> ActionOutcome {
+    match lc.complete(action, result, until).await {
+        Ok(Completed::Now) => return ActionOutcome::Completed { result },
+        Ok(Completed::AlreadyDone) => {}
+        Err(e) => {
+            return ActionOutcome::NotCompleted {
+                error: e.to_string(),
+            };
+        }
+    }
+    complete_when_waiting(lc, action, result, until).await
+}
+
+/// Waits for a `…Terminating:Wait` state, then completes with `result` (a stale token falls
+/// back to the instance id). An instance already past its wait has been completed by someone
+/// else.
+async fn complete_when_waiting(
     lc: &dyn LifecycleApi,
     action: &ActionRef,
     result: LifecycleResult,
@@ -940,14 +964,19 @@ async fn complete(
 ) -> ActionOutcome {
     let wait_until = (Instant::now() + WAIT_FOR_TERMINATING).min(until);
     let mut attempt = 0;
+    // Whether the instance was seen not waiting yet (else it waited all along, and a token that
+    // found no action is stale).
+    let mut waited = false;
     loop {
         match lc.describe_instance(&action.instance_id, until).await {
             Ok(Some((_, state))) if waiting(&state) => break,
-            Ok(None) => {
-                return ActionOutcome::NotCompleted {
-                    error: "the instance is no longer in its group".into(),
-                };
+            Ok(Some((_, state)))
+                if state.ends_with("Terminating:Proceed") || state.ends_with("Terminated") =>
+            {
+                return ActionOutcome::AlreadyDone;
             }
+            // No active action and no longer in the group: completed by someone else, gone.
+            Ok(None) => return ActionOutcome::AlreadyDone,
             Ok(Some((_, state))) if Instant::now() >= wait_until => {
                 return ActionOutcome::NotCompleted {
                     error: format!("the instance is {state}, not {TERMINATING_WAIT}"),
@@ -958,7 +987,8 @@ async fn complete(
                 tracing::warn!(error = %e, "cannot confirm Terminating:Wait; completing anyway");
                 break;
             }
-            _ => {
+            other => {
+                waited |= matches!(other, Ok(Some(_)));
                 attempt += 1;
                 tokio::time::sleep(
                     crate::lifecycle::backoff(
@@ -972,7 +1002,13 @@ async fn complete(
         }
     }
     let done = |result| ActionOutcome::Completed { result };
-    match lc.complete(action, result, until).await {
+    let by_token = if waited || action.token.is_none() {
+        lc.complete(action, result, until).await
+    } else {
+        // It waited all along and the token found no action: stale, go by instance id below.
+        Ok(Completed::AlreadyDone)
+    };
+    match by_token {
         Ok(Completed::Now) => done(result),
         Ok(Completed::AlreadyDone) if action.token.is_some() => {
             // By token it is gone; if the instance still waits, the token was stale.
@@ -1254,7 +1290,10 @@ mod tests {
         ) -> BoxFuture<'a, Result<Completed, LifecycleError>> {
             Box::pin(async move {
                 self.record("CompleteLifecycleAction", Some(action), Some(result));
-                if self.stale_token && action.token.is_some() {
+                // As Auto Scaling (after the grace): no active action before the instance
+                // waits, or by a stale token.
+                let waits = waiting(&self.state.lock().unwrap());
+                if !waits || (self.stale_token && action.token.is_some()) {
                     Ok(Completed::AlreadyDone)
                 } else {
                     Ok(Completed::Now)
@@ -1684,6 +1723,60 @@ mod tests {
             1,
             "one backup, one report"
         );
+    }
+
+    /// A termination completes with one Auto Scaling call: no describe before it (a fleet of a
+    /// thousand shares the account's rate limit; the describe used to come first, every time).
+    #[tokio::test(start_paused = true)]
+    async fn a_scale_in_completes_without_a_describe_call() {
+        let b = bench(
+            FakeLifecycle::new(Duration::from_secs(60)),
+            FakeBackup::new(Duration::from_secs(2)),
+            "",
+        );
+        let r = b
+            .runner
+            .submit(notice(NoticeSource::TargetLifecycleState))
+            .await;
+        assert_eq!(
+            r.lifecycle,
+            Some(ActionOutcome::Completed {
+                result: LifecycleResult::Continue
+            })
+        );
+        assert_eq!(b.lc.calls("DescribeAutoScalingInstances").len(), 0);
+        assert_eq!(b.lc.calls("CompleteLifecycleAction").len(), 1);
+    }
+
+    /// The target state changes before the transition: a backup stored before the instance
+    /// waits is not completed early; "no active action" then makes it wait for
+    /// `Terminating:Wait` and complete.
+    #[tokio::test(start_paused = true)]
+    async fn a_backup_stored_before_the_instance_waits_completes_once_it_waits() {
+        let lc = FakeLifecycle::new(Duration::from_secs(60));
+        *lc.state.lock().unwrap() = "Terminating".into();
+        let b = bench(Arc::clone(&lc), FakeBackup::new(Duration::from_secs(1)), "");
+        let flip = Arc::clone(&lc);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            *flip.state.lock().unwrap() = TERMINATING_WAIT.into();
+        });
+        let r = b
+            .runner
+            .submit(notice(NoticeSource::TargetLifecycleState))
+            .await;
+        assert_eq!(
+            r.lifecycle,
+            Some(ActionOutcome::Completed {
+                result: LifecycleResult::Continue
+            })
+        );
+        let completions = b.lc.calls("CompleteLifecycleAction");
+        assert!(
+            completions.last().unwrap().at >= Duration::from_secs(30),
+            "{completions:?}"
+        );
+        assert!(!b.lc.calls("DescribeAutoScalingInstances").is_empty());
     }
 
     /// A fleet's scale-in shares one Auto Scaling rate limit: the daemon reads its hook ahead
