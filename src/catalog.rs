@@ -5,6 +5,7 @@ use std::io::Read;
 
 use aws_sdk_s3::Client;
 use aws_sdk_s3::error::ProvideErrorMetadata;
+use time::OffsetDateTime;
 use tokio::task::JoinSet;
 
 use crate::config::S3Config;
@@ -116,16 +117,52 @@ pub struct BackupEntry {
     pub status: BackupStatus,
 }
 
-/// Lists backups under the configured prefix, newest first; only those of `instance_id` if given.
+/// Which backups [`list`] returns.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    /// Only this instance's.
+    pub instance_id: Option<String>,
+    /// Only this group's: the listing itself is narrowed to the group's prefix.
+    pub group: Option<String>,
+    /// Only those started at or after this time (the UTC time their names begin with).
+    pub since: Option<OffsetDateTime>,
+    /// At most this many, newest first.
+    pub limit: Option<usize>,
+}
+
+/// The prefix of a group's keys (see [`manifest::owner_prefix`] for the encoding).
+fn group_prefix(s3: &S3Config, group: &str) -> String {
+    format!(
+        "{}{}/",
+        s3.prefix,
+        group.replace('%', "%25").replace('/', "%2F")
+    )
+}
+
+/// Lists backups under the configured prefix, newest first, as `filter` narrows them. The
+/// listing pages through S3 keeping only the key names that pass the filter; the manifests are
+/// looked at (one HEAD each) only for the backups returned, so `--limit 20` over a group of
+/// 100,000 archives makes 20 HEADs.
 pub async fn list(
     client: &Client,
     s3: &S3Config,
-    instance_id: Option<&str>,
+    filter: &ListFilter,
 ) -> Result<Vec<BackupEntry>, CatalogError> {
+    let prefix = match &filter.group {
+        Some(g) => group_prefix(s3, g),
+        None => s3.prefix.clone(),
+    };
+    let since = filter.since.map(|t| {
+        t.to_offset(time::UtcOffset::UTC)
+            .format(time::macros::format_description!(
+                "[year][month][day]T[hour][minute][second]Z"
+            ))
+            .unwrap_or_default()
+    });
     let mut pages = client
         .list_objects_v2()
         .bucket(&s3.bucket)
-        .prefix(&s3.prefix)
+        .prefix(&prefix)
         .set_expected_bucket_owner(owner(s3))
         .into_paginator()
         .send();
@@ -134,7 +171,7 @@ pub async fn list(
     while let Some(page) = pages.next().await {
         let page = page.map_err(|e| CatalogError::List {
             bucket: s3.bucket.clone(),
-            prefix: s3.prefix.clone(),
+            prefix: prefix.clone(),
             message: sdk_message(&e),
         })?;
         for obj in page.contents() {
@@ -142,7 +179,12 @@ pub async fn list(
             let Some(parts) = manifest::parse_key(&s3.prefix, key) else {
                 continue;
             };
-            if instance_id.is_some_and(|want| want != parts.instance_id) {
+            if filter
+                .instance_id
+                .as_deref()
+                .is_some_and(|want| want != parts.instance_id)
+                || since.as_deref().is_some_and(|t| parts.name < t)
+            {
                 continue;
             }
             if key.ends_with(manifest::MANIFEST_SUFFIX) {
@@ -158,6 +200,11 @@ pub async fn list(
                 });
             }
         }
+    }
+    // Names start with a sortable UTC time: newest first.
+    archives.sort_by(|a, b| b.name.cmp(&a.name).then_with(|| b.key.cmp(&a.key)));
+    if let Some(limit) = filter.limit {
+        archives.truncate(limit);
     }
     // HEAD each manifest for its status, a few at a time.
     let mut heads = JoinSet::new();
@@ -193,8 +240,6 @@ pub async fn list(
             archives[i].status = status(partial);
         }
     }
-    // Names start with a sortable UTC time: newest first.
-    archives.sort_by(|a, b| b.name.cmp(&a.name).then_with(|| b.key.cmp(&a.key)));
     Ok(archives)
 }
 
@@ -218,7 +263,11 @@ pub async fn latest(
     instance_id: &str,
 ) -> Result<BackupEntry, CatalogError> {
     // The newest complete one: a partial or unverifiable archive is restored only when named.
-    list(client, s3, Some(instance_id))
+    let filter = ListFilter {
+        instance_id: Some(instance_id.to_owned()),
+        ..ListFilter::default()
+    };
+    list(client, s3, &filter)
         .await?
         .into_iter()
         .find(|e| e.status == BackupStatus::Complete)

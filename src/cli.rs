@@ -91,6 +91,16 @@ enum Command {
         /// Only this instance's backups.
         #[arg(long)]
         instance_id: Option<String>,
+        /// Only this Auto Scaling group's backups (`standalone` for hosts outside a group).
+        #[arg(long)]
+        group: Option<String>,
+        /// Only backups started at or after this time: RFC 3339 (`2026-11-27T08:00:00Z`), a
+        /// date (`2026-11-27`, UTC midnight), or a duration ago (`36h`, `7d`).
+        #[arg(long, value_parser = parse_since)]
+        since: Option<time::OffsetDateTime>,
+        /// At most this many, newest first.
+        #[arg(long)]
+        limit: Option<usize>,
     },
     /// Download and extract a backup into a directory (never writing outside it).
     Restore {
@@ -289,7 +299,20 @@ async fn dispatch(command: Command, config: Config) -> u8 {
             };
             backup(config, notice, instance_id).await
         }
-        Command::List { instance_id } => list(&config, instance_id.as_deref()).await,
+        Command::List {
+            instance_id,
+            group,
+            since,
+            limit,
+        } => {
+            let filter = catalog::ListFilter {
+                instance_id,
+                group,
+                since,
+                limit,
+            };
+            list(&config, &filter).await
+        }
         Command::Restore {
             key,
             instance_id,
@@ -612,9 +635,26 @@ fn exit_code(r: &JobResult) -> u8 {
     }
 }
 
-async fn list(config: &Config, instance_id: Option<&str>) -> Result<u8, Failure> {
+/// `--since`: RFC 3339, a date (UTC midnight), or a duration ago.
+fn parse_since(v: &str) -> Result<time::OffsetDateTime, String> {
+    use time::format_description::well_known::Rfc3339;
+    if let Ok(t) = time::OffsetDateTime::parse(v, &Rfc3339) {
+        return Ok(t);
+    }
+    if let Ok(d) = time::Date::parse(v, time::macros::format_description!("[year]-[month]-[day]")) {
+        return Ok(d.midnight().assume_utc());
+    }
+    match humantime::parse_duration(v) {
+        Ok(ago) => Ok(time::OffsetDateTime::now_utc() - ago),
+        Err(_) => Err(format!(
+            "{v:?} is not a time (2026-11-27T08:00:00Z), a date (2026-11-27) or a duration ago (36h)"
+        )),
+    }
+}
+
+async fn list(config: &Config, filter: &catalog::ListFilter) -> Result<u8, Failure> {
     let s3 = s3_client(config).await;
-    let entries = catalog::list(&s3, &config.s3, instance_id).await?;
+    let entries = catalog::list(&s3, &config.s3, filter).await?;
     if entries.is_empty() {
         eprintln!(
             "no backups under s3://{}/{}",

@@ -434,3 +434,67 @@ fn sse_kms_stores_archive_and_manifest_under_the_configured_key() {
     let restored = target.join(data.strip_prefix("/").unwrap()).join("big.bin");
     assert_eq!(fs::read(restored).unwrap().len(), 12 << 20);
 }
+
+/// `list` at fleet scale: `--group` narrows the listing itself, `--since` and `--limit` cut it
+/// newest first, and only what is printed has its manifest looked at.
+#[test]
+fn list_filters_by_group_time_and_limit() {
+    let server = moto();
+    let dir = tempfile::tempdir().unwrap();
+    let bucket = server.bucket("list-filters");
+    let lb = Lifeboat::new(
+        dir.path(),
+        &server.endpoint,
+        &config_for(&bucket, &[dir.path()], "", ""),
+    );
+    let keys = [
+        ("web/i-1/20261101T000000Z-a", true),
+        ("web/i-2/20261120T000000Z-b", true),
+        ("web/i-2/20261125T000000Z-c", false),
+        ("db/i-3/20261126T000000Z-d", true),
+        ("team%2Fweb/i-4/20261127T000000Z-e", true),
+    ];
+    for (stem, with_manifest) in keys {
+        server.put(&bucket, &format!("backups/{stem}.tar"), b"x".to_vec());
+        if with_manifest {
+            server.put(
+                &bucket,
+                &format!("backups/{stem}.manifest.json"),
+                b"{}".to_vec(),
+            );
+        }
+    }
+    let names = |args: &[&str]| -> Vec<String> {
+        let mut all = vec!["list"];
+        all.extend_from_slice(args);
+        lb.run(&all)
+            .ok()
+            .lines()
+            .skip(1)
+            .map(|l| {
+                l.rsplit('-')
+                    .next()
+                    .unwrap()
+                    .trim_end_matches(".tar")
+                    .to_owned()
+            })
+            .collect()
+    };
+    assert_eq!(names(&["--group", "web"]), ["c", "b", "a"]);
+    assert_eq!(
+        names(&["--group", "web", "--since", "2026-11-15"]),
+        ["c", "b"]
+    );
+    assert_eq!(
+        names(&["--since", "2026-11-25T12:00:00Z", "--limit", "5"]),
+        ["e", "d"]
+    );
+    assert_eq!(names(&["--limit", "2"]), ["e", "d"]);
+    assert_eq!(names(&["--group", "team/web"]), ["e"]);
+    assert_eq!(names(&["--instance-id", "i-2", "--limit", "1"]), ["c"]);
+    let out = lb.run(&["list", "--group", "web"]);
+    assert!(out.ok().contains("no-manifest"), "{out:#?}");
+    let bad = lb.run(&["list", "--since", "last tuesday"]);
+    assert_eq!(bad.code, Some(2), "{bad:#?}");
+    assert!(bad.stderr.contains("is not a time"), "{bad:#?}");
+}
