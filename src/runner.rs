@@ -1725,6 +1725,21 @@ mod tests {
         );
     }
 
+    /// Runs a scale-in (target lifecycle state) job and checks it completed CONTINUE.
+    async fn completes_continue(b: &Bench) {
+        let r = b
+            .runner
+            .submit(notice(NoticeSource::TargetLifecycleState))
+            .await;
+        assert_eq!(
+            r.lifecycle,
+            Some(ActionOutcome::Completed {
+                result: LifecycleResult::Continue
+            }),
+            "{r:?}"
+        );
+    }
+
     /// A termination completes with one Auto Scaling call: no describe before it (a fleet of a
     /// thousand shares the account's rate limit; the describe used to come first, every time).
     #[tokio::test(start_paused = true)]
@@ -1734,16 +1749,7 @@ mod tests {
             FakeBackup::new(Duration::from_secs(2)),
             "",
         );
-        let r = b
-            .runner
-            .submit(notice(NoticeSource::TargetLifecycleState))
-            .await;
-        assert_eq!(
-            r.lifecycle,
-            Some(ActionOutcome::Completed {
-                result: LifecycleResult::Continue
-            })
-        );
+        completes_continue(&b).await;
         assert_eq!(b.lc.calls("DescribeAutoScalingInstances").len(), 0);
         assert_eq!(b.lc.calls("CompleteLifecycleAction").len(), 1);
     }
@@ -1761,16 +1767,7 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(30)).await;
             *flip.state.lock().unwrap() = TERMINATING_WAIT.into();
         });
-        let r = b
-            .runner
-            .submit(notice(NoticeSource::TargetLifecycleState))
-            .await;
-        assert_eq!(
-            r.lifecycle,
-            Some(ActionOutcome::Completed {
-                result: LifecycleResult::Continue
-            })
-        );
+        completes_continue(&b).await;
         let completions = b.lc.calls("CompleteLifecycleAction");
         assert!(
             completions.last().unwrap().at >= Duration::from_secs(30),
