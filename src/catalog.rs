@@ -130,15 +130,6 @@ pub struct ListFilter {
     pub limit: Option<usize>,
 }
 
-/// The prefix of a group's keys (see [`manifest::owner_prefix`] for the encoding).
-fn group_prefix(s3: &S3Config, group: &str) -> String {
-    format!(
-        "{}{}/",
-        s3.prefix,
-        group.replace('%', "%25").replace('/', "%2F")
-    )
-}
-
 /// Lists backups under the configured prefix, newest first, as `filter` narrows them. The
 /// listing pages through S3 keeping only the key names that pass the filter; the manifests are
 /// looked at (one HEAD each) only for the backups returned, so `--limit 20` over a group of
@@ -149,16 +140,10 @@ pub async fn list(
     filter: &ListFilter,
 ) -> Result<Vec<BackupEntry>, CatalogError> {
     let prefix = match &filter.group {
-        Some(g) => group_prefix(s3, g),
+        Some(g) => format!("{}{}/", s3.prefix, manifest::key_group(g)),
         None => s3.prefix.clone(),
     };
-    let since = filter.since.map(|t| {
-        t.to_offset(time::UtcOffset::UTC)
-            .format(time::macros::format_description!(
-                "[year][month][day]T[hour][minute][second]Z"
-            ))
-            .unwrap_or_default()
-    });
+    let since = filter.since.map(manifest::key_time);
     let mut pages = client
         .list_objects_v2()
         .bucket(&s3.bucket)
@@ -193,7 +178,7 @@ pub async fn list(
                 archives.push(BackupEntry {
                     key: key.to_owned(),
                     size: u64::try_from(obj.size().unwrap_or(0)).unwrap_or(0),
-                    group: parts.group.replace("%2F", "/").replace("%25", "%"),
+                    group: manifest::group_of_key(parts.group),
                     instance_id: parts.instance_id.to_owned(),
                     name: parts.name.to_owned(),
                     status: BackupStatus::NoManifest,

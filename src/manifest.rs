@@ -104,14 +104,10 @@ pub fn archive_key(
     reason: &str,
     compression: CompressionKind,
 ) -> String {
-    let stamp = started
-        .format(time::macros::format_description!(
-            "[year][month][day]T[hour][minute][second]Z"
-        ))
-        .unwrap_or_default();
     format!(
-        "{}{stamp}-{}.{}",
+        "{}{}-{}.{}",
         owner_prefix(prefix, identity),
+        key_time(started),
         key_reason(reason),
         compression.extension()
     )
@@ -122,10 +118,26 @@ pub fn owner_prefix(prefix: &str, identity: &InstanceIdentity) -> String {
     let owner = identity
         .instance_arn()
         .unwrap_or_else(|| identity.instance_id.clone());
-    format!(
-        "{prefix}{}/{owner}/",
-        identity.group.replace('%', "%25").replace('/', "%2F")
-    )
+    format!("{prefix}{}/{owner}/", key_group(&identity.group))
+}
+
+/// A time as archive names begin with it (`20261127T080000Z`, UTC): sorts as it compares.
+pub fn key_time(t: OffsetDateTime) -> String {
+    t.to_offset(time::UtcOffset::UTC)
+        .format(time::macros::format_description!(
+            "[year][month][day]T[hour][minute][second]Z"
+        ))
+        .unwrap_or_default()
+}
+
+/// A group name as a key segment: `%` and `/` percent-encoded, so keys keep their segments.
+pub fn key_group(group: &str) -> String {
+    group.replace('%', "%25").replace('/', "%2F")
+}
+
+/// The group name a key segment encodes ([`key_group`] undone).
+pub fn group_of_key(segment: &str) -> String {
+    segment.replace("%2F", "/").replace("%25", "%")
 }
 
 /// What an archive or manifest key says, read strictly: anything but exactly

@@ -350,24 +350,6 @@ fn move_into(
     Ok(())
 }
 
-/// Extracts the archive read from `raw` (compressed as `compression`) into `target`, in place
-/// and unverified ([`restore`] proves the archive first and is what the CLI runs). Refused
-/// entries are listed in the report and the rest is restored.
-///
-/// Owners and set-id bits are the archive's word, and an archive is only as trustworthy as
-/// whoever could write it: they are applied only with `same_owner` (GNU tar's `--same-owner`).
-/// Without it the files belong to the restoring user and setuid/setgid bits are dropped, even as
-/// root.
-pub fn extract(
-    raw: impl Read,
-    compression: CompressionKind,
-    target: &Path,
-    same_owner: bool,
-) -> Result<RestoreReport, RestoreError> {
-    let root = open_target(target)?;
-    extract_into(raw, compression, &root, same_owner)
-}
-
 /// An entry's metadata, from its header and pax records.
 #[derive(Debug, Clone, Copy)]
 struct Meta {
@@ -574,6 +556,13 @@ fn kind_of(entry: &mut tar::Entry<'_, impl Read>, name: &[u8]) -> Result<Kind, S
     })
 }
 
+/// Extracts the archive read from `raw` (compressed as `compression`) into the directory `root`
+/// (restore's staging directory), listing refused entries in the report.
+///
+/// Owners and set-id bits are the archive's word, and an archive is only as trustworthy as
+/// whoever could write it: they are applied only with `same_owner` (GNU tar's `--same-owner`).
+/// Without it the files belong to the restoring user and setuid/setgid bits are dropped, even as
+/// root.
 fn extract_into(
     raw: impl Read,
     compression: CompressionKind,
@@ -1092,7 +1081,8 @@ mod tests {
             ("ok/file.txt", tar::EntryType::Regular, b"fine", None),
             ("hard", tar::EntryType::Link, b"", Some("../outside")),
         ]);
-        let report = extract(&archive[..], CompressionKind::None, &target, false).unwrap();
+        let root = open_target(&target).unwrap();
+        let report = extract_into(&archive[..], CompressionKind::None, &root, false).unwrap();
         let reasons: Vec<_> = report.refused.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(
             reasons,

@@ -237,13 +237,14 @@ impl Pacer {
         }
     }
 
+    /// Raises the level; the new level.
     fn throttled(&self) -> u32 {
-        let _ = self
+        let raise = |l: u32| (l + 1).min(Self::MAX_LEVEL);
+        let before = self
             .level
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
-                Some((l + 1).min(Self::MAX_LEVEL))
-            });
-        self.level.load(Ordering::Relaxed)
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| Some(raise(l)))
+            .unwrap_or_else(|l| l);
+        raise(before)
     }
 
     fn succeeded(&self) {
