@@ -7,19 +7,21 @@
 #   scripts/fleet-sim.sh --n 200              a smaller fleet
 #   scripts/fleet-sim.sh --as-rate 10 --as-burst 20 --send-rate 2.5 --list-rate 5
 #                                             rates halved
-#   LIFEBOAT_BIN=PATH scripts/fleet-sim.sh    another build
+#   scripts/fleet-sim.sh --path run-command   the Run Command path: the companion Lambda (20 at
+#                                             once) sends the SSM document, the agent stand-in
+#                                             runs `lifeboat backup` on each instance
+#   LIFEBOAT_BIN=PATH scripts/fleet-sim.sh    another build (LIFEBOAT_BOOTSTRAP: another Lambda)
 #
 # Needs about 8 GiB of memory for 1,000 daemons (they share the binary's pages) and a few
 # minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
-if [ -n "${LIFEBOAT_BIN:-}" ]; then
-  bin=$LIFEBOAT_BIN
-else
-  cargo build --release --quiet --bin lifeboat
-  bin=$PWD/target/release/lifeboat
+if [ -z "${LIFEBOAT_BIN:-}" ] || [ -z "${LIFEBOAT_BOOTSTRAP:-}" ]; then
+  cargo build --release --quiet -p lifeboat --bin lifeboat -p lifeboat-lambda --bin bootstrap
 fi
+bin=${LIFEBOAT_BIN:-$PWD/target/release/lifeboat}
+bootstrap=${LIFEBOAT_BOOTSTRAP:-$PWD/target/release/bootstrap}
 # A thousand daemons each keep a few files and sockets open: raise the soft limit.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-exec .venv/bin/python tests/tools/fleet_sim.py --lifeboat "$bin" --workdir "$PWD/.bench/fleet" "$@"
+exec .venv/bin/python tests/tools/fleet_sim.py --lifeboat "$bin" --bootstrap "$bootstrap" --workdir "$PWD/.bench/fleet" "$@"

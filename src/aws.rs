@@ -48,10 +48,13 @@ pub fn s3_client(conf: &SdkConfig, retry_budget: Duration) -> aws_sdk_s3::Client
     aws_sdk_s3::Client::from_conf(s3)
 }
 
-/// An Auto Scaling client for `conf`. Throttling is retried by lifeboat's own loops (which know
-/// the deadline), on top of the SDK's standard retries.
+/// An Auto Scaling client for `conf`, without the SDK's retries: lifeboat's own loops
+/// (`lifeboat_common::lifecycle`) retry within the deadline and pace by the throttling seen;
+/// the SDK's three quick attempts under each of theirs would triple the throttled calls a
+/// fleet spends of the account's shared bucket.
 pub fn autoscaling_client(conf: &SdkConfig) -> aws_sdk_autoscaling::Client {
     let c = aws_sdk_autoscaling::config::Builder::from(conf)
+        .retry_config(RetryConfig::disabled())
         .timeout_config(
             TimeoutConfig::builder()
                 .connect_timeout(Duration::from_secs(5))

@@ -296,6 +296,7 @@ async fn dispatch(command: Command, config: Config) -> u8 {
                 token,
                 deadline: None,
                 complete_lifecycle,
+                action_began_after: None,
             };
             backup(config, notice, instance_id).await
         }

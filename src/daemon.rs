@@ -292,9 +292,14 @@ pub async fn run(
         &format!("watching {} for {instance_id}", sources.join(", ")),
     );
     let mut jobs = tokio::task::JoinSet::new();
+    // SIGHUP (`systemctl reload lifeboat`): the hook's settings are read again.
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .inspect_err(|e| tracing::warn!(error = %e, "no SIGHUP handler: reload will not work"))
+        .ok();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
+            Some(()) = async { hangup.as_mut()?.recv().await } => runner.reread_hook(),
             Some(event) = rx.recv() => match event {
                 WatchEvent::NewLifecycle => runner.new_lifecycle(),
                 WatchEvent::Notice(notice) => {

@@ -24,7 +24,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use time::OffsetDateTime;
 use tokio::sync::watch;
@@ -53,7 +53,8 @@ const REPORT_BUDGET: Duration = Duration::from_secs(15);
 const INTERRUPTED_REPORT_BUDGET: Duration = Duration::from_secs(3);
 /// How long completion may take for a job without a deadline.
 const UNBOUNDED_COMPLETION: Duration = Duration::from_secs(600);
-/// The first heartbeat comes within this long of the action being found (jittered).
+/// The first heartbeat comes within this long of the action being found (jittered) when the
+/// action may have begun long before (a restarted daemon, a command the Lambda sent late).
 const FIRST_BEAT_WITHIN: Duration = Duration::from_secs(5);
 /// How long the daemon trusts the terminate hook's settings it read (DescribeLifecycleHooks),
 /// and how often it reads them again: a termination then needs no describe call, which matters
@@ -231,10 +232,19 @@ struct Hints {
     hook: Option<String>,
     token: Option<String>,
     deadline: Deadline,
+    /// The lifecycle action began after this, when every notice asking to complete it says so.
+    action_began_after: Option<SystemTime>,
 }
 
 impl Hints {
     fn merge(&mut self, n: &TerminationNotice) {
+        if n.complete_lifecycle {
+            self.action_began_after = if self.complete_lifecycle {
+                self.action_began_after.min(n.action_began_after)
+            } else {
+                n.action_began_after
+            };
+        }
         self.complete_lifecycle |= n.complete_lifecycle;
         self.group = self.group.take().or_else(|| n.group.clone());
         self.hook = self.hook.take().or_else(|| n.hook.clone());
@@ -282,9 +292,10 @@ pub struct Runner {
     hooks: Arc<HookCache>,
 }
 
-/// The terminate hook's settings as last read, by group and configured name.
+/// The terminate hook's settings as last read, by group and configured name; `reread` wakes
+/// the read-ahead loop.
 #[derive(Default)]
-struct HookCache(Mutex<Option<CachedHook>>);
+struct HookCache(Mutex<Option<CachedHook>>, tokio::sync::Notify);
 
 /// Group, configured hook name, the hook, when it was read.
 type CachedHook = (String, Option<String>, Hook, Instant);
@@ -297,6 +308,13 @@ impl HookCache {
             .as_ref()
             .filter(|(g, w, _, at)| g == group && w.as_deref() == wanted && at.elapsed() < HOOK_TTL)
             .map(|(_, _, hook, _)| hook.clone())
+    }
+
+    /// Forgets the hook's settings (a termination before the next read describes it) and reads
+    /// them again now.
+    fn reread(&self) {
+        *self.0.lock().expect("hook cache lock") = None;
+        self.1.notify_one();
     }
 
     fn put(&self, group: &str, wanted: Option<&str>, hook: &Hook) {
@@ -365,8 +383,9 @@ impl Runner {
         self.config.lifecycle.hook_name.clone()
     }
 
-    /// Reads the group's terminate hook now (within [`HOOK_PREFETCH_WITHIN`], jittered) and
-    /// every [`HOOK_TTL`], so a termination finds it cached. Off a group, nothing.
+    /// Reads the group's terminate hook now (within [`HOOK_PREFETCH_WITHIN`], jittered), every
+    /// [`HOOK_TTL`] and on [`Runner::reread_hook`], so a termination finds it cached. Off a
+    /// group, nothing.
     pub fn prefetch_hook(self: &Arc<Self>) {
         if self.identity.group == STANDALONE {
             return;
@@ -378,6 +397,7 @@ impl Runner {
                 tokio::select! {
                     () = runner.shutdown.cancelled() => return,
                     () = tokio::time::sleep(pause) => {}
+                    () = runner.hooks.1.notified() => {}
                 }
                 let (group, wanted) = (&runner.identity.group, runner.wanted_hook());
                 let until = Instant::now() + Duration::from_secs(120);
@@ -397,6 +417,13 @@ impl Runner {
                 pause = HOOK_TTL.mul_f64(0.9 + 0.1 * fastrand::f64());
             }
         });
+    }
+
+    /// Reads the terminate hook's settings again now (SIGHUP: after an operator changed the
+    /// hook, e.g. shortened its heartbeat timeout); until then a termination describes it.
+    pub fn reread_hook(&self) {
+        tracing::info!("reading the terminate hook's settings again");
+        self.hooks.reread();
     }
 
     /// Live counters of the running job, if any.
@@ -746,9 +773,11 @@ impl<'r> Story<'r> {
             .heartbeat_interval
             .unwrap_or(hook.heartbeat_timeout / 2)
             .max(Duration::from_secs(1));
+        let first_beat = first_beat_in(interval, self.hints.action_began_after);
         tracing::info!(
             group = %action.group,
             hook = %action.hook,
+            first_heartbeat_in_s = first_beat.as_secs(),
             heartbeat_every_s = interval.as_secs(),
             deadline_in_s = self.deadline.remaining().map(|d| d.as_secs()),
             "lifecycle action found"
@@ -756,6 +785,7 @@ impl<'r> Story<'r> {
         self.heartbeats = Some(Heartbeats::start(
             Arc::clone(&self.runner.lifecycle),
             action.clone(),
+            first_beat,
             interval,
             self.deadline.or(self.start + hook.global_timeout()),
         ));
@@ -1039,10 +1069,27 @@ async fn complete_when_waiting(
     }
 }
 
+/// When the first heartbeat is due. An action seen beginning (the watcher read another state
+/// moments before) has its full timeout ahead: the first beat comes between half and all of the
+/// `interval` left since then, spread so a fleet does not beat in step and most short backups
+/// need no beat at all (a thousand beats in the first seconds of a mass scale-in would spend
+/// the account's Auto Scaling bucket that the completions need). An action that may have begun
+/// long before gets its first beat within [`FIRST_BEAT_WITHIN`].
+fn first_beat_in(interval: Duration, began_after: Option<SystemTime>) -> Duration {
+    let left = began_after
+        .map(|t| interval.saturating_sub(t.elapsed().unwrap_or_default()))
+        .unwrap_or_default();
+    if left >= FIRST_BEAT_WITHIN * 2 {
+        left.mul_f64(0.5 + fastrand::f64() / 2.0)
+    } else {
+        interval.min(FIRST_BEAT_WITHIN).mul_f64(fastrand::f64())
+    }
+}
+
 /// Heartbeats for one lifecycle action while a job runs; they stop when this is dropped.
 ///
-/// The first beat comes within [`FIRST_BEAT_WITHIN`] (jittered, so a fleet does not beat in
-/// step), then every `interval`. A failed beat is retried within seconds, not a whole interval
+/// The first beat comes `first` after the start (see [`first_beat_in`]), then every
+/// `interval`. A failed beat is retried within seconds, not a whole interval
 /// later. "No active lifecycle action" is retried for [`NOT_ACTIVE_GRACE`] (Auto Scaling says it
 /// briefly right after `Terminating:Wait`), by instance id when a token was used, before the
 /// beats stop.
@@ -1051,15 +1098,24 @@ pub struct Heartbeats {
 }
 
 impl Heartbeats {
-    /// Starts beating for `action` every `interval` until `until` (the hook's end).
+    /// Starts beating for `action`, first after `first`, then every `interval` until `until`
+    /// (the hook's end).
     pub fn start(
         lc: Arc<dyn LifecycleApi>,
         action: ActionRef,
+        first: Duration,
         interval: Duration,
         until: Instant,
     ) -> Self {
         let stop = CancellationToken::new();
-        tokio::spawn(heartbeat_loop(lc, action, interval, until, stop.clone()));
+        tokio::spawn(heartbeat_loop(
+            lc,
+            action,
+            first,
+            interval,
+            until,
+            stop.clone(),
+        ));
         Self { stop }
     }
 }
@@ -1073,12 +1129,13 @@ impl Drop for Heartbeats {
 async fn heartbeat_loop(
     lc: Arc<dyn LifecycleApi>,
     mut action: ActionRef,
+    first: Duration,
     interval: Duration,
     until: Instant,
     stop: CancellationToken,
 ) {
     let retry_cap = (interval / 4).clamp(Duration::from_secs(1), Duration::from_secs(30));
-    let mut next = Instant::now() + interval.min(FIRST_BEAT_WITHIN).mul_f64(fastrand::f64());
+    let mut next = Instant::now() + first;
     let mut failures = 0;
     let mut not_active_since: Option<Instant> = None;
     loop {
@@ -1435,6 +1492,7 @@ mod tests {
             token: None,
             deadline: None,
             complete_lifecycle: source == NoticeSource::TargetLifecycleState,
+            action_began_after: None,
         }
     }
 
@@ -1540,6 +1598,40 @@ mod tests {
             beats[4].at - beats[3].at >= Duration::from_secs(299),
             "{beats:?}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_action_seen_beginning_gets_its_first_beat_late_in_the_interval() {
+        // 600 s timeout: a beat every 300 s.
+        let first_beat = |began_ago: Option<u64>| async move {
+            let lc = FakeLifecycle::new(Duration::from_secs(600));
+            let b = bench(lc, FakeBackup::new(Duration::from_secs(400)), "");
+            b.runner
+                .submit(TerminationNotice {
+                    action_began_after: began_ago
+                        .map(|s| SystemTime::now() - Duration::from_secs(s)),
+                    ..notice(NoticeSource::TargetLifecycleState)
+                })
+                .await;
+            b.lc.calls("RecordLifecycleActionHeartbeat")[0].at
+        };
+        for _ in 0..5 {
+            // Seen beginning (the poll before read InService): 150-300 s in, spread.
+            let fresh = first_beat(Some(1)).await;
+            assert!(
+                fresh >= Duration::from_secs(149) && fresh <= Duration::from_secs(300),
+                "{fresh:?}"
+            );
+            // Begun 200 s before it was seen (metadata was failing): within the 100 s left.
+            let late = first_beat(Some(200)).await;
+            assert!(
+                late >= Duration::from_secs(49) && late <= Duration::from_secs(100),
+                "{late:?}"
+            );
+            // Begun 298 s before, or unknown (found at start-up): within 5 s.
+            assert!(first_beat(Some(298)).await <= FIRST_BEAT_WITHIN);
+            assert!(first_beat(None).await <= FIRST_BEAT_WITHIN);
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -1780,14 +1872,7 @@ mod tests {
     /// (once, jittered after start) and a termination then describes no hook.
     #[tokio::test(start_paused = true)]
     async fn a_termination_after_the_hook_was_read_ahead_describes_no_hook() {
-        let b = bench(
-            FakeLifecycle::new(Duration::from_secs(60)),
-            FakeBackup::new(Duration::from_secs(10)),
-            "",
-        );
-        b.runner.prefetch_hook();
-        tokio::time::sleep(HOOK_PREFETCH_WITHIN + Duration::from_secs(1)).await;
-        assert_eq!(b.lc.calls("DescribeLifecycleHooks").len(), 1, "read ahead");
+        let b = read_ahead().await;
         let r = b
             .runner
             .submit(notice(NoticeSource::TargetLifecycleState))
@@ -1798,6 +1883,33 @@ mod tests {
         );
         assert_eq!(b.lc.calls("DescribeLifecycleHooks").len(), 1, "none more");
         assert_eq!(b.lc.calls("CompleteLifecycleAction").len(), 1);
+    }
+
+    /// A bench whose runner has read its hook ahead (one describe call).
+    async fn read_ahead() -> Bench {
+        let b = bench(
+            FakeLifecycle::new(Duration::from_secs(60)),
+            FakeBackup::new(Duration::from_secs(10)),
+            "",
+        );
+        b.runner.prefetch_hook();
+        tokio::time::sleep(HOOK_PREFETCH_WITHIN + Duration::from_secs(1)).await;
+        assert_eq!(b.lc.calls("DescribeLifecycleHooks").len(), 1, "read ahead");
+        b
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_reads_the_hook_again_at_once() {
+        let b = read_ahead().await;
+        // The operator changed the hook, then `systemctl reload lifeboat` (SIGHUP).
+        b.runner.reread_hook();
+        assert!(
+            b.runner.hooks.get("web", None).is_none(),
+            "forgotten at once"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(b.lc.calls("DescribeLifecycleHooks").len(), 2, "read again");
+        assert!(b.runner.hooks.get("web", None).is_some());
     }
 
     #[tokio::test(start_paused = true)]

@@ -53,6 +53,12 @@ pub struct TerminationNotice {
     pub deadline: Option<SystemTime>,
     /// Whether the lifecycle action should be completed when the job ends.
     pub complete_lifecycle: bool,
+    /// The lifecycle action began after this time, when known: the watcher's last poll that saw
+    /// `target-lifecycle-state` other than `Terminated` (the state changes as the instance
+    /// prepares to leave, before the hook's clock starts). Unknown when the state was already
+    /// `Terminated` at the watcher's first look (a restarted daemon) or for a command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action_began_after: Option<SystemTime>,
 }
 
 /// What the watcher reports.
@@ -76,6 +82,8 @@ struct SpotAction {
 #[derive(Debug, Default)]
 struct Seen {
     terminated: bool,
+    /// When a poll last read a target lifecycle state other than `Terminated` (or none).
+    other_state_at: Option<SystemTime>,
     spot: bool,
     rebalance: bool,
 }
@@ -158,7 +166,11 @@ impl ImdsWatcher {
                 token: None,
                 deadline: None,
                 complete_lifecycle: true,
+                action_began_after: seen.other_state_at,
             }));
+        }
+        if !terminating {
+            seen.other_state_at = Some(SystemTime::now());
         }
         if self.spot
             && !seen.spot
@@ -188,6 +200,7 @@ impl ImdsWatcher {
                 token: None,
                 deadline: Some(deadline),
                 complete_lifecycle: false,
+                action_began_after: None,
             }));
         }
         if self.rebalance
@@ -206,6 +219,7 @@ impl ImdsWatcher {
                 token: None,
                 deadline: None,
                 complete_lifecycle: false,
+                action_began_after: None,
             }));
         }
         Ok(out)

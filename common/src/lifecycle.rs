@@ -2,11 +2,11 @@
 //! keeps the hook alive with heartbeats, confirms `Terminating:Wait`, and completes the action.
 //!
 //! Built for a thousand instances terminating in the same minute, all sharing one Auto Scaling
-//! API rate limit: every call retries throttling and 5xx with jittered backoff; heartbeats start
-//! at a random phase; completion has its own retry loop that keeps trying until shortly before
-//! the deadline instead of giving up after the SDK's three attempts; and "no active lifecycle
-//! action" (seen in practice right after `Terminating:Wait`, and after someone else completed
-//! it) is retried for a short while, then taken as done.
+//! API rate limit: every call retries throttling and 5xx itself (build the client with the
+//! SDK's retries disabled), with jittered backoff that grows with the throttling the process has
+//! seen, until shortly before the call's deadline; heartbeats start at a random phase; and "no
+//! active lifecycle action" (seen in practice right after `Terminating:Wait`, and after someone
+//! else completed it) is retried for a short while, then taken as done.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -205,6 +205,28 @@ pub fn backoff(attempt: u32, base: Duration, cap: Duration) -> Duration {
     ceiling.mul_f64(fastrand::f64())
 }
 
+/// The pause after the `step`th throttle in a row (1, 2, …): "equal jitter" over
+/// `THROTTLE_BASE × 2^(step-1)`, capped at [`THROTTLE_CAP`]: half of it fixed, so a fleet's
+/// retries thin out as fast as the throttling says they must (fewer throttled calls than full
+/// jitter, whose pauses can be near zero), and capped low enough that the last instances
+/// waiting do not sleep long past the moment the bucket frees up.
+pub fn throttle_pause(step: u32) -> Duration {
+    let ceiling = THROTTLE_BASE
+        .saturating_mul(2u32.saturating_pow(step.saturating_sub(1).min(16)))
+        .min(THROTTLE_CAP);
+    ceiling / 2 + (ceiling / 2).mul_f64(fastrand::f64())
+}
+
+/// How long before its `until` a call makes its last attempt.
+const LAST_ATTEMPT_MARGIN: Duration = Duration::from_millis(500);
+
+/// The first pause after a throttled call (see [`throttle_pause`]).
+const THROTTLE_BASE: Duration = Duration::from_secs(2);
+/// The longest pause after a throttled call. A fleet-scale simulation
+/// (`scripts/fleet-sim.sh`, 1,000 instances on one bucket) picked it: longer pauses save few
+/// throttled calls but leave the bucket idle at the end while the last instances sleep.
+const THROTTLE_CAP: Duration = Duration::from_secs(20);
+
 /// Whether `err` is the service saying "too many requests" (rather than failing).
 fn is_throttle<E: ProvideErrorMetadata>(err: &SdkError<E>) -> bool {
     matches!(err, SdkError::ServiceError(se) if matches!(
@@ -215,7 +237,7 @@ fn is_throttle<E: ProvideErrorMetadata>(err: &SdkError<E>) -> bool {
 
 /// Client-side pacing shared by every Auto Scaling call of the process: the account's bucket
 /// is shared by every caller, so a throttled call slows the next ones too. The level rises with
-/// each throttle and falls with each success; while it is up, a call first waits a jittered
+/// each throttle and falls with each success; while it is up, a new call first waits a jittered
 /// delay that grows with it, and a throttled retry backs off from it.
 #[derive(Debug, Default)]
 struct Pacer {
@@ -225,6 +247,7 @@ struct Pacer {
 impl Pacer {
     const MAX_LEVEL: u32 = 6;
 
+    /// Before the first attempt of a call (a retry has waited already).
     async fn before_call(&self) {
         let level = self.level.load(Ordering::Relaxed);
         if level > 0 {
@@ -288,7 +311,9 @@ impl Lifecycle {
     ) -> Result<Option<(String, String)>, LifecycleError> {
         let mut attempt = 0;
         loop {
-            self.pacer.before_call().await;
+            if attempt == 0 {
+                self.pacer.before_call().await;
+            }
             match self
                 .client
                 .describe_auto_scaling_instances()
@@ -329,7 +354,9 @@ impl Lifecycle {
     ) -> Result<Hook, LifecycleError> {
         let mut attempt = 0;
         let out = loop {
-            self.pacer.before_call().await;
+            if attempt == 0 {
+                self.pacer.before_call().await;
+            }
             match self
                 .client
                 .describe_lifecycle_hooks()
@@ -397,7 +424,9 @@ impl Lifecycle {
     ) -> Result<bool, LifecycleError> {
         let mut attempt = 0;
         loop {
-            self.pacer.before_call().await;
+            if attempt == 0 {
+                self.pacer.before_call().await;
+            }
             let result = self
                 .client
                 .record_lifecycle_action_heartbeat()
@@ -438,7 +467,9 @@ impl Lifecycle {
         let mut attempt = 0;
         let mut not_active_since: Option<Instant> = None;
         loop {
-            self.pacer.before_call().await;
+            if attempt == 0 {
+                self.pacer.before_call().await;
+            }
             let sent = self
                 .client
                 .complete_lifecycle_action()
@@ -519,11 +550,7 @@ impl Lifecycle {
         // so a fleet's retries do not spend the account's bucket.
         let pause = if is_throttle(err) {
             let level = self.pacer.throttled();
-            backoff(
-                *attempt + level,
-                Duration::from_millis(500),
-                Duration::from_secs(60),
-            )
+            throttle_pause((*attempt).max(level))
         } else {
             backoff(
                 *attempt,
@@ -531,9 +558,12 @@ impl Lifecycle {
                 Duration::from_secs(20),
             )
         };
-        if Instant::now() + pause >= until {
+        // A pause past `until` is cut short for one last attempt just before it.
+        let left = until.saturating_duration_since(Instant::now());
+        if left < LAST_ATTEMPT_MARGIN * 2 {
             return Err(fail());
         }
+        let pause = pause.min(left - LAST_ATTEMPT_MARGIN);
         tracing::debug!(operation, attempt = *attempt, error = %sdk_message(err), "retrying");
         tokio::time::sleep(pause).await;
         Ok(())
@@ -560,6 +590,26 @@ mod tests {
         for attempt in 0..40 {
             let d = backoff(attempt, Duration::from_millis(500), Duration::from_secs(20));
             assert!(d <= Duration::from_secs(20));
+        }
+    }
+
+    #[test]
+    fn throttle_pauses_double_from_one_second_and_stay_between_half_and_all_of_the_cap() {
+        for _ in 0..100 {
+            let first = throttle_pause(1);
+            assert!(
+                first >= THROTTLE_BASE / 2 && first <= THROTTLE_BASE,
+                "{first:?}"
+            );
+            let third = throttle_pause(3);
+            assert!(
+                third >= THROTTLE_BASE * 2 && third <= THROTTLE_BASE * 4,
+                "{third:?}"
+            );
+            for step in [6, 7, 40, u32::MAX] {
+                let late = throttle_pause(step);
+                assert!(late >= THROTTLE_CAP / 2 && late <= THROTTLE_CAP, "{late:?}");
+            }
         }
     }
 }

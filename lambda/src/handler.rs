@@ -28,8 +28,22 @@ const DOCUMENT_BUDGET: Duration = Duration::from_secs(3);
 
 /// How long Lambda's own retries of a failed asynchronous invocation take to run out: two
 /// retries, about one and two minutes after the failures, each up to the function's timeout.
-/// An action with less time left than this is completed rather than left to them.
+/// An action with less time left than this is renewed (one heartbeat) before it is left to them.
 const RETRY_HORIZON: Duration = Duration::from_secs(240);
+
+/// At most this much of the budget goes to renewing an action (one heartbeat, retried if
+/// throttled).
+const RENEW_BUDGET: Duration = Duration::from_secs(8);
+
+/// What renewing a lifecycle action came to.
+enum Renewed {
+    /// The hook's timeout starts over.
+    Yes,
+    /// No active lifecycle action: the agent completed it, or it expired.
+    Gone,
+    /// The heartbeat failed (throttled past its budget, or refused).
+    Failed,
+}
 
 /// The warm function's state: configuration and clients, built once per cold start.
 #[derive(Debug)]
@@ -54,6 +68,21 @@ fn ignored(why: impl Into<String>) -> Value {
     outcome("ignored", json!({ "why": why.into() }))
 }
 
+/// The outcome for an event whose action is no longer active when renewed: completed (by the
+/// agent watching instance metadata) or expired. Nothing is sent to an instance on its way out.
+fn gone(params: &BackupParams, age: Duration) -> Value {
+    outcome(
+        "already-completed",
+        json!({
+            "instance_id": params.instance_id,
+            "why": format!(
+                "no active lifecycle action {} s after the event: completed on the instance, or expired",
+                age.as_secs()
+            ),
+        }),
+    )
+}
+
 /// The document's name, whether configured as a name or an ARN.
 fn document_name(doc: &str) -> &str {
     doc.rsplit_once(":document/").map_or(doc, |(_, name)| name)
@@ -71,7 +100,8 @@ impl Handler {
             )
             .load()
             .await;
-        // The loops in `ssm` and `lifecycle` own retries and the time budget.
+        // The loops in `ssm` and `lifecycle` own retries and the time budget (the SDK's own
+        // retries would multiply the throttled calls in a mass scale-in).
         let ssm = aws_sdk_ssm::config::Builder::from(&sdk)
             .retry_config(RetryConfig::disabled())
             .build();
@@ -80,7 +110,11 @@ impl Handler {
             ssm: Ssm::new(aws_sdk_ssm::Client::from_conf(ssm)),
             // The agent's grace for "no active lifecycle action" too: one second after the
             // event it may be eventual consistency, not a completed action.
-            lifecycle: Lifecycle::new(aws_sdk_autoscaling::Client::new(&sdk)),
+            lifecycle: Lifecycle::new(aws_sdk_autoscaling::Client::from_conf(
+                aws_sdk_autoscaling::config::Builder::from(&sdk)
+                    .retry_config(RetryConfig::disabled())
+                    .build(),
+            )),
             sns: aws_sdk_sns::Client::new(&sdk),
         }
     }
@@ -175,6 +209,17 @@ impl Handler {
         let send_until = until
             .checked_sub(FAIL_OVER_RESERVE)
             .unwrap_or_else(Instant::now);
+        // An event that waited (Lambda's queue in a mass scale-in, its retries) may leave the
+        // agent little of the hook's timeout: renew the action first, so the command has a
+        // whole timeout to start in.
+        let mut age = age;
+        if self.config.heartbeat_timeout.is_some_and(|h| age >= h / 2) {
+            match self.renew(&params, send_until).await {
+                Renewed::Yes => age = Duration::ZERO,
+                Renewed::Gone => return Ok(gone(&params, age)),
+                Renewed::Failed => {}
+            }
+        }
         let document = &self.config.document;
         let document_until = send_until.min(Instant::now() + DOCUMENT_BUDGET);
         match self.ssm.check_document(document, document_until).await {
@@ -193,7 +238,16 @@ impl Handler {
                 "sent",
                 json!({ "command_id": id, "instance_id": params.instance_id }),
             )),
-            Err(e) if e.retryable() && !self.expires_before_retries(age) => {
+            Err(e) if e.retryable() => {
+                if self.expires_before_retries(age) {
+                    match self.renew(&params, until).await {
+                        Renewed::Yes => {}
+                        Renewed::Gone => return Ok(gone(&params, age)),
+                        Renewed::Failed => {
+                            return self.fail_over(&params, e.to_string(), until).await;
+                        }
+                    }
+                }
                 tracing::warn!(
                     instance_id = %params.instance_id,
                     "{e}: failing the invocation for Lambda to retry; the hook holds the instance"
@@ -201,6 +255,22 @@ impl Handler {
                 Err(format!("{e} (the lifecycle action is left for Lambda's retry)").into())
             }
             Err(e) => self.fail_over(&params, e.to_string(), until).await,
+        }
+    }
+
+    /// One heartbeat for the event's action, within [`RENEW_BUDGET`] and before `until`.
+    async fn renew(&self, params: &BackupParams, until: Instant) -> Renewed {
+        let until = until.min(Instant::now() + RENEW_BUDGET);
+        match self.lifecycle.heartbeat(&Self::action(params), until).await {
+            Ok(true) => {
+                tracing::info!(instance_id = %params.instance_id, "lifecycle action renewed");
+                Renewed::Yes
+            }
+            Ok(false) => Renewed::Gone,
+            Err(e) => {
+                tracing::warn!(instance_id = %params.instance_id, "lifecycle action not renewed: {e}");
+                Renewed::Failed
+            }
         }
     }
 

@@ -7,11 +7,16 @@ serves the Runtime API it polls (`/2018-06-01/runtime/invocation/next`, `.../res
 
   POST /invoke   synchronous: the event in, {"ok": bool, "result"|"error", "duration_ms"} out
   POST /events   asynchronous, as EventBridge invokes: 202 at once; a failed invocation is retried
-                 twice (after 0.5 s and 1 s; Lambda waits minutes), as Lambda retries async events
+                 twice, as Lambda retries async events (after --retry-delays, default 0.5 s and
+                 1 s; Lambda waits about 1 and 2 minutes)
   GET  /invocations   every invocation: event, outcome, duration, attempt
   GET  /init          {"init_ms": time from spawn to the first /next, "exited": code or null}
 
-Usage: lambda_runtime.py --port PORT [--timeout SECONDS] -- BOOTSTRAP [ARGS...]
+Usage: lambda_runtime.py --port PORT [--timeout SECONDS] [--concurrency N]
+                         [--retry-delays S1,S2] -- BOOTSTRAP [ARGS...]
+
+--concurrency N runs N copies of the function (execution environments), as a reserved
+concurrency of N does: at most N invocations at once, the rest wait in the queue.
 Measured times are wall clock on this machine (the handler's own time, between handing the event
 out on /next and receiving its response).
 """
@@ -58,7 +63,7 @@ def enqueue(event, sync, attempt=1):
 def finished(record):
     if record["sync"] or record["ok"] or record["attempt"] >= 3:
         return
-    delay = 0.5 * record["attempt"]
+    delay = ARGS.retry_delays[min(record["attempt"], len(ARGS.retry_delays)) - 1]
 
     def retry():
         time.sleep(delay)
@@ -162,6 +167,9 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--retry-delays", default="0.5,1",
+                   type=lambda v: [float(x) for x in v.split(",")])
     p.add_argument("command", nargs="+")
     ARGS = p.parse_args()
     server = ThreadingHTTPServer(("127.0.0.1", ARGS.port), Handler)
@@ -181,7 +189,10 @@ def main():
     )
     STATE["spawned"] = time.time()
     STATE["process"] = subprocess.Popen(ARGS.command, env=env)
+    others = [subprocess.Popen(ARGS.command, env=env) for _ in range(ARGS.concurrency - 1)]
     code = STATE["process"].wait()
+    for other in others:
+        other.kill()
     print(f"function exited with {code}", flush=True)
     # Keep answering /init so a test can read why the function stopped.
     threading.Event().wait()

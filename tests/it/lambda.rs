@@ -178,6 +178,31 @@ impl Bench {
         .map_err(|e| aws_sdk_ssm::error::DisplayErrorContext(&e).to_string())
     }
 
+    /// Answers the next `n` SendCommand and ListCommands calls for this instance with
+    /// ThrottlingException.
+    fn throttle_ssm(&self, n: u32) {
+        let faults =
+            json!({ "instance_id": self.instance, "throttle_send": n, "throttle_list": n });
+        control(moto(), "/ssm/faults", &faults);
+    }
+
+    /// Waits for an invocation that failed for Lambda to retry it; returns it.
+    fn invocation_left_for_retry(&self) -> Value {
+        let failed = eventually("the invocation to fail", Duration::from_secs(60), || {
+            self.lambda
+                .invocations()
+                .into_iter()
+                .find(|i| i["ok"] == false)
+        });
+        assert!(
+            failed["error"]
+                .to_string()
+                .contains("left for Lambda's retry"),
+            "{failed:#}"
+        );
+        failed
+    }
+
     /// A lifecycle event for this instance, with `detail` fields overridden.
     fn event(&self, token: &str, overrides: Value) -> Value {
         let mut detail = json!({
@@ -516,24 +541,9 @@ fn throttled_ssm_fails_the_invocation_for_retry_and_never_completes_the_action()
         8,
     );
     b.register(&Bench::path_with_lifeboat(), json!({}));
-    let throttle = |n: u32| {
-        let faults = json!({ "instance_id": b.instance, "throttle_send": n, "throttle_list": n });
-        control(moto(), "/ssm/faults", &faults);
-    };
-    throttle(1000);
+    b.throttle_ssm(1000);
     scale_in(moto(), &b.group);
-    let failed = eventually("the invocation to fail", Duration::from_secs(60), || {
-        b.lambda
-            .invocations()
-            .into_iter()
-            .find(|i| i["ok"] == false)
-    });
-    assert!(
-        failed["error"]
-            .to_string()
-            .contains("left for Lambda's retry"),
-        "{failed:#}"
-    );
+    let failed = b.invocation_left_for_retry();
     let throttled = serde_json::from_str::<Vec<Value>>(
         &http(
             "GET",
@@ -569,7 +579,7 @@ fn throttled_ssm_fails_the_invocation_for_retry_and_never_completes_the_action()
     assert!(b.completions(action).is_empty(), "{action:#}");
 
     // Lambda retries the failed event; SSM answers again.
-    throttle(0);
+    b.throttle_ssm(0);
     let (status, _) = http("POST", &b.lambda.events_url(), &failed["event"].to_string());
     assert_eq!(status, 202);
     b.outcome("sent");
@@ -580,5 +590,101 @@ fn throttled_ssm_fails_the_invocation_for_retry_and_never_completes_the_action()
     assert!(
         keys.iter().any(|k| k.ends_with("-scale-in.tar")),
         "{keys:?}"
+    );
+}
+
+/// A hook too short to outlast Lambda's retries (60 s; they take about three minutes) and SSM
+/// throttled past the budget: the Lambda renews the action with one heartbeat and leaves it for
+/// the retry, which sends the command; the agent backs up and completes CONTINUE. (The Lambda
+/// used to complete such an action with `LIFEBOAT_ON_FAILURE` at once: no backup.)
+#[test]
+fn an_action_about_to_expire_is_renewed_and_left_for_retry_when_ssm_is_throttled() {
+    let b = bench_timed(
+        "lambda-expiring",
+        "lambda-expiring",
+        &[("LIFEBOAT_HEARTBEAT_TIMEOUT", "60")],
+        8,
+    );
+    b.register(&Bench::path_with_lifeboat(), json!({}));
+    b.throttle_ssm(1000);
+    scale_in(moto(), &b.group);
+    let failed = b.invocation_left_for_retry();
+    let action = moto()
+        .actions()
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["instance_id"] == b.instance)
+        .cloned()
+        .unwrap();
+    assert!(action["result"].is_null(), "still waiting: {action:#}");
+    assert!(b.completions(&action).is_empty(), "{action:#}");
+    let renewed = action["calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["operation"] == "RecordLifecycleActionHeartbeat" && c["outcome"].is_null());
+    assert!(renewed, "no heartbeat renewed the action: {action:#}");
+
+    b.throttle_ssm(0);
+    let (status, _) = http("POST", &b.lambda.events_url(), &failed["event"].to_string());
+    assert_eq!(status, 202);
+    b.outcome("sent");
+    let action = finished_action(moto(), &b.instance);
+    assert_eq!(action["result"], "CONTINUE", "{action:#}");
+    assert_eq!(action["ended_by"], "completed", "{action:#}");
+    let keys = moto().keys(&b.bucket);
+    assert!(
+        keys.iter().any(|k| k.ends_with("-scale-in.tar")),
+        "{keys:?}"
+    );
+}
+
+/// An event handled late (40 s after it was sent, for a 60 s hook: it waited in Lambda's queue)
+/// renews the action before the command goes out, so the agent has a whole timeout to start in.
+#[test]
+fn a_late_event_renews_the_action_before_the_command_is_sent() {
+    let b = bench(
+        "lambda-late",
+        "lambda-late",
+        &[("LIFEBOAT_HEARTBEAT_TIMEOUT", "60")],
+    );
+    b.register(&Bench::path_with_lifeboat(), json!({}));
+    // EventBridge delivers this group's events nowhere: the test sends a late one itself.
+    control(
+        moto(),
+        "/events",
+        &json!({ "group": b.group, "url": "http://127.0.0.1:9/" }),
+    );
+    scale_in(moto(), &b.group);
+    let token = eventually("the action", Duration::from_secs(30), || {
+        moto()
+            .actions()
+            .as_array()?
+            .iter()
+            .find(|a| a["instance_id"] == b.instance)
+            .and_then(|a| a["token"].as_str().map(str::to_owned))
+    });
+    let sent = time::OffsetDateTime::now_utc() - time::Duration::seconds(40);
+    let mut event = b.event(&token, json!({}));
+    event["time"] = json!(
+        sent.format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    );
+    let (status, _) = http("POST", &b.lambda.events_url(), &event.to_string());
+    assert_eq!(status, 202);
+    b.outcome("sent");
+    let action = finished_action(moto(), &b.instance);
+    assert_eq!(action["result"], "CONTINUE", "{action:#}");
+    let first = &action["calls"][0];
+    assert_eq!(
+        first["operation"], "RecordLifecycleActionHeartbeat",
+        "{action:#}"
+    );
+    assert_eq!(first["token"], token.as_str(), "{action:#}");
+    let requested = b.commands()[0]["requested"].as_f64().unwrap();
+    assert!(
+        first["time"].as_f64().unwrap() <= requested,
+        "renewed after the command was sent: {action:#}"
     );
 }

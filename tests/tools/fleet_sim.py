@@ -79,6 +79,39 @@ def mem_used_mib():
     return (info["MemTotal"] - info["MemAvailable"]) / 1024
 
 
+def post_json(url, body):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return r.read()
+
+
+def start_lambda(a, work, procs, endpoint, control, group, topic, ssm):
+    """The Run Command path: the project's document in SSM, the companion Lambda under the local
+    Runtime API with its reserved concurrency, and EventBridge (moto) posting the group's
+    lifecycle events and the commands' status changes to it. Returns the events URL."""
+    if not a.bootstrap:
+        sys.exit("fleet-sim: --path run-command needs --bootstrap (the Lambda's binary)")
+    with open(os.path.join(ROOT, "ssm-documents/lifeboat-backup.json")) as f:
+        ssm.create_document(Name="lifeboat-backup", Content=f.read(), DocumentType="Command",
+                            DocumentFormat="JSON")
+    port = free_port()
+    env = [f"AWS_ENDPOINT_URL={endpoint}", f"AWS_REGION={REGION}",
+           *(f"{k}={v}" for k, v in KEYS.items()),
+           "LIFEBOAT_DOCUMENT=lifeboat-backup", f"LIFEBOAT_SNS_TOPIC_ARN={topic}",
+           f"LIFEBOAT_ON_FAILURE={a.on_failure}",
+           f"LIFEBOAT_HEARTBEAT_TIMEOUT={a.heartbeat_timeout}"]
+    procs.append(subprocess.Popen(
+        [PY, os.path.join(ROOT, "tests/emulators/lambda_runtime.py"), "--port", str(port),
+         "--timeout", str(a.lambda_timeout), "--concurrency", str(a.lambda_concurrency),
+         "--retry-delays", a.lambda_retry_delays, "--", "env", *env, a.bootstrap],
+        stdout=open(os.path.join(work, "lambda.log"), "w"), stderr=subprocess.STDOUT))
+    wait_port(port, "the Lambda runtime emulator")
+    url = f"http://127.0.0.1:{port}/events"
+    post_json(control + "/events", {"group": group, "url": url})
+    return url
+
+
 def address(k):
     """The loopback address of instance k (127.1.0.1, 127.1.0.2, ...)."""
     return f"127.1.{k // 250}.{k % 250 + 1}"
@@ -87,6 +120,18 @@ def address(k):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--lifeboat", required=True)
+    p.add_argument("--path", choices=("daemons", "run-command"), default="daemons",
+                   help="daemons: `lifeboat run` on every instance; run-command: the companion "
+                        "Lambda sends the SSM document, the agent stand-in runs it")
+    p.add_argument("--bootstrap", help="the Lambda's bootstrap (run-command)")
+    p.add_argument("--lambda-concurrency", type=int, default=20,
+                   help="the Lambda's reserved concurrency (the template's default)")
+    p.add_argument("--lambda-timeout", type=int, default=30,
+                   help="the Lambda's timeout in seconds (the template's)")
+    p.add_argument("--lambda-retry-delays", default="60,120",
+                   help="seconds before Lambda's 2nd and 3rd attempt of a failed event "
+                        "(Lambda's asynchronous invocation: about 1 and 2 minutes)")
+    p.add_argument("--on-failure", default="CONTINUE", help="LIFEBOAT_ON_FAILURE (template default)")
     p.add_argument("--workdir", required=True)
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--as-rate", type=float, default=20)
@@ -175,6 +220,10 @@ def run(a, work, procs, moto_port, control_port, imds_port, imds_url, boto3):
     wait_port(imds_port, "the IMDS emulator")
 
     mem_before = mem_used_mib()
+    lambda_url = None
+    if a.path == "run-command":
+        ssm = session.client("ssm", endpoint_url=endpoint, config=cfg)
+        lambda_url = start_lambda(a, work, procs, endpoint, control, group, topic, ssm)
     daemons = []
     started = time.time()
     for k, member in enumerate(fleet):
@@ -191,6 +240,13 @@ def run(a, work, procs, moto_port, control_port, imds_port, imds_url, boto3):
                    AWS_EC2_METADATA_SERVICE_ENDPOINT=f"http://{member['ip']}:{imds_port}",
                    LIFEBOAT_CONFIG=config, RUNTIME_DIRECTORY=os.path.join(home, "run"),
                    STATE_DIRECTORY=os.path.join(home, "state"), HOME=home)
+        if lambda_url:
+            # SSM-managed: the stand-in runs the document here, with this instance's view.
+            post_json(control + "/ssm/agents", {
+                "instance_id": member["instance_id"], "env": env, "cwd": home,
+                "path": f"{os.path.dirname(a.lifeboat)}:/usr/bin:/bin",
+                "events_url": lambda_url})
+            continue
         pr = subprocess.Popen([a.lifeboat, "run"], env=env, stdin=subprocess.DEVNULL,
                               stdout=open(os.path.join(home, "log"), "w"),
                               stderr=subprocess.STDOUT)
@@ -199,7 +255,7 @@ def run(a, work, procs, moto_port, control_port, imds_port, imds_url, boto3):
         # Start at a steady pace: a thousand processes at once would measure fork, not lifeboat.
         time.sleep(max(0.0, started + (k + 1) / a.start_rate - time.time()))
     end = time.time() + 300
-    while time.time() < end:
+    while daemons and time.time() < end:
         ready = sum(os.path.exists(os.path.join(h, "run", "control.sock")) for _, h, _ in daemons)
         dead = [i for i, _, pr in daemons if pr.poll() is not None]
         if dead:
@@ -209,9 +265,10 @@ def run(a, work, procs, moto_port, control_port, imds_port, imds_url, boto3):
         time.sleep(0.5)
     else:
         sys.exit(f"fleet-sim: only {ready} of {len(daemons)} daemons came up")
-    print(f"fleet-sim: {a.n} daemons up in {time.time() - started:.0f} s", file=sys.stderr)
-    settle = a.settle if a.settle is not None else max(45.0, 30 + 1.2 * a.n / (a.as_rate or 1e9))
-    time.sleep(settle)
+    if daemons:
+        print(f"fleet-sim: {a.n} daemons up in {time.time() - started:.0f} s", file=sys.stderr)
+        settle = a.settle if a.settle is not None else max(45.0, 30 + 1.2 * a.n / (a.as_rate or 1e9))
+        time.sleep(settle)
 
     peak = [mem_used_mib()]
     stop = threading.Event()
@@ -250,7 +307,12 @@ def run(a, work, procs, moto_port, control_port, imds_port, imds_url, boto3):
     without = [x["instance_id"] for x in actions
                if x["result"] == "CONTINUE" and x["instance_id"] not in archived]
     last = max((x["ended"] for x in actions if x["ended"]), default=t0) - t0
-    ops = sorted(set(after["calls"]) | set(after["throttled"]))
+    stored = [o["LastModified"].timestamp() - t0 for page in
+              s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+              for o in page.get("Contents", []) if o["Key"].endswith(".manifest.json")]
+    ops = [op for op in sorted(set(after["calls"]) | set(after["throttled"]))
+           if after["calls"].get(op, 0) != before["calls"].get(op, 0)
+           or after["throttled"].get(op, 0) != before["throttled"].get(op, 0)]
     per = {op: {
         "calls": (after["calls"].get(op, 0) - before["calls"].get(op, 0)) / a.n,
         "throttled": (after["throttled"].get(op, 0) - before["throttled"].get(op, 0)) / a.n,
@@ -258,19 +320,40 @@ def run(a, work, procs, moto_port, control_port, imds_port, imds_url, boto3):
     as_calls = sum(v["calls"] for op, v in per.items() if op not in (
         "PutObject", "UploadPart", "Publish", "SendCommand", "ListCommands"))
     throttled_total = sum(v["throttled"] for v in per.values())
+    lam = {}
+    if lambda_url:
+        invocations = get_json(lambda_url.rsplit("/", 1)[0] + "/invocations")
+        lifecycle = [i for i in invocations
+                     if i["event"].get("source") == "aws.autoscaling"]
+        outcomes = {}
+        for i in invocations:
+            kind = (i["result"] or {}).get("outcome", "?") if i["ok"] else (
+                "error (retried by Lambda)" if i["attempt"] < 3 else "error (to the DLQ)")
+            if i["ok"] is None:
+                kind = "unfinished"
+            outcomes[kind] = outcomes.get(kind, 0) + 1
+        commands = get_json(control + "/ssm/commands")
+        statuses = {}
+        for c in commands:
+            statuses[c["status"]] = statuses.get(c["status"], 0) + 1
+        lam = {"invocations": len(invocations),
+               "lifecycle_events": len({i["event"]["id"] for i in lifecycle}),
+               "retries": sum(1 for i in invocations if i["attempt"] > 1),
+               "outcomes": outcomes, "commands": statuses}
     report = {
-        "n": a.n, "rates": {"as": a.as_rate, "as_burst": a.as_burst, "send": a.send_rate,
+        "n": a.n, "path": a.path, "lambda": lam, "rates": {"as": a.as_rate, "as_burst": a.as_burst, "send": a.send_rate,
                             "list": a.list_rate, "sns": a.sns_rate, "s3_put": a.s3_put_rate},
         "archives": len(archived), "actions": by,
         "completions_without_archive": len(without),
         "seconds_to_last_completion": round(last, 1),
+        "seconds_to_last_archive": round(max(stored, default=0), 1),
         "auto_scaling_floor_seconds": round(a.n * as_calls / a.as_rate, 1) if a.as_rate else 0,
         "per_termination": per, "throttled_per_termination": round(throttled_total, 2),
         "peak_memory_mib": round(max(peak) - mem_before, 0),
     }
     with open(os.path.join(work, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
-    print(f"fleet of {a.n}: Auto Scaling {a.as_rate:g}/s (burst {a.as_burst:g}), "
+    print(f"fleet of {a.n} ({a.path}): Auto Scaling {a.as_rate:g}/s (burst {a.as_burst:g}), "
           f"SendCommand {a.send_rate:g}/s, ListCommands {a.list_rate:g}/s, "
           f"Publish {a.sns_rate:g}/s, S3 PUT {a.s3_put_rate:g}/s per prefix")
     print(f"  archives            {len(archived)} / {a.n}")
@@ -278,10 +361,18 @@ def run(a, work, procs, moto_port, control_port, imds_port, imds_url, boto3):
     print(f"  completions without an archive: {len(without)}")
     print(f"  last completion     {last:.0f} s after the scale-in (the Auto Scaling bucket's "
           f"floor for {as_calls:.1f} calls each: {report['auto_scaling_floor_seconds']:.0f} s)")
+    print(f"  last archive stored {report['seconds_to_last_archive']:.0f} s after the scale-in")
     print(f"  per termination     " + ", ".join(
         f"{op} {v['calls']:.2f}" + (f" (+{v['throttled']:.2f} throttled)" if v["throttled"] else "")
         for op, v in per.items()))
     print(f"  throttled calls     {throttled_total:.2f} per termination")
+    if lam:
+        print(f"  Lambda              {lam['invocations']} invocations for "
+              f"{lam['lifecycle_events']} lifecycle events ({a.lambda_concurrency} at once), "
+              f"{lam['retries']} retries: " + ", ".join(
+                  f"{v} {k}" for k, v in sorted(lam["outcomes"].items())))
+        print(f"  Run Command         " + ", ".join(
+            f"{v} {k}" for k, v in sorted(lam["commands"].items())))
     print(f"  peak memory         {report['peak_memory_mib']:.0f} MiB above the start")
 
 
