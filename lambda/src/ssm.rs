@@ -1,7 +1,9 @@
 //! Run Command, as the Lambda uses it: is the document there (cached while warm), was this token's
-//! command already sent, and SendCommand with jittered retries inside the invocation's budget.
+//! command already sent, and SendCommand with jittered retries inside the invocation's budget,
+//! paced by the throttling the warm function has seen.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use aws_sdk_ssm::Client;
@@ -14,6 +16,9 @@ use lifeboat_common::sdk::sdk_message;
 use tokio::time::Instant;
 
 use crate::config::{Config, Output};
+
+/// The highest throttling level (pauses of 2.5-5 s).
+const MAX_LEVEL: u32 = 5;
 
 /// How long a document found to exist is trusted without asking again.
 const DOCUMENT_TTL: Duration = Duration::from_secs(300);
@@ -82,12 +87,32 @@ fn retryable<E: ProvideErrorMetadata>(err: &SdkError<E>) -> bool {
     }
 }
 
+fn is_throttle<E: ProvideErrorMetadata>(err: &SdkError<E>) -> bool {
+    matches!(err, SdkError::ServiceError(se)
+        if matches!(se.err().code(), Some("ThrottlingException" | "Throttling")))
+}
+
+/// The pause after throttling at `level`: equal jitter over 0.25 s × 2^level, capped at 5 s
+/// (an invocation has about 25 s, and while its instances wait in the queue, its retries are
+/// what keeps the account's SendCommand rate in use).
+fn throttle_pause(level: u32) -> Duration {
+    let ceiling = Duration::from_millis(250)
+        .saturating_mul(2u32.saturating_pow(level.min(16)))
+        .min(Duration::from_secs(5));
+    ceiling / 2 + (ceiling / 2).mul_f64(fastrand::f64())
+}
+
 /// SSM for one warm function.
 #[derive(Debug)]
 pub struct Ssm {
     client: Client,
     /// When the document was last seen active.
     document_seen: Mutex<Option<Instant>>,
+    /// The throttling this warm function's SSM calls have seen: up one per throttle, down one
+    /// per success. Every call starts after a pause that grows with it, so the concurrent
+    /// invocations of a mass scale-in settle near one throttled call per command sent instead
+    /// of hammering SendCommand from the first millisecond of each invocation.
+    level: AtomicU32,
 }
 
 impl Ssm {
@@ -96,12 +121,14 @@ impl Ssm {
         Ssm {
             client,
             document_seen: Mutex::new(None),
+            level: AtomicU32::new(0),
         }
     }
 
     /// Retries `call` on throttling, 5xx and connection errors with jittered backoff until
     /// `until`; other errors go to `fail`.
     async fn retry<T, E, F, Fut>(
+        &self,
         operation: &'static str,
         until: Instant,
         mut call: F,
@@ -112,14 +139,33 @@ impl Ssm {
         Fut: Future<Output = Result<T, SdkError<E>>>,
         E: ProvideErrorMetadata + std::error::Error + 'static,
     {
+        let level = self.level.load(Ordering::Relaxed);
+        if level > 0 {
+            let left = until.saturating_duration_since(Instant::now());
+            tokio::time::sleep(throttle_pause(level).min(left / 2)).await;
+        }
         let mut attempt = 0;
         loop {
             match call().await {
-                Ok(v) => return Ok(v),
+                Ok(v) => {
+                    let _ = self
+                        .level
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| l.checked_sub(1));
+                    return Ok(v);
+                }
                 Err(e) if retryable(&e) => {
                     attempt += 1;
-                    let pause =
-                        backoff(attempt, Duration::from_millis(100), Duration::from_secs(5));
+                    let pause = if is_throttle(&e) {
+                        let raised = self
+                            .level
+                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
+                                Some((l + 1).min(MAX_LEVEL))
+                            })
+                            .map_or(MAX_LEVEL, |l| (l + 1).min(MAX_LEVEL));
+                        throttle_pause(raised.max(attempt))
+                    } else {
+                        backoff(attempt, Duration::from_millis(100), Duration::from_secs(5))
+                    };
                     if Instant::now() + pause >= until {
                         return Err(SsmError::Exhausted {
                             operation,
@@ -144,16 +190,17 @@ impl Ssm {
         if fresh {
             return Ok(());
         }
-        let out = Self::retry(
-            "DescribeDocument",
-            until,
-            || self.client.describe_document().name(document).send(),
-            |e| SsmError::NoDocument {
-                document: document.to_owned(),
-                message: sdk_message(e),
-            },
-        )
-        .await?;
+        let out = self
+            .retry(
+                "DescribeDocument",
+                until,
+                || self.client.describe_document().name(document).send(),
+                |e| SsmError::NoDocument {
+                    document: document.to_owned(),
+                    message: sdk_message(e),
+                },
+            )
+            .await?;
         let status = out
             .document()
             .and_then(|d| d.status())
@@ -232,52 +279,70 @@ impl Ssm {
         .chars()
         .take(100)
         .collect();
-        let out = Self::retry(
-            "SendCommand",
-            until,
-            || {
-                let mut req = self
-                    .client
-                    .send_command()
-                    .document_name(&config.document)
-                    .instance_ids(&params.instance_id)
-                    .set_parameters(Some(params.to_parameters()))
-                    .timeout_seconds(timeout)
-                    .comment(comment.clone());
-                req = match &config.output {
-                    Output::None => req,
-                    Output::S3 { bucket, prefix } => req
-                        .output_s3_bucket_name(bucket)
-                        .output_s3_key_prefix(prefix),
-                    Output::CloudWatch { log_group } => req.cloud_watch_output_config(
-                        CloudWatchOutputConfig::builder()
-                            .cloud_watch_log_group_name(log_group)
-                            .cloud_watch_output_enabled(true)
-                            .build(),
-                    ),
-                };
-                req.send()
-            },
-            |e| match e.code() {
-                Some("InvalidInstanceId") => SsmError::NotManaged {
-                    instance_id: params.instance_id.clone(),
-                    message: sdk_message(e),
+        let out = self
+            .retry(
+                "SendCommand",
+                until,
+                || {
+                    let mut req = self
+                        .client
+                        .send_command()
+                        .document_name(&config.document)
+                        .instance_ids(&params.instance_id)
+                        .set_parameters(Some(params.to_parameters()))
+                        .timeout_seconds(timeout)
+                        .comment(comment.clone());
+                    req = match &config.output {
+                        Output::None => req,
+                        Output::S3 { bucket, prefix } => req
+                            .output_s3_bucket_name(bucket)
+                            .output_s3_key_prefix(prefix),
+                        Output::CloudWatch { log_group } => req.cloud_watch_output_config(
+                            CloudWatchOutputConfig::builder()
+                                .cloud_watch_log_group_name(log_group)
+                                .cloud_watch_output_enabled(true)
+                                .build(),
+                        ),
+                    };
+                    req.send()
                 },
-                Some("InvalidDocument" | "InvalidDocumentVersion") => SsmError::NoDocument {
-                    document: config.document.clone(),
-                    message: sdk_message(e),
+                |e| match e.code() {
+                    Some("InvalidInstanceId") => SsmError::NotManaged {
+                        instance_id: params.instance_id.clone(),
+                        message: sdk_message(e),
+                    },
+                    Some("InvalidDocument" | "InvalidDocumentVersion") => SsmError::NoDocument {
+                        document: config.document.clone(),
+                        message: sdk_message(e),
+                    },
+                    _ => SsmError::Refused {
+                        operation: "SendCommand",
+                        message: sdk_message(e),
+                    },
                 },
-                _ => SsmError::Refused {
-                    operation: "SendCommand",
-                    message: sdk_message(e),
-                },
-            },
-        )
-        .await?;
+            )
+            .await?;
         Ok(out
             .command()
             .and_then(|c| c.command_id())
             .unwrap_or_default()
             .to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throttle_pauses_grow_from_a_quarter_second_to_at_most_five() {
+        for _ in 0..100 {
+            let first = throttle_pause(1);
+            assert!(first >= Duration::from_millis(250) && first <= Duration::from_millis(500));
+            for level in [MAX_LEVEL, 40, u32::MAX] {
+                let late = throttle_pause(level);
+                assert!(late >= Duration::from_millis(2500) && late <= Duration::from_secs(5));
+            }
+        }
     }
 }

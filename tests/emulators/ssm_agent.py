@@ -21,7 +21,8 @@ SendCommand does what SSM and its agent do, on this machine:
   lists them);
 - every status change is recorded (GET /ssm/commands) and sent, as the EventBridge event
   `EC2 Command Status-change Notification`, to the registration's `events_url` (or the target
-  set with POST /ssm/target).
+  set with POST /ssm/target); a registration's `event_statuses` (a list) sends only those, as an
+  EventBridge rule matching on `status` does.
 """
 import json
 import os
@@ -102,6 +103,8 @@ def emit(record, status):
     with LOCK:
         record["statuses"].append(status)
         record["status"] = status
+    if record.get("_event_statuses") and status not in record["_event_statuses"]:
+        return
     post_event(
         record,
         {
@@ -242,6 +245,7 @@ def send_command(self, **kw):
             "status": "Pending",
             "statuses": [],
             "target": AGENTS[instance_id].get("events_url"),
+            "_event_statuses": AGENTS[instance_id].get("event_statuses"),
         }
         with LOCK:
             COMMANDS.append(record)

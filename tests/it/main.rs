@@ -7,6 +7,7 @@ mod daemon;
 mod deployment;
 mod doctor;
 mod failures;
+mod fleet;
 mod lambda;
 mod packages;
 mod restore;

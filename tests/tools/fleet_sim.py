@@ -245,7 +245,9 @@ def run(a, work, procs, moto_port, control_port, imds_port, imds_url, boto3):
             post_json(control + "/ssm/agents", {
                 "instance_id": member["instance_id"], "env": env, "cwd": home,
                 "path": f"{os.path.dirname(a.lifeboat)}:/usr/bin:/bin",
-                "events_url": lambda_url})
+                "events_url": lambda_url,
+                # The template's CommandRule: only the failures reach the Lambda.
+                "event_statuses": ["Failed", "TimedOut", "Cancelled", "Undeliverable"]})
             continue
         pr = subprocess.Popen([a.lifeboat, "run"], env=env, stdin=subprocess.DEVNULL,
                               stdout=open(os.path.join(home, "log"), "w"),
@@ -254,18 +256,18 @@ def run(a, work, procs, moto_port, control_port, imds_port, imds_url, boto3):
         daemons.append((member["instance_id"], home, pr))
         # Start at a steady pace: a thousand processes at once would measure fork, not lifeboat.
         time.sleep(max(0.0, started + (k + 1) / a.start_rate - time.time()))
-    end = time.time() + 300
-    while daemons and time.time() < end:
-        ready = sum(os.path.exists(os.path.join(h, "run", "control.sock")) for _, h, _ in daemons)
-        dead = [i for i, _, pr in daemons if pr.poll() is not None]
-        if dead:
-            sys.exit(f"fleet-sim: {len(dead)} daemons exited early, e.g. {dead[0]} (see its log)")
-        if ready == len(daemons):
-            break
-        time.sleep(0.5)
-    else:
-        sys.exit(f"fleet-sim: only {ready} of {len(daemons)} daemons came up")
     if daemons:
+        end = time.time() + 300
+        while time.time() < end:
+            ready = sum(os.path.exists(os.path.join(h, "run", "control.sock")) for _, h, _ in daemons)
+            dead = [i for i, _, pr in daemons if pr.poll() is not None]
+            if dead:
+                sys.exit(f"fleet-sim: {len(dead)} daemons exited early, e.g. {dead[0]} (see its log)")
+            if ready == len(daemons):
+                break
+            time.sleep(0.5)
+        else:
+            sys.exit(f"fleet-sim: only {ready} of {len(daemons)} daemons came up")
         print(f"fleet-sim: {a.n} daemons up in {time.time() - started:.0f} s", file=sys.stderr)
         settle = a.settle if a.settle is not None else max(45.0, 30 + 1.2 * a.n / (a.as_rate or 1e9))
         time.sleep(settle)
@@ -348,6 +350,9 @@ def run(a, work, procs, moto_port, control_port, imds_port, imds_url, boto3):
         "seconds_to_last_completion": round(last, 1),
         "seconds_to_last_archive": round(max(stored, default=0), 1),
         "auto_scaling_floor_seconds": round(a.n * as_calls / a.as_rate, 1) if a.as_rate else 0,
+        "send_command_floor_seconds":
+            round(a.n * per.get("SendCommand", {}).get("calls", 0) / a.send_rate, 1)
+            if a.send_rate else 0,
         "per_termination": per, "throttled_per_termination": round(throttled_total, 2),
         "peak_memory_mib": round(max(peak) - mem_before, 0),
     }
@@ -359,8 +364,11 @@ def run(a, work, procs, moto_port, control_port, imds_port, imds_url, boto3):
     print(f"  archives            {len(archived)} / {a.n}")
     print(f"  actions             " + ", ".join(f"{v} {k}" for k, v in sorted(by.items())))
     print(f"  completions without an archive: {len(without)}")
-    print(f"  last completion     {last:.0f} s after the scale-in (the Auto Scaling bucket's "
-          f"floor for {as_calls:.1f} calls each: {report['auto_scaling_floor_seconds']:.0f} s)")
+    floors = f"the Auto Scaling bucket's floor for {as_calls:.1f} calls each: " \
+             f"{report['auto_scaling_floor_seconds']:.0f} s"
+    if report["send_command_floor_seconds"]:
+        floors += f"; SendCommand's: {report['send_command_floor_seconds']:.0f} s"
+    print(f"  last completion     {last:.0f} s after the scale-in ({floors})")
     print(f"  last archive stored {report['seconds_to_last_archive']:.0f} s after the scale-in")
     print(f"  per termination     " + ", ".join(
         f"{op} {v['calls']:.2f}" + (f" (+{v['throttled']:.2f} throttled)" if v["throttled"] else "")
