@@ -1,13 +1,19 @@
 #!/usr/bin/env python3
-"""A fleet scale-in on loopback: N instances, each a real `lifeboat run` daemon, terminated at once.
+"""A fleet scale-in on loopback: N instances terminated at once, on either of lifeboat's paths.
 
     fleet_sim.py --lifeboat PATH --workdir DIR [--n 1000] [--as-rate 20] [...]
+    fleet_sim.py --path run-command --bootstrap PATH --lifeboat PATH --workdir DIR [...]
 
 One Auto Scaling group of N instances with a terminate hook in the moto extension
 (tests/emulators/moto_lifecycle.py), one IMDS emulator answering for every instance at its own
-loopback address (tests/emulators/imds.py --fleet), one `lifeboat run` per instance with a small
-data set, then one SetDesiredCapacity to 0. The APIs are token buckets (moto_lifecycle.py's fleet
-limits). Default rates, all flags:
+loopback address (tests/emulators/imds.py --fleet), a small data set per instance, then one
+SetDesiredCapacity to 0. On the daemon path (default) every instance runs `lifeboat run`. On the
+Run Command path, moto plays EventBridge: each lifecycle event goes to the companion Lambda under
+the local Runtime API (tests/emulators/lambda_runtime.py, --lambda-concurrency copies at once,
+failed events retried after --lambda-retry-delays), which sends the project's document; the SSM
+agent stand-in (tests/emulators/ssm_agent.py) runs it on the instance (`lifeboat backup
+--complete-lifecycle`) and posts the commands' failures back, as the template's rule does. The
+APIs are token buckets (moto_lifecycle.py's fleet limits). Default rates, all flags:
 
 - Auto Scaling: 20 requests/s, burst 40, one bucket for every call of the account and region.
   AWS publishes no rate for the Auto Scaling API ("Rate exceeded" is all it says); EC2's published
@@ -22,9 +28,10 @@ limits). Default rates, all flags:
   S3 performance"), 503 SlowDown above it.
 
 It prints a report (and writes it as JSON to DIR/report.json): archives present / N, actions by
-outcome, completions without an archive, time to the last completion and the floor the Auto
-Scaling bucket sets, API calls and throttles per termination by operation, the bench's peak
-memory.
+outcome (completed, or timed out: the hook's default result), completions without an archive,
+time to the last completion and to the last archive, the floors the Auto Scaling and SendCommand
+buckets set, API calls and throttles per termination by operation, Lambda invocations by outcome
+and Lambda's retries, Run Command results, the bench's peak memory.
 """
 
 import argparse
