@@ -71,6 +71,13 @@ fn ignored(why: impl Into<String>) -> Value {
 /// The outcome for an event whose action is no longer active when renewed: completed (by the
 /// agent watching instance metadata) or expired. Nothing is sent to an instance on its way out.
 fn gone(params: &BackupParams, age: Duration) -> Value {
+    tracing::warn!(
+        instance_id = %params.instance_id,
+        late_s = age.as_secs(),
+        "no active lifecycle action for a late event: completed on the instance, or expired while \
+         the event waited (in a mass scale-in Run Command sends one instance per SendCommand: \
+         raise the hook's heartbeat timeout, or run the daemon)"
+    );
     outcome(
         "already-completed",
         json!({
