@@ -37,6 +37,10 @@ fn the_unit_verifies_in_a_root_with_the_binary() {
     )
     .unwrap();
     std::fs::copy(env!("CARGO_BIN_EXE_lifeboat"), r.join("usr/bin/lifeboat")).unwrap();
+    // A merged-/usr root, as Debian 12 and Amazon Linux 2023 are, with the `kill` that
+    // `ExecReload=/bin/kill -HUP $MAINPID` runs.
+    std::os::unix::fs::symlink("usr/bin", r.join("bin")).unwrap();
+    std::fs::copy("/bin/kill", r.join("usr/bin/kill")).unwrap();
     let root_arg = format!("--root={}", r.display());
     let out = analyze(&["verify", "--man=no", &root_arg, "lifeboat.service"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
