@@ -203,6 +203,28 @@ impl Bench {
         failed
     }
 
+    /// Lambda retries the `failed` invocation's event once SSM answers again: the command is
+    /// sent, the agent backs up and completes CONTINUE, once.
+    fn retry_backs_up(&self, failed: &Value) {
+        self.throttle_ssm(0);
+        let (status, _) = http(
+            "POST",
+            &self.lambda.events_url(),
+            &failed["event"].to_string(),
+        );
+        assert_eq!(status, 202);
+        self.outcome("sent");
+        let action = finished_action(moto(), &self.instance);
+        assert_eq!(action["result"], "CONTINUE", "{action:#}");
+        assert_eq!(action["ended_by"], "completed", "{action:#}");
+        assert_eq!(self.completions(&action).len(), 1, "{action:#}");
+        let keys = moto().keys(&self.bucket);
+        assert!(
+            keys.iter().any(|k| k.ends_with("-scale-in.tar")),
+            "{keys:?}"
+        );
+    }
+
     /// A lifecycle event for this instance, with `detail` fields overridden.
     fn event(&self, token: &str, overrides: Value) -> Value {
         let mut detail = json!({
@@ -578,19 +600,7 @@ fn throttled_ssm_fails_the_invocation_for_retry_and_never_completes_the_action()
     assert!(action["result"].is_null(), "still waiting: {action:#}");
     assert!(b.completions(action).is_empty(), "{action:#}");
 
-    // Lambda retries the failed event; SSM answers again.
-    b.throttle_ssm(0);
-    let (status, _) = http("POST", &b.lambda.events_url(), &failed["event"].to_string());
-    assert_eq!(status, 202);
-    b.outcome("sent");
-    let action = finished_action(moto(), &b.instance);
-    assert_eq!(action["result"], "CONTINUE", "{action:#}");
-    assert_eq!(b.completions(&action).len(), 1, "{action:#}");
-    let keys = moto().keys(&b.bucket);
-    assert!(
-        keys.iter().any(|k| k.ends_with("-scale-in.tar")),
-        "{keys:?}"
-    );
+    b.retry_backs_up(&failed);
 }
 
 /// A hook too short to outlast Lambda's retries (60 s; they take about three minutes) and SSM
@@ -626,18 +636,7 @@ fn an_action_about_to_expire_is_renewed_and_left_for_retry_when_ssm_is_throttled
         .any(|c| c["operation"] == "RecordLifecycleActionHeartbeat" && c["outcome"].is_null());
     assert!(renewed, "no heartbeat renewed the action: {action:#}");
 
-    b.throttle_ssm(0);
-    let (status, _) = http("POST", &b.lambda.events_url(), &failed["event"].to_string());
-    assert_eq!(status, 202);
-    b.outcome("sent");
-    let action = finished_action(moto(), &b.instance);
-    assert_eq!(action["result"], "CONTINUE", "{action:#}");
-    assert_eq!(action["ended_by"], "completed", "{action:#}");
-    let keys = moto().keys(&b.bucket);
-    assert!(
-        keys.iter().any(|k| k.ends_with("-scale-in.tar")),
-        "{keys:?}"
-    );
+    b.retry_backs_up(&failed);
 }
 
 /// An event handled late (40 s after it was sent, for a 60 s hook: it waited in Lambda's queue)
