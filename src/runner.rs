@@ -295,7 +295,10 @@ pub struct Runner {
 /// The terminate hook's settings as last read, by group and configured name; `reread` wakes
 /// the read-ahead loop.
 #[derive(Default)]
-struct HookCache(Mutex<Option<CachedHook>>, tokio::sync::Notify);
+struct HookCache {
+    cached: Mutex<Option<CachedHook>>,
+    reread: tokio::sync::Notify,
+}
 
 /// Group, configured hook name, the hook, when it was read.
 type CachedHook = (String, Option<String>, Hook, Instant);
@@ -303,7 +306,7 @@ type CachedHook = (String, Option<String>, Hook, Instant);
 impl HookCache {
     /// The cached hook of `group` (configured name `wanted`), if read within [`HOOK_TTL`].
     fn get(&self, group: &str, wanted: Option<&str>) -> Option<Hook> {
-        let cached = self.0.lock().expect("hook cache lock");
+        let cached = self.cached.lock().expect("hook cache lock");
         cached
             .as_ref()
             .filter(|(g, w, _, at)| g == group && w.as_deref() == wanted && at.elapsed() < HOOK_TTL)
@@ -313,12 +316,12 @@ impl HookCache {
     /// Forgets the hook's settings (a termination before the next read describes it) and reads
     /// them again now.
     fn reread(&self) {
-        *self.0.lock().expect("hook cache lock") = None;
-        self.1.notify_one();
+        *self.cached.lock().expect("hook cache lock") = None;
+        self.reread.notify_one();
     }
 
     fn put(&self, group: &str, wanted: Option<&str>, hook: &Hook) {
-        *self.0.lock().expect("hook cache lock") = Some((
+        *self.cached.lock().expect("hook cache lock") = Some((
             group.to_owned(),
             wanted.map(str::to_owned),
             hook.clone(),
@@ -397,7 +400,7 @@ impl Runner {
                 tokio::select! {
                     () = runner.shutdown.cancelled() => return,
                     () = tokio::time::sleep(pause) => {}
-                    () = runner.hooks.1.notified() => {}
+                    () = runner.hooks.reread.notified() => {}
                 }
                 let (group, wanted) = (&runner.identity.group, runner.wanted_hook());
                 let until = Instant::now() + Duration::from_secs(120);

@@ -17,7 +17,7 @@ use aws_sdk_autoscaling::config::http::HttpResponse;
 use aws_sdk_autoscaling::error::ProvideErrorMetadata;
 use serde::{Deserialize, Serialize};
 
-use crate::sdk::sdk_message;
+use crate::sdk::{is_throttle, sdk_message};
 use tokio::time::Instant;
 
 /// The terminating transition's name in hooks and events.
@@ -211,9 +211,15 @@ pub fn backoff(attempt: u32, base: Duration, cap: Duration) -> Duration {
 /// jitter, whose pauses can be near zero), and capped low enough that the last instances
 /// waiting do not sleep long past the moment the bucket frees up.
 pub fn throttle_pause(step: u32) -> Duration {
-    let ceiling = THROTTLE_BASE
-        .saturating_mul(2u32.saturating_pow(step.saturating_sub(1).min(16)))
-        .min(THROTTLE_CAP);
+    equal_jitter(step.saturating_sub(1), THROTTLE_BASE, THROTTLE_CAP)
+}
+
+/// Jittered exponential backoff with half of it fixed: between half and all of
+/// `base × 2^step`, capped.
+pub fn equal_jitter(step: u32, base: Duration, cap: Duration) -> Duration {
+    let ceiling = base
+        .saturating_mul(2u32.saturating_pow(step.min(16)))
+        .min(cap);
     ceiling / 2 + (ceiling / 2).mul_f64(fastrand::f64())
 }
 
@@ -227,12 +233,34 @@ const THROTTLE_BASE: Duration = Duration::from_secs(2);
 /// throttled calls but leave the bucket idle at the end while the last instances sleep.
 const THROTTLE_CAP: Duration = Duration::from_secs(20);
 
-/// Whether `err` is the service saying "too many requests" (rather than failing).
-fn is_throttle<E: ProvideErrorMetadata>(err: &SdkError<E>) -> bool {
-    matches!(err, SdkError::ServiceError(se) if matches!(
-        se.err().code(),
-        Some("Throttling" | "ThrottlingException" | "RequestLimitExceeded")
-    ))
+/// How much throttling a process's calls to one service have seen: up one per throttle (to a
+/// maximum), down one per success. Shared by the calls of a process (the agent's Auto Scaling
+/// calls, a warm Lambda's SSM calls), so a throttled call slows the next ones too.
+#[derive(Debug, Default)]
+pub struct ThrottleLevel(AtomicU32);
+
+impl ThrottleLevel {
+    /// The level now.
+    pub fn get(&self) -> u32 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Raises the level, at most to `max`; the new level.
+    pub fn raise(&self, max: u32) -> u32 {
+        let raise = |l: u32| (l + 1).min(max);
+        let before = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| Some(raise(l)))
+            .unwrap_or_else(|l| l);
+        raise(before)
+    }
+
+    /// Lowers the level by one (not below 0).
+    pub fn lower(&self) {
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| l.checked_sub(1));
+    }
 }
 
 /// Client-side pacing shared by every Auto Scaling call of the process: the account's bucket
@@ -241,7 +269,7 @@ fn is_throttle<E: ProvideErrorMetadata>(err: &SdkError<E>) -> bool {
 /// delay that grows with it, and a throttled retry backs off from it.
 #[derive(Debug, Default)]
 struct Pacer {
-    level: AtomicU32,
+    level: ThrottleLevel,
 }
 
 impl Pacer {
@@ -249,7 +277,7 @@ impl Pacer {
 
     /// Before the first attempt of a call (a retry has waited already).
     async fn before_call(&self) {
-        let level = self.level.load(Ordering::Relaxed);
+        let level = self.level.get();
         if level > 0 {
             tokio::time::sleep(backoff(
                 level,
@@ -262,18 +290,11 @@ impl Pacer {
 
     /// Raises the level; the new level.
     fn throttled(&self) -> u32 {
-        let raise = |l: u32| (l + 1).min(Self::MAX_LEVEL);
-        let before = self
-            .level
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| Some(raise(l)))
-            .unwrap_or_else(|l| l);
-        raise(before)
+        self.level.raise(Self::MAX_LEVEL)
     }
 
     fn succeeded(&self) {
-        let _ = self
-            .level
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| l.checked_sub(1));
+        self.level.lower();
     }
 }
 

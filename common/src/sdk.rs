@@ -1,4 +1,5 @@
-//! AWS SDK errors as one line of text, the same way for every service client.
+//! AWS SDK errors as one line of text, and whether one is throttling, the same way for every
+//! service client.
 
 use aws_smithy_types::error::display::DisplayErrorContext;
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
@@ -14,4 +15,12 @@ where
         (Some(code), None) => code.to_owned(),
         _ => DisplayErrorContext(err).to_string(),
     }
+}
+
+/// Whether `err` is the service saying "too many requests" (rather than failing).
+pub fn is_throttle(err: &impl ProvideErrorMetadata) -> bool {
+    matches!(
+        err.code(),
+        Some("Throttling" | "ThrottlingException" | "RequestLimitExceeded")
+    )
 }

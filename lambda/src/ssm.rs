@@ -3,7 +3,6 @@
 //! paced by the throttling the warm function has seen.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use aws_sdk_ssm::Client;
@@ -11,8 +10,8 @@ use aws_sdk_ssm::config::http::HttpResponse;
 use aws_sdk_ssm::error::ProvideErrorMetadata;
 use aws_sdk_ssm::types::{CloudWatchOutputConfig, CommandFilter, CommandFilterKey};
 use lifeboat_common::document::{BackupParams, TOKEN};
-use lifeboat_common::lifecycle::backoff;
-use lifeboat_common::sdk::sdk_message;
+use lifeboat_common::lifecycle::{ThrottleLevel, backoff, equal_jitter};
+use lifeboat_common::sdk::{is_throttle, sdk_message};
 use tokio::time::Instant;
 
 use crate::config::{Config, Output};
@@ -87,19 +86,11 @@ fn retryable<E: ProvideErrorMetadata>(err: &SdkError<E>) -> bool {
     }
 }
 
-fn is_throttle<E: ProvideErrorMetadata>(err: &SdkError<E>) -> bool {
-    matches!(err, SdkError::ServiceError(se)
-        if matches!(se.err().code(), Some("ThrottlingException" | "Throttling")))
-}
-
 /// The pause after throttling at `level`: equal jitter over 0.25 s × 2^level, capped at 5 s
 /// (an invocation has about 25 s, and while its instances wait in the queue, its retries are
 /// what keeps the account's SendCommand rate in use).
 fn throttle_pause(level: u32) -> Duration {
-    let ceiling = Duration::from_millis(250)
-        .saturating_mul(2u32.saturating_pow(level.min(16)))
-        .min(Duration::from_secs(5));
-    ceiling / 2 + (ceiling / 2).mul_f64(fastrand::f64())
+    equal_jitter(level, Duration::from_millis(250), Duration::from_secs(5))
 }
 
 /// SSM for one warm function.
@@ -112,7 +103,7 @@ pub struct Ssm {
     /// per success. Every call starts after a pause that grows with it, so the concurrent
     /// invocations of a mass scale-in settle near one throttled call per command sent instead
     /// of hammering SendCommand from the first millisecond of each invocation.
-    level: AtomicU32,
+    level: ThrottleLevel,
 }
 
 impl Ssm {
@@ -121,7 +112,7 @@ impl Ssm {
         Ssm {
             client,
             document_seen: Mutex::new(None),
-            level: AtomicU32::new(0),
+            level: ThrottleLevel::default(),
         }
     }
 
@@ -139,7 +130,7 @@ impl Ssm {
         Fut: Future<Output = Result<T, SdkError<E>>>,
         E: ProvideErrorMetadata + std::error::Error + 'static,
     {
-        let level = self.level.load(Ordering::Relaxed);
+        let level = self.level.get();
         if level > 0 {
             let left = until.saturating_duration_since(Instant::now());
             tokio::time::sleep(throttle_pause(level).min(left / 2)).await;
@@ -148,21 +139,13 @@ impl Ssm {
         loop {
             match call().await {
                 Ok(v) => {
-                    let _ = self
-                        .level
-                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| l.checked_sub(1));
+                    self.level.lower();
                     return Ok(v);
                 }
                 Err(e) if retryable(&e) => {
                     attempt += 1;
                     let pause = if is_throttle(&e) {
-                        let raised = self
-                            .level
-                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
-                                Some((l + 1).min(MAX_LEVEL))
-                            })
-                            .map_or(MAX_LEVEL, |l| (l + 1).min(MAX_LEVEL));
-                        throttle_pause(raised.max(attempt))
+                        throttle_pause(self.level.raise(MAX_LEVEL).max(attempt))
                     } else {
                         backoff(attempt, Duration::from_millis(100), Duration::from_secs(5))
                     };
