@@ -266,7 +266,7 @@ impl ThrottleLevel {
 /// Client-side pacing shared by every Auto Scaling call of the process: the account's bucket
 /// is shared by every caller, so a throttled call slows the next ones too. The level rises with
 /// each throttle and falls with each success; while it is up, a new call first waits a jittered
-/// delay that grows with it, and a throttled retry backs off from it.
+/// delay that grows with it (a throttled retry backs off by its own attempts).
 #[derive(Debug, Default)]
 struct Pacer {
     level: ThrottleLevel,
@@ -288,9 +288,8 @@ impl Pacer {
         }
     }
 
-    /// Raises the level; the new level.
-    fn throttled(&self) -> u32 {
-        self.level.raise(Self::MAX_LEVEL)
+    fn throttled(&self) {
+        self.level.raise(Self::MAX_LEVEL);
     }
 
     fn succeeded(&self) {
@@ -567,11 +566,14 @@ impl Lifecycle {
             return Err(fail());
         }
         *attempt += 1;
-        // Throttled: back off from the process's throttling level, longer than from a failure,
-        // so a fleet's retries do not spend the account's bucket.
+        // Throttled: back off longer than from a failure, so a fleet's retries do not spend the
+        // account's bucket. The pause grows with this call's own throttles; the process's level (raised here)
+        // delays only the first attempt of its next calls. Heartbeats have stopped when
+        // completion retries, so a pause taken from a level that earlier heartbeats raised could
+        // outlast the hook's heartbeat timeout.
         let pause = if is_throttle(err) {
-            let level = self.pacer.throttled();
-            throttle_pause((*attempt).max(level))
+            self.pacer.throttled();
+            throttle_pause(*attempt)
         } else {
             backoff(
                 *attempt,
