@@ -41,18 +41,22 @@ fn is_uuid(v: &str) -> bool {
             .all(|(g, n)| g.len() == n && g.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
-/// The instance: `i-` and 8 or 17 hex digits.
+/// Whether `v` is an EC2 instance id: `i-` and 8 to 17 lowercase hex digits.
+pub fn is_instance_id(v: &str) -> bool {
+    v.strip_prefix("i-").is_some_and(|hex| {
+        (8..=17).contains(&hex.len())
+            && hex
+                .chars()
+                .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+    })
+}
+
+/// The instance, or empty for "the instance the command runs on" (a command sent to many
+/// instances at once carries one set of parameters for all of them).
 pub const INSTANCE_ID: Param = Param {
     name: "InstanceId",
-    pattern: "^i-[0-9a-f]{8,17}$",
-    check: |v| {
-        v.strip_prefix("i-").is_some_and(|hex| {
-            (8..=17).contains(&hex.len())
-                && hex
-                    .chars()
-                    .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
-        })
-    },
+    pattern: "^(i-[0-9a-f]{8,17})?$",
+    check: |v| v.is_empty() || is_instance_id(v),
 };
 
 /// The Auto Scaling group: letters, digits, space and `._:/@+=,-`.
@@ -93,7 +97,7 @@ pub const PARAMS: [Param; 5] = [INSTANCE_ID, GROUP_NAME, HOOK_NAME, TOKEN, REASO
 /// The values of one `lifeboat-backup` run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackupParams {
-    /// The instance.
+    /// The instance; empty in a command sent to several instances (each runs it as itself).
     pub instance_id: String,
     /// Its Auto Scaling group.
     pub group: String,
@@ -205,6 +209,7 @@ mod tests {
             "",
             "i-0123456789abcdef0",
             "i-01234567",
+            "i-0123456789abcdef01",
             "i-0123456",
             "i-0123456789ABCDEF0",
             "web",

@@ -1,5 +1,6 @@
 //! The EventBridge events the Lambda consumes: `EC2 Instance-terminate Lifecycle Action` from Auto
-//! Scaling and `EC2 Command Status-change Notification` from SSM Run Command: their `detail`.
+//! Scaling, and `EC2 Command Status-change Notification` (per command) and `EC2 Command Invocation
+//! Status-change Notification` (per instance of a command) from SSM Run Command: their `detail`.
 
 use std::collections::HashMap;
 
@@ -9,6 +10,8 @@ use serde::{Deserialize, Serialize};
 pub const LIFECYCLE_ACTION: &str = "EC2 Instance-terminate Lifecycle Action";
 /// `detail-type` of Run Command's per-command status change.
 pub const COMMAND_STATUS: &str = "EC2 Command Status-change Notification";
+/// `detail-type` of Run Command's per-instance status change (no parameters in it).
+pub const INVOCATION_STATUS: &str = "EC2 Command Invocation Status-change Notification";
 /// The `Event` of the test notification Auto Scaling sends when a hook is created.
 pub const TEST_NOTIFICATION: &str = "autoscaling:TEST_NOTIFICATION";
 
@@ -60,22 +63,48 @@ pub struct CommandStatus {
     pub parameters: HashMap<String, Vec<String>>,
 }
 
+/// `detail` of `EC2 Command Invocation Status-change Notification`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct InvocationStatus {
+    /// The command.
+    pub command_id: String,
+    /// The document it ran.
+    pub document_name: String,
+    /// The instance this invocation ran on.
+    pub instance_id: String,
+    /// `Success`, `Failed`, `TimedOut`, `Cancelled`, `Undeliverable`, …
+    pub status: String,
+}
+
 impl CommandStatus {
     /// Whether the command ended without running the document to success.
     pub fn failed(&self) -> bool {
-        matches!(
-            self.status.as_str(),
-            "Failed"
-                | "TimedOut"
-                | "Cancelled"
-                | "Undeliverable"
-                | "Terminated"
-                | "DeliveryTimedOut"
-                | "Delivery Timed Out"
-                | "ExecutionTimedOut"
-                | "Execution Timed Out"
-        )
+        ended_badly(&self.status)
     }
+}
+
+impl InvocationStatus {
+    /// Whether the invocation ended without running the document to success.
+    pub fn failed(&self) -> bool {
+        ended_badly(&self.status)
+    }
+}
+
+/// Whether a Run Command status is an end other than success.
+fn ended_badly(status: &str) -> bool {
+    matches!(
+        status,
+        "Failed"
+            | "TimedOut"
+            | "Cancelled"
+            | "Undeliverable"
+            | "Terminated"
+            | "DeliveryTimedOut"
+            | "Delivery Timed Out"
+            | "ExecutionTimedOut"
+            | "Execution Timed Out"
+    )
 }
 
 /// The instance id at the end of an instance ARN (`arn:aws:ec2:…:instance/i-…`).

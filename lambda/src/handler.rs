@@ -1,15 +1,17 @@
 //! One event in, one outcome out: the lifecycle event becomes a Run Command, a failed command (or
 //! a command Run Command would not take) becomes a completed lifecycle action and a report.
 
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, SystemTime};
 
 use aws_config::BehaviorVersion;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_lambda_events::event::eventbridge::EventBridgeEvent;
-use lifeboat_common::document::{BackupParams, INSTANCE_ID, TOKEN};
+use lifeboat_common::document::{BackupParams, TOKEN, is_instance_id};
 use lifeboat_common::event::{
-    COMMAND_STATUS, CommandStatus, LIFECYCLE_ACTION, LifecycleAction, TEST_NOTIFICATION,
+    COMMAND_STATUS, CommandStatus, INVOCATION_STATUS, InvocationStatus, LIFECYCLE_ACTION,
+    LifecycleAction, TEST_NOTIFICATION,
 };
 use lifeboat_common::lifecycle::{ActionRef, Completed, Lifecycle, TERMINATING};
 use lifeboat_common::report::{self, Report};
@@ -17,7 +19,11 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use crate::config::Config;
-use crate::ssm::Ssm;
+use crate::queue;
+use crate::ssm::{Ssm, SsmError};
+
+/// SendCommand takes at most 50 instance ids.
+pub const MAX_TARGETS: usize = 50;
 
 /// Time kept back from SendCommand's retries for a fail-over completion and its report.
 const FAIL_OVER_RESERVE: Duration = Duration::from_secs(3);
@@ -26,8 +32,10 @@ const FAIL_OVER_RESERVE: Duration = Duration::from_secs(3);
 /// SendCommand's. A throttled check is skipped (SendCommand says InvalidDocument itself).
 const DOCUMENT_BUDGET: Duration = Duration::from_secs(3);
 
-/// How long Lambda's own retries of a failed asynchronous invocation take to run out: two
-/// retries, about one and two minutes after the failures, each up to the function's timeout.
+/// How long the retries of an event left for retry take to run out: Lambda's two retries of a
+/// failed asynchronous invocation, about one and two minutes after the failures, each up to the
+/// function's timeout; or the lifecycle queue's next delivery (the template's visibility
+/// timeout, 180 s).
 /// An action with less time left than this is renewed (one heartbeat) before it is left to them.
 const RETRY_HORIZON: Duration = Duration::from_secs(240);
 
@@ -45,6 +53,77 @@ enum Renewed {
     Failed,
 }
 
+/// A lifecycle event to act on: what the document will need, and how long ago it happened.
+#[derive(Debug)]
+pub(crate) struct Pending {
+    /// The document's parameters for this instance.
+    pub(crate) params: BackupParams,
+    /// Time since the event (zero once the action is renewed).
+    pub(crate) age: Duration,
+}
+
+impl Pending {
+    /// The lifecycle event `event` asks for, or the outcome of ignoring it.
+    pub(crate) fn of(event: EventBridgeEvent<Value>) -> Result<Self, Value> {
+        let d: LifecycleAction = serde_json::from_value(event.detail)
+            .map_err(|e| ignored(format!("malformed lifecycle action: {e}")))?;
+        if d.event.as_deref() == Some(TEST_NOTIFICATION) {
+            return Err(ignored("Auto Scaling test notification"));
+        }
+        if d.lifecycle_transition != TERMINATING {
+            return Err(ignored(format!(
+                "transition {:?} is not {TERMINATING}",
+                d.lifecycle_transition
+            )));
+        }
+        if !is_instance_id(&d.ec2_instance_id) {
+            return Err(ignored(format!(
+                "instance id {:?} is not an EC2 instance id",
+                d.ec2_instance_id
+            )));
+        }
+        let reason = if d.destination.as_deref() == Some("WarmPool") {
+            "warm-pool"
+        } else {
+            "scale-in"
+        };
+        let age = event.time.and_then(|t| {
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .ok()?;
+            now.checked_sub(Duration::from_secs(u64::try_from(t.timestamp()).ok()?))
+        });
+        Ok(Pending {
+            params: BackupParams {
+                instance_id: d.ec2_instance_id,
+                group: d.auto_scaling_group_name,
+                hook: d.lifecycle_hook_name,
+                token: d.lifecycle_action_token,
+                reason: reason.into(),
+            },
+            age: age.unwrap_or_default(),
+        })
+    }
+}
+
+/// What became of one event.
+#[derive(Debug)]
+pub(crate) enum Fate {
+    /// Handled (sent, completed, ignored): the outcome.
+    Done(Value),
+    /// To be retried later (SSM or Auto Scaling throttled past the budget): why.
+    Retry(String),
+}
+
+impl From<Result<Value, lambda_runtime::Error>> for Fate {
+    fn from(r: Result<Value, lambda_runtime::Error>) -> Self {
+        match r {
+            Ok(v) => Fate::Done(v),
+            Err(e) => Fate::Retry(e.to_string()),
+        }
+    }
+}
+
 /// The warm function's state: configuration and clients, built once per cold start.
 #[derive(Debug)]
 pub struct Handler {
@@ -55,7 +134,7 @@ pub struct Handler {
 }
 
 /// What the invocation did, returned as its result (and logged).
-fn outcome(kind: &str, fields: Value) -> Value {
+pub(crate) fn outcome(kind: &str, fields: Value) -> Value {
     let mut v = json!({ "outcome": kind });
     if let (Some(map), Value::Object(extra)) = (v.as_object_mut(), fields) {
         map.extend(extra);
@@ -64,7 +143,7 @@ fn outcome(kind: &str, fields: Value) -> Value {
     v
 }
 
-fn ignored(why: impl Into<String>) -> Value {
+pub(crate) fn ignored(why: impl Into<String>) -> Value {
     outcome("ignored", json!({ "why": why.into() }))
 }
 
@@ -126,7 +205,9 @@ impl Handler {
         }
     }
 
-    /// Handles one EventBridge event. `Err` only for what a retry can fix (throttling, 5xx).
+    /// Handles one invocation: an EventBridge event, or an SQS batch of them (the lifecycle
+    /// queue). `Err` only for what a retry can fix (throttling, 5xx); a batch instead names the
+    /// messages to retry in `batchItemFailures`.
     pub async fn handle(
         &self,
         payload: Value,
@@ -136,27 +217,41 @@ impl Handler {
             .duration_since(SystemTime::now())
             .unwrap_or_default();
         let until = Instant::now() + left.saturating_sub(Duration::from_millis(500));
+        if let Some(messages) = queue::messages(&payload) {
+            return Ok(self.on_queue(messages, until).await);
+        }
         let event: EventBridgeEvent<Value> = match serde_json::from_value(payload) {
             Ok(e) => e,
             Err(e) => return Ok(ignored(format!("not an EventBridge event: {e}"))),
         };
+        if event.detail_type == LIFECYCLE_ACTION {
+            let pending = match Pending::of(event) {
+                Ok(p) => p,
+                Err(ignore) => return Ok(ignore),
+            };
+            return match self.dispatch(vec![pending], until).await.pop() {
+                Some(Fate::Done(v)) => Ok(v),
+                Some(Fate::Retry(why)) => Err(why.into()),
+                None => Ok(ignored("nothing to do")),
+            };
+        }
+        self.on_status(event, until).await
+    }
+
+    /// A Run Command status change; anything else is ignored.
+    pub(crate) async fn on_status(
+        &self,
+        event: EventBridgeEvent<Value>,
+        until: Instant,
+    ) -> Result<Value, lambda_runtime::Error> {
         match event.detail_type.as_str() {
-            LIFECYCLE_ACTION => match serde_json::from_value(event.detail) {
-                Ok(detail) => {
-                    let age = event.time.and_then(|t| {
-                        let now = SystemTime::now()
-                            .duration_since(SystemTime::UNIX_EPOCH)
-                            .ok()?;
-                        now.checked_sub(Duration::from_secs(u64::try_from(t.timestamp()).ok()?))
-                    });
-                    self.on_lifecycle(detail, age.unwrap_or_default(), until)
-                        .await
-                }
-                Err(e) => Ok(ignored(format!("malformed lifecycle action: {e}"))),
-            },
             COMMAND_STATUS => match serde_json::from_value(event.detail) {
                 Ok(detail) => self.on_command(detail, until).await,
                 Err(e) => Ok(ignored(format!("malformed command status: {e}"))),
+            },
+            INVOCATION_STATUS => match serde_json::from_value(event.detail) {
+                Ok(detail) => self.on_invocation(detail, until).await,
+                Err(e) => Ok(ignored(format!("malformed invocation status: {e}"))),
             },
             other => Ok(ignored(format!("event type {other:?} is not lifeboat's"))),
         }
@@ -173,96 +268,215 @@ impl Handler {
         }
     }
 
-    /// Sends the document for a lifecycle event `age` old. Only a cause retrying cannot fix
-    /// (not managed, no document, a refused value) completes the action here; SSM throttling
-    /// past the budget fails the invocation, so Lambda retries it (then the dead-letter queue)
-    /// while the hook holds the instance, unless the action would expire before the retries run.
-    async fn on_lifecycle(
-        &self,
-        d: LifecycleAction,
-        age: Duration,
-        until: Instant,
-    ) -> Result<Value, lambda_runtime::Error> {
-        if d.event.as_deref() == Some(TEST_NOTIFICATION) {
-            return Ok(ignored("Auto Scaling test notification"));
-        }
-        if d.lifecycle_transition != TERMINATING {
-            return Ok(ignored(format!(
-                "transition {:?} is not {TERMINATING}",
-                d.lifecycle_transition
-            )));
-        }
-        if !INSTANCE_ID.allows(&d.ec2_instance_id) {
-            return Ok(ignored(format!(
-                "instance id {:?} is not an EC2 instance id",
-                d.ec2_instance_id
-            )));
-        }
-        let reason = if d.destination.as_deref() == Some("WarmPool") {
-            "warm-pool"
-        } else {
-            "scale-in"
-        };
-        let params = BackupParams {
-            instance_id: d.ec2_instance_id,
-            group: d.auto_scaling_group_name,
-            hook: d.lifecycle_hook_name,
-            token: d.lifecycle_action_token,
-            reason: reason.into(),
-        };
-        if let Err(refused) = params.validate() {
-            return self.fail_over(&params, refused.to_string(), until).await;
-        }
+    /// Sends the document for lifecycle events: one SendCommand per group, hook and reason for
+    /// up to [`MAX_TARGETS`] instances (a lone instance gets its own parameters and token).
+    /// Only a cause retrying cannot fix (not managed, no document, a refused value) completes an
+    /// action here; SSM throttling past the budget leaves the event for retry (Lambda's retries
+    /// of the invocation, or the queue's redelivery) while the hook holds the instance, unless
+    /// the action would expire before the retries run. One fate per event, in order.
+    pub(crate) async fn dispatch(&self, mut events: Vec<Pending>, until: Instant) -> Vec<Fate> {
+        let mut fates: Vec<Option<Fate>> = events.iter().map(|_| None).collect();
         let send_until = until
             .checked_sub(FAIL_OVER_RESERVE)
             .unwrap_or_else(Instant::now);
+        let mut live = Vec::new();
+        let mut seen = HashMap::new();
+        for (i, p) in events.iter().enumerate() {
+            if let Err(refused) = p.params.validate() {
+                let fate = self.fail_over(&p.params, refused.to_string(), until).await;
+                fates[i] = Some(fate.into());
+            } else if let Some(first) = seen.insert(p.params.instance_id.clone(), i) {
+                // The same action twice in one batch (EventBridge and SQS deliver at least
+                // once): one command.
+                seen.insert(p.params.instance_id.clone(), first);
+                fates[i] = Some(Fate::Done(outcome(
+                    "duplicate",
+                    json!({ "instance_id": p.params.instance_id, "why": "twice in one batch" }),
+                )));
+            } else {
+                live.push(i);
+            }
+        }
         // An event that waited (Lambda's queue in a mass scale-in, its retries) may leave the
         // agent little of the hook's timeout: renew the action first, so the command has a
         // whole timeout to start in.
-        let mut age = age;
-        if self.config.heartbeat_timeout.is_some_and(|h| age >= h / 2) {
-            match self.renew(&params, send_until).await {
-                Renewed::Yes => age = Duration::ZERO,
-                Renewed::Gone => return Ok(gone(&params, age)),
-                Renewed::Failed => {}
+        let renew_until = send_until.min(Instant::now() + RENEW_BUDGET);
+        let mut sendable = Vec::new();
+        for i in live {
+            let p = &mut events[i];
+            if self
+                .config
+                .heartbeat_timeout
+                .is_some_and(|h| p.age >= h / 2)
+            {
+                match self.renew(&p.params, renew_until).await {
+                    Renewed::Yes => p.age = Duration::ZERO,
+                    Renewed::Gone => {
+                        fates[i] = Some(Fate::Done(gone(&p.params, p.age)));
+                        continue;
+                    }
+                    Renewed::Failed => {}
+                }
             }
+            sendable.push(i);
         }
-        let document = &self.config.document;
-        let document_until = send_until.min(Instant::now() + DOCUMENT_BUDGET);
-        match self.ssm.check_document(document, document_until).await {
-            Ok(()) => {}
-            Err(e) if e.retryable() => tracing::warn!("document check skipped: {e}"),
-            Err(e) => return self.fail_over(&params, e.to_string(), until).await,
-        }
-        // A dedupe, never at the send's expense: one attempt, and on any error none.
-        match self.ssm.already_sent(document, &params).await {
-            Ok(Some(id)) => return Ok(outcome("duplicate", json!({ "command_id": id }))),
-            Ok(None) => {}
-            Err(e) => tracing::warn!("no look for an earlier command: {e}"),
-        }
-        match self.ssm.send(&self.config, &params, send_until).await {
-            Ok(id) => Ok(outcome(
-                "sent",
-                json!({ "command_id": id, "instance_id": params.instance_id }),
-            )),
-            Err(e) if e.retryable() => {
-                if self.expires_before_retries(age) {
-                    match self.renew(&params, until).await {
-                        Renewed::Yes => {}
-                        Renewed::Gone => return Ok(gone(&params, age)),
-                        Renewed::Failed => {
-                            return self.fail_over(&params, e.to_string(), until).await;
-                        }
+        if !sendable.is_empty() {
+            let document_until = send_until.min(Instant::now() + DOCUMENT_BUDGET);
+            match self
+                .ssm
+                .check_document(&self.config.document, document_until)
+                .await
+            {
+                Ok(()) => {}
+                Err(e) if e.retryable() => tracing::warn!("document check skipped: {e}"),
+                Err(e) => {
+                    for i in sendable.drain(..) {
+                        let fate = self
+                            .fail_over(&events[i].params, e.to_string(), until)
+                            .await;
+                        fates[i] = Some(fate.into());
                     }
                 }
-                tracing::warn!(
-                    instance_id = %params.instance_id,
-                    "{e}: failing the invocation for Lambda to retry; the hook holds the instance"
-                );
-                Err(format!("{e} (the lifecycle action is left for Lambda's retry)").into())
             }
-            Err(e) => self.fail_over(&params, e.to_string(), until).await,
         }
+        // Group by what the command's parameters say for all of its instances.
+        let mut groups: BTreeMap<(&str, &str, &str), Vec<usize>> = BTreeMap::new();
+        for &i in &sendable {
+            let p = &events[i].params;
+            groups
+                .entry((&p.group, &p.hook, &p.reason))
+                .or_default()
+                .push(i);
+        }
+        let mut work: VecDeque<Vec<usize>> = groups
+            .into_values()
+            .flat_map(|g| {
+                g.chunks(MAX_TARGETS)
+                    .map(<[usize]>::to_vec)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        while let Some(chunk) = work.pop_front() {
+            self.send_chunk(&events, chunk, &mut fates, &mut work, until, send_until)
+                .await;
+        }
+        fates
+            .into_iter()
+            .map(|f| f.unwrap_or_else(|| Fate::Done(ignored("not sent"))))
+            .collect()
+    }
+
+    /// One SendCommand for `chunk`; instances SSM refuses as not managed are failed over and
+    /// the rest sent again (singly when SSM's answer does not say which).
+    async fn send_chunk(
+        &self,
+        events: &[Pending],
+        chunk: Vec<usize>,
+        fates: &mut [Option<Fate>],
+        work: &mut VecDeque<Vec<usize>>,
+        until: Instant,
+        send_until: Instant,
+    ) {
+        let first = &events[chunk[0]].params;
+        let params = if chunk.len() == 1 {
+            // A dedupe, never at the send's expense: one attempt, and on any error none.
+            match self.ssm.already_sent(&self.config.document, first).await {
+                Ok(Some(id)) => {
+                    fates[chunk[0]] = Some(Fate::Done(outcome(
+                        "duplicate",
+                        json!({ "command_id": id, "instance_id": first.instance_id }),
+                    )));
+                    return;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!("no look for an earlier command: {e}"),
+            }
+            first.clone()
+        } else {
+            // Each instance runs it as itself and completes its action by instance id.
+            BackupParams {
+                instance_id: String::new(),
+                token: String::new(),
+                ..first.clone()
+            }
+        };
+        let ids: Vec<String> = chunk
+            .iter()
+            .map(|&i| events[i].params.instance_id.clone())
+            .collect();
+        match self.ssm.send(&self.config, &params, &ids, send_until).await {
+            Ok(id) => {
+                if chunk.len() > 1 {
+                    tracing::info!(command_id = %id, instances = ids.len(), group = %params.group, "one command for many instances");
+                }
+                for &i in &chunk {
+                    fates[i] = Some(Fate::Done(outcome(
+                        "sent",
+                        json!({ "command_id": id, "instance_id": events[i].params.instance_id }),
+                    )));
+                }
+            }
+            Err(SsmError::NotManaged { instance_ids, .. })
+                if chunk.len() > 1 && instance_ids.len() == chunk.len() =>
+            {
+                // SSM did not say which: one command each.
+                work.extend(chunk.into_iter().map(|i| vec![i]));
+            }
+            Err(SsmError::NotManaged {
+                instance_ids,
+                message,
+            }) => {
+                let (named, rest): (Vec<usize>, Vec<usize>) = chunk
+                    .into_iter()
+                    .partition(|&i| instance_ids.contains(&events[i].params.instance_id));
+                for i in named {
+                    let p = &events[i].params;
+                    let why = format!(
+                        "instance {} is not managed by SSM ({message})",
+                        p.instance_id
+                    );
+                    fates[i] = Some(self.fail_over(p, why, until).await.into());
+                }
+                if !rest.is_empty() {
+                    work.push_back(rest);
+                }
+            }
+            Err(e) if e.retryable() => {
+                for i in chunk {
+                    fates[i] = Some(self.leave_for_retry(&events[i], &e, until).await);
+                }
+            }
+            Err(e) => {
+                for i in chunk {
+                    let fate = self
+                        .fail_over(&events[i].params, e.to_string(), until)
+                        .await;
+                    fates[i] = Some(fate.into());
+                }
+            }
+        }
+    }
+
+    /// SSM stayed throttled: the event is left for retry while the hook holds the instance; an
+    /// action that would expire before the retries run is renewed first (completed when it
+    /// cannot be).
+    async fn leave_for_retry(&self, p: &Pending, e: &SsmError, until: Instant) -> Fate {
+        if self.expires_before_retries(p.age) {
+            match self.renew(&p.params, until).await {
+                Renewed::Yes => {}
+                Renewed::Gone => return Fate::Done(gone(&p.params, p.age)),
+                Renewed::Failed => {
+                    return self.fail_over(&p.params, e.to_string(), until).await.into();
+                }
+            }
+        }
+        tracing::warn!(
+            instance_id = %p.params.instance_id,
+            "{e}: leaving the event for retry; the hook holds the instance"
+        );
+        Fate::Retry(format!(
+            "{e} (the lifecycle action is left for Lambda's retry)"
+        ))
     }
 
     /// One heartbeat for the event's action, within [`RENEW_BUDGET`] and before `until`.
@@ -289,6 +503,9 @@ impl Handler {
             .is_some_and(|h| age + RETRY_HORIZON >= h)
     }
 
+    /// A command's status: a failed command sent to one instance completes that instance's
+    /// action (its parameters name it). A command sent to many is left to its invocations'
+    /// events.
     async fn on_command(
         &self,
         d: CommandStatus,
@@ -309,9 +526,71 @@ impl Handler {
                 d.command_id
             )));
         };
+        if params.instance_id.is_empty() {
+            return Ok(ignored(format!(
+                "command {} went to many instances: each invocation's status completes its action",
+                d.command_id
+            )));
+        }
         let why = format!(
             "Run Command ended {} for command {} (see its output)",
             d.status, d.command_id
+        );
+        self.fail_over(&params, why, until).await
+    }
+
+    /// One instance's invocation of a command: when it failed and the command went to many
+    /// instances, the command's parameters (ListCommands) give the group and hook, and the
+    /// event the instance. A command sent to one instance is left to the command's event.
+    async fn on_invocation(
+        &self,
+        d: InvocationStatus,
+        until: Instant,
+    ) -> Result<Value, lambda_runtime::Error> {
+        if d.document_name != document_name(&self.config.document) {
+            return Ok(ignored(format!(
+                "document {:?} is not lifeboat's",
+                d.document_name
+            )));
+        }
+        if !d.failed() {
+            return Ok(ignored(format!(
+                "command {} on {} is {}",
+                d.command_id, d.instance_id, d.status
+            )));
+        }
+        if !is_instance_id(&d.instance_id) {
+            return Ok(ignored(format!(
+                "instance id {:?} is not an EC2 instance id",
+                d.instance_id
+            )));
+        }
+        let mut params = match self.ssm.command_parameters(&d.command_id, until).await {
+            Ok(Some(p)) => p,
+            Ok(None) => {
+                return Ok(ignored(format!(
+                    "command {} is unknown or carries no lifeboat parameters",
+                    d.command_id
+                )));
+            }
+            Err(e) if e.retryable() => return Err(e.to_string().into()),
+            Err(e) => {
+                return Ok(outcome(
+                    "failed",
+                    json!({ "instance_id": d.instance_id, "why": e.to_string() }),
+                ));
+            }
+        };
+        if !params.instance_id.is_empty() {
+            return Ok(ignored(format!(
+                "command {} went to one instance: the command's status completes its action",
+                d.command_id
+            )));
+        }
+        params.instance_id = d.instance_id;
+        let why = format!(
+            "Run Command ended {} for command {} on {} (see its output)",
+            d.status, d.command_id, params.instance_id
         );
         self.fail_over(&params, why, until).await
     }

@@ -21,6 +21,7 @@
 
 pub mod config;
 pub mod handler;
+pub mod queue;
 pub mod ssm;
 
 use lambda_runtime::{LambdaEvent, service_fn};

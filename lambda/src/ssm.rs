@@ -28,11 +28,13 @@ const DOCUMENT_TTL: Duration = Duration::from_secs(300);
 /// answers retrying cannot change.
 #[derive(Debug, thiserror::Error)]
 pub enum SsmError {
-    /// The instance is not managed by SSM (no agent, no role, or gone).
-    #[error("instance {instance_id} is not managed by SSM ({message})")]
+    /// Instances not managed by SSM (no agent, no role, or gone): the whole SendCommand is
+    /// refused.
+    #[error("instance {} is not managed by SSM ({message})", instance_ids.join(", "))]
     NotManaged {
-        /// The instance.
-        instance_id: String,
+        /// The instances SSM's answer names among those sent to (all of them when it names
+        /// none).
+        instance_ids: Vec<String>,
         /// SSM's answer.
         message: String,
     },
@@ -247,21 +249,49 @@ impl Ssm {
             .and_then(|c| c.command_id().map(str::to_owned)))
     }
 
-    /// Sends the document to the instance; returns the command id.
+    /// The parameters `command_id` was sent with (`None` when SSM knows no such command).
+    pub async fn command_parameters(
+        &self,
+        command_id: &str,
+        until: Instant,
+    ) -> Result<Option<BackupParams>, SsmError> {
+        let out = self
+            .retry(
+                "ListCommands",
+                until,
+                || self.client.list_commands().command_id(command_id).send(),
+                |e| SsmError::Refused {
+                    operation: "ListCommands",
+                    message: sdk_message(e),
+                },
+            )
+            .await?;
+        Ok(out
+            .commands()
+            .iter()
+            .find(|c| c.command_id() == Some(command_id))
+            .and_then(|c| c.parameters())
+            .and_then(BackupParams::from_parameters))
+    }
+
+    /// Sends the document with `params` to `instance_ids` (at most 50: one SendCommand);
+    /// returns the command id.
     pub async fn send(
         &self,
         config: &Config,
         params: &BackupParams,
+        instance_ids: &[String],
         until: Instant,
     ) -> Result<String, SsmError> {
         let timeout = i32::try_from(config.delivery_timeout.as_secs()).unwrap_or(i32::MAX);
-        let comment: String = format!(
-            "lifeboat backup of {} ({})",
-            params.instance_id, params.reason
-        )
-        .chars()
-        .take(100)
-        .collect();
+        let whom = match instance_ids {
+            [one] => one.clone(),
+            many => format!("{} instances of {}", many.len(), params.group),
+        };
+        let comment: String = format!("lifeboat backup of {whom} ({})", params.reason)
+            .chars()
+            .take(100)
+            .collect();
         let out = self
             .retry(
                 "SendCommand",
@@ -271,7 +301,7 @@ impl Ssm {
                         .client
                         .send_command()
                         .document_name(&config.document)
-                        .instance_ids(&params.instance_id)
+                        .set_instance_ids(Some(instance_ids.to_vec()))
                         .set_parameters(Some(params.to_parameters()))
                         .timeout_seconds(timeout)
                         .comment(comment.clone());
@@ -291,7 +321,7 @@ impl Ssm {
                 },
                 |e| match e.code() {
                     Some("InvalidInstanceId") => SsmError::NotManaged {
-                        instance_id: params.instance_id.clone(),
+                        instance_ids: named_in(&sdk_message(e), instance_ids),
                         message: sdk_message(e),
                     },
                     Some("InvalidDocument" | "InvalidDocumentVersion") => SsmError::NoDocument {
@@ -313,9 +343,50 @@ impl Ssm {
     }
 }
 
+/// The instances among `sent` that `message` names; all of `sent` when it names none (SSM's
+/// InvalidInstanceId usually lists them, but nothing promises it).
+fn named_in(message: &str, sent: &[String]) -> Vec<String> {
+    let words: Vec<&str> = message
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+        .collect();
+    let named: Vec<String> = sent
+        .iter()
+        .filter(|id| words.contains(&id.as_str()))
+        .cloned()
+        .collect();
+    if named.is_empty() {
+        sent.to_vec()
+    } else {
+        named
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn invalid_instance_id_names_the_instances_it_lists_or_all() {
+        let sent: Vec<String> = ["i-0000000000000000a", "i-0000000000000000b", "i-00000000"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(
+            named_in(
+                "Instances [[i-0000000000000000b, i-00000000]] not in a valid state for account 1",
+                &sent
+            ),
+            ["i-0000000000000000b", "i-00000000"]
+        );
+        // A prefix of a listed id is not that id.
+        assert_eq!(
+            named_in(
+                "Instances [i-0000000000000000a1] not in a valid state",
+                &sent
+            ),
+            sent
+        );
+        assert_eq!(named_in("Invalid instance id", &sent), sent);
+    }
 
     #[test]
     fn throttle_pauses_grow_from_a_quarter_second_to_at_most_five() {

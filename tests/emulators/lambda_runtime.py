@@ -9,11 +9,21 @@ serves the Runtime API it polls (`/2018-06-01/runtime/invocation/next`, `.../res
   POST /events   asynchronous, as EventBridge invokes: 202 at once; a failed invocation is retried
                  twice, as Lambda retries async events (after --retry-delays, default 0.5 s and
                  1 s; Lambda waits about 1 and 2 minutes)
+  POST /queue    as EventBridge sends to an SQS queue that an event source mapping reads: 202
+                 at once; the event becomes a message, and the mapping hands the function
+                 batches of up to --batch-size messages as an SQS event, once a batch is full or
+                 its first message has waited --batch-window seconds, at most --concurrency
+                 batches at once. Messages the response names in `batchItemFailures` (all of
+                 them when the invocation fails) are delivered again after
+                 --visibility-timeout; after --max-receive receives they go to the dead-letter
+                 list. The rest are deleted.
+  GET  /queue    {"sent", "deleted", "receives", "in_queue", "dead": [bodies]}
   GET  /invocations   every invocation: event, outcome, duration, attempt
   GET  /init          {"init_ms": time from spawn to the first /next, "exited": code or null}
 
 Usage: lambda_runtime.py --port PORT [--timeout SECONDS] [--concurrency N]
-                         [--retry-delays S1,S2] -- BOOTSTRAP [ARGS...]
+                         [--retry-delays S1,S2] [--batch-size N] [--batch-window S]
+                         [--visibility-timeout S] [--max-receive N] -- BOOTSTRAP [ARGS...]
 
 --concurrency N runs N copies of the function (execution environments), as a reserved
 concurrency of N does: at most N invocations at once, the rest wait in the queue.
@@ -38,13 +48,16 @@ STATE = {"spawned": None, "first_next": None, "process": None, "init_error": Non
 ARGS = None
 
 
-def enqueue(event, sync, attempt=1):
+def enqueue(event, sync, attempt=1, on_done=None, source=None):
     rid = str(uuid.uuid4())
+    if on_done:
+        DONE_HOOKS[rid] = on_done
     record = {
         "id": rid,
         "event": event,
         "sync": sync,
         "attempt": attempt,
+        "source": source,
         "queued": time.time(),
         "started": None,
         "duration_ms": None,
@@ -60,7 +73,88 @@ def enqueue(event, sync, attempt=1):
     return record, done
 
 
+class Queue:
+    """An SQS queue and the event source mapping that reads it."""
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.messages = []  # {"id", "body", "visible_at", "receives", "sent"}
+        self.in_flight = 0  # batches being handled
+        self.stats = {"sent": 0, "deleted": 0, "receives": 0}
+        self.dead = []
+
+    def send(self, event):
+        with self.cond:
+            self.messages.append({"id": str(uuid.uuid4()), "body": json.dumps(event),
+                                  "visible_at": time.time(), "receives": 0, "taken": False})
+            self.stats["sent"] += 1
+            self.cond.notify_all()
+
+    def status(self):
+        with self.cond:
+            return dict(self.stats, in_queue=len(self.messages),
+                        dead=[m["body"] for m in self.dead])
+
+    def take(self):
+        """The next batch, when one is due (full, or its first message waited the window)."""
+        now = time.time()
+        visible = [m for m in self.messages if not m["taken"] and m["visible_at"] <= now]
+        if not visible or self.in_flight >= ARGS.concurrency:
+            return None
+        oldest = min(m["visible_at"] for m in visible)
+        if len(visible) < ARGS.batch_size and now - oldest < ARGS.batch_window:
+            return None
+        batch = visible[:ARGS.batch_size]
+        for m in batch:
+            m["taken"] = True
+            m["receives"] += 1
+            self.stats["receives"] += 1
+        self.in_flight += 1
+        return batch
+
+    def poll(self):
+        while True:
+            with self.cond:
+                batch = self.take()
+                while batch is None:
+                    self.cond.wait(0.05)
+                    batch = self.take()
+            event = {"Records": [{
+                "messageId": m["id"], "receiptHandle": m["id"], "body": m["body"],
+                "attributes": {"ApproximateReceiveCount": str(m["receives"])},
+                "messageAttributes": {}, "md5OfBody": "", "eventSource": "aws:sqs",
+                "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:lifeboat-lifecycle",
+                "awsRegion": "us-east-1"} for m in batch]}
+            enqueue(event, True, on_done=lambda r, batch=batch: self.done(r, batch), source="sqs")
+
+    def done(self, record, batch):
+        failed = {m["id"] for m in batch}
+        if record["ok"]:
+            items = (record["result"] or {}).get("batchItemFailures") or []
+            failed = {i.get("itemIdentifier") for i in items}
+        with self.cond:
+            self.in_flight -= 1
+            for m in batch:
+                m["taken"] = False
+                if m["id"] not in failed:
+                    self.messages.remove(m)
+                    self.stats["deleted"] += 1
+                elif m["receives"] >= ARGS.max_receive:
+                    self.messages.remove(m)
+                    self.dead.append(m)
+                else:
+                    m["visible_at"] = record["started"] + ARGS.visibility_timeout
+            self.cond.notify_all()
+
+
+QUEUE = Queue()
+DONE_HOOKS = {}  # request id -> callable(record), for the mapping's invocations
+
+
 def finished(record):
+    hook = DONE_HOOKS.pop(record["id"], None)
+    if hook:
+        hook(record)
     if record["sync"] or record["ok"] or record["attempt"] >= 3:
         return
     delay = ARGS.retry_delays[min(record["attempt"], len(ARGS.retry_delays)) - 1]
@@ -110,6 +204,8 @@ class Handler(BaseHTTPRequestHandler):
                     "Lambda-Runtime-Trace-Id": "Root=1-00000000-000000000000000000000000",
                 },
             )
+        if self.path == "/queue":
+            return self.reply(200, json.dumps(QUEUE.status()))
         if self.path == "/invocations":
             with LOCK:
                 return self.reply(200, json.dumps(INVOCATIONS))
@@ -152,6 +248,9 @@ class Handler(BaseHTTPRequestHandler):
             with LOCK:
                 STATE["init_error"] = json.loads(body or b"null")
             return self.reply(202, '{"status":"OK"}')
+        if self.path == "/queue":
+            QUEUE.send(json.loads(body or b"null"))
+            return self.reply(202, "{}")
         if self.path in ("/invoke", "/events"):
             event = json.loads(body or b"null")
             record, done = enqueue(event, self.path == "/invoke")
@@ -170,11 +269,16 @@ def main():
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--retry-delays", default="0.5,1",
                    type=lambda v: [float(x) for x in v.split(",")])
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--batch-window", type=float, default=1.0)
+    p.add_argument("--visibility-timeout", type=float, default=5.0)
+    p.add_argument("--max-receive", type=int, default=3)
     p.add_argument("command", nargs="+")
     ARGS = p.parse_args()
     server = ThreadingHTTPServer(("127.0.0.1", ARGS.port), Handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=QUEUE.poll, daemon=True).start()
     env = dict(os.environ)
     env.update(
         {

@@ -19,10 +19,13 @@ SendCommand does what SSM and its agent do, on this machine:
 - POST /ssm/faults {"instance_id": I, "throttle_send": N, "throttle_list": N} answers the next N
   SendCommand / ListCommands calls naming instance I with ThrottlingException (GET /ssm/throttled
   lists them);
-- every status change is recorded (GET /ssm/commands) and sent, as the EventBridge event
-  `EC2 Command Status-change Notification`, to the registration's `events_url` (or the target
-  set with POST /ssm/target); a registration's `event_statuses` (a list) sends only those, as an
-  EventBridge rule matching on `status` does.
+- every status change is recorded (GET /ssm/commands, a record per instance of a command) and
+  sent to the registration's `events_url` (or the target set with POST /ssm/target) as the
+  EventBridge event `EC2 Command Invocation Status-change Notification` (per instance, no
+  parameters) and, when the command's own status changes, `EC2 Command Status-change
+  Notification` (with the parameters; for a command sent to many instances it is Success only
+  when all succeeded, and ends when the last does); a registration's `event_statuses` (a list)
+  sends only those statuses, as an EventBridge rule matching on `status` does.
 """
 import json
 import os
@@ -40,7 +43,8 @@ from moto.ssm.exceptions import SSMException
 
 LOCK = threading.RLock()
 AGENTS = {}  # instance id -> {"env": {...}, "path": "...", "legacy": bool, "online": bool, ...}
-COMMANDS = []  # public records
+COMMANDS = []  # public records, one per instance of a command
+COMMAND_STATUS = {}  # command id -> the command's last status
 TARGET = {"url": None}
 # Per instance: how many more SendCommand / ListCommands calls naming it are answered with
 # ThrottlingException (POST /ssm/faults {"instance_id": I, "throttle_send": N, "throttle_list": N}).
@@ -99,35 +103,66 @@ def post_to(url, event):
         pass
 
 
+def wanted(record, status):
+    """Whether the target's rule passes an event with this status (its `event_statuses`)."""
+    return not record.get("_event_statuses") or status in record["_event_statuses"]
+
+
+def envelope(record, detail_type, resources, detail):
+    return {
+        "version": "0",
+        "id": str(uuid.uuid4()),
+        "detail-type": detail_type,
+        "source": "aws.ssm",
+        "account": "123456789012",
+        "time": iso(),
+        "region": record["region"],
+        "resources": resources,
+        "detail": detail,
+    }
+
+
+def aggregate(records):
+    """A command's status from its invocations' (SSM: Success only when all succeeded)."""
+    statuses = [r["status"] for r in records]
+    if any(s in ("Pending", "InProgress") for s in statuses):
+        return "InProgress"
+    if all(s == "Success" for s in statuses):
+        return "Success"
+    return "Failed" if "Failed" in statuses else next(s for s in statuses if s != "Success")
+
+
 def emit(record, status):
+    """One invocation's status change: the invocation event, and the command's event when the
+    command's status changes (for a command sent to one instance, every time)."""
     with LOCK:
         record["statuses"].append(status)
         record["status"] = status
-    if record.get("_event_statuses") and status not in record["_event_statuses"]:
-        return
-    post_event(
-        record,
-        {
-            "version": "0",
-            "id": str(uuid.uuid4()),
-            "detail-type": "EC2 Command Status-change Notification",
-            "source": "aws.ssm",
-            "account": "123456789012",
-            "time": iso(),
-            "region": record["region"],
-            "resources": [
-                f"arn:aws:ec2:{record['region']}:123456789012:instance/{record['instance_id']}"
-            ],
-            "detail": {
-                "command-id": record["command_id"],
-                "document-name": record["document_name"],
-                "expire-after": iso(time.time() + 3600),
-                "parameters": record["parameters"],
-                "requested-date-time": iso(record["requested"]),
-                "status": status,
-            },
-        }
-    )
+        siblings = [r for r in COMMANDS if r["command_id"] == record["command_id"]]
+        command_status = aggregate(siblings)
+        changed = COMMAND_STATUS.get(record["command_id"]) != command_status
+        COMMAND_STATUS[record["command_id"]] = command_status
+    arn = f"arn:aws:ec2:{record['region']}:123456789012:instance/{record['instance_id']}"
+    if wanted(record, status):
+        post_event(record, envelope(record, "EC2 Command Invocation Status-change Notification",
+                                    [arn], {
+            "command-id": record["command_id"],
+            "document-name": record["document_name"],
+            "instance-id": record["instance_id"],
+            "requested-date-time": iso(record["requested"]),
+            "status": status,
+        }))
+    if changed and wanted(record, command_status):
+        post_event(record, envelope(record, "EC2 Command Status-change Notification",
+                                    [f"arn:aws:ec2:{record['region']}:123456789012:instance/{r['instance_id']}"
+                                     for r in siblings], {
+            "command-id": record["command_id"],
+            "document-name": record["document_name"],
+            "expire-after": iso(time.time() + 3600),
+            "parameters": record["parameters"],
+            "requested-date-time": iso(record["requested"]),
+            "status": command_status,
+        }))
 
 
 def check_parameters(declared, given):
@@ -234,28 +269,31 @@ def send_command(self, **kw):
     # moto adds every instance in the region when no Targets are given: keep the ones named.
     command.instance_ids = ids
     command.status = "InProgress"
-    for instance_id in ids:
-        record = {
-            "command_id": command.command_id,
-            "document_name": name,
-            "instance_id": instance_id,
-            "parameters": {k: [v] for k, v in values.items()},
-            "region": self.region_name,
-            "requested": time.time(),
-            "status": "Pending",
-            "statuses": [],
-            "target": AGENTS[instance_id].get("events_url"),
-            "_event_statuses": AGENTS[instance_id].get("event_statuses"),
-        }
-        with LOCK:
+    started = []
+    with LOCK:
+        for instance_id in ids:
+            record = {
+                "command_id": command.command_id,
+                "document_name": name,
+                "instance_id": instance_id,
+                "parameters": {k: [v] for k, v in values.items()},
+                "region": self.region_name,
+                "requested": time.time(),
+                "status": "Pending",
+                "statuses": [],
+                "target": AGENTS[instance_id].get("events_url"),
+                "_event_statuses": AGENTS[instance_id].get("event_statuses"),
+            }
             COMMANDS.append(record)
-            agent = dict(AGENTS[instance_id])
+            started.append((record, dict(AGENTS[instance_id])))
 
-        def go(record=record, agent=agent):
-            run(record, doc, values, agent)
-            command.status = record["status"]
+    def go(record, agent):
+        run(record, doc, values, agent)
+        with LOCK:
+            command.status = COMMAND_STATUS.get(command.command_id, record["status"])
 
-        threading.Thread(target=go, daemon=True).start()
+    for record, agent in started:
+        threading.Thread(target=go, args=(record, agent), daemon=True).start()
     return command
 
 

@@ -1,7 +1,8 @@
 //! The deployment files: the CloudFormation template passes cfn-lint, embeds the shipped
 //! document, and scopes every IAM statement to named resources ("*" only where IAM cannot scope
 //! the action, each such statement commented); the shipped IAM policies likewise; and the
-//! packaged default configuration lists every key with the default the code applies.
+//! packaged default configuration lists every key with the default the code applies; the
+//! Lambda's policies allow every call its code makes.
 
 use std::process::Command;
 
@@ -275,4 +276,100 @@ fn the_packaged_config_lists_every_key_with_the_codes_default() {
             .count()
     };
     assert_eq!(keys(&uncommented), keys(effective), "{uncommented}");
+}
+
+/// The IAM actions the Lambda's code calls, read from its source: `self.client.<op>()` in
+/// `lambda/src/ssm.rs` (SSM), `self.lifecycle.<method>(` (lifeboat_common's Auto Scaling
+/// calls) and `report::publish(` (SNS).
+fn lambda_actions() -> Vec<String> {
+    let mut code = String::new();
+    for entry in std::fs::read_dir(root().join("lambda/src")).unwrap() {
+        code += &std::fs::read_to_string(entry.unwrap().path()).unwrap();
+    }
+    let code: String = code.chars().filter(|c| !c.is_whitespace()).collect();
+    let calls = |prefix: &str| -> Vec<String> {
+        code.match_indices(prefix)
+            .map(|(at, _)| {
+                code[at + prefix.len()..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                    .collect()
+            })
+            .collect()
+    };
+    let pascal = |op: &str| -> String {
+        op.split('_')
+            .map(|w| w[..1].to_uppercase() + &w[1..])
+            .collect()
+    };
+    let mut actions: Vec<String> = calls("self.client.")
+        .iter()
+        .map(|op| format!("ssm:{}", pascal(op)))
+        .collect();
+    for method in calls("self.lifecycle.") {
+        actions.push(
+            match method.as_str() {
+                "heartbeat" => "autoscaling:RecordLifecycleActionHeartbeat",
+                "complete" => "autoscaling:CompleteLifecycleAction",
+                "describe_instance" => "autoscaling:DescribeAutoScalingInstances",
+                "terminate_hook" => "autoscaling:DescribeLifecycleHooks",
+                other => panic!("the Lambda calls Lifecycle::{other}: add its IAM action here"),
+            }
+            .to_owned(),
+        );
+    }
+    if code.contains("report::publish(") {
+        actions.push("sns:Publish".into());
+    }
+    actions.sort();
+    actions.dedup();
+    actions
+}
+
+fn allowed_actions(statements: &[Value]) -> Vec<String> {
+    statements
+        .iter()
+        .filter(|st| st["Effect"] == "Allow")
+        .flat_map(|st| match &st["Action"] {
+            Value::String(a) => vec![a.clone()],
+            Value::Array(a) => a.iter().map(|v| v.as_str().unwrap().to_owned()).collect(),
+            other => panic!("Action {other}"),
+        })
+        .collect()
+}
+
+#[test]
+fn the_lambda_policies_allow_every_call_the_lambda_makes() {
+    let needed = lambda_actions();
+    for expected in [
+        "ssm:SendCommand",
+        "ssm:ListCommands",
+        "ssm:DescribeDocument",
+        "autoscaling:RecordLifecycleActionHeartbeat",
+        "autoscaling:CompleteLifecycleAction",
+        "sns:Publish",
+    ] {
+        assert!(
+            needed.iter().any(|a| a == expected),
+            "{expected} in {needed:?}"
+        );
+    }
+    let t = template();
+    let role = &t["Resources"]["FunctionRole"]["Properties"]["Policies"][0]["PolicyDocument"];
+    let shipped: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("packaging/iam/lambda-policy.json")).unwrap(),
+    )
+    .unwrap();
+    for (name, doc) in [
+        ("the template's FunctionRole", role),
+        ("lambda-policy.json", &shipped),
+    ] {
+        let allowed = allowed_actions(&statements_of(doc));
+        for action in &needed {
+            assert!(
+                allowed.contains(action),
+                "{name} does not allow {action}, which the Lambda calls"
+            );
+        }
+    }
 }

@@ -9,8 +9,9 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::support::{
-    LambdaRuntime, Lifeboat, Server, control, daemon_config, eventually, finished_action,
-    group_with_hook, http, moto, notifications, root, rt, scale_in, ssm_commands, write,
+    Imds, LambdaRuntime, Lifeboat, Server, control, daemon_config, eventually, finished_action,
+    group_of, group_with_hook, http, instance_prefix, moto, notifications, root, rt, scale_in,
+    ssm_commands, write,
 };
 
 /// A group with a waiting-to-be-terminated instance, the document, the Lambda and the stand-in.
@@ -685,5 +686,159 @@ fn a_late_event_renews_the_action_before_the_command_is_sent() {
     assert!(
         first["time"].as_f64().unwrap() <= requested,
         "renewed after the command was sent: {action:#}"
+    );
+}
+
+/// The template's path in a mass scale-in: EventBridge puts the lifecycle events on a queue and
+/// the Lambda gets them in batches. Four instances terminate at once; three are SSM-managed
+/// (each with its own instance metadata), one of them without lifeboat installed, and one is
+/// not managed. The batch becomes one SendCommand for all four; SSM refuses it naming the
+/// unmanaged one, which the Lambda completes itself; the other three get one command between
+/// them, each runs it as itself (no instance id or token in the parameters): two back up and
+/// complete CONTINUE by instance id, and the one that fails is completed by the Lambda from its
+/// invocation's status event. No message is left for retry.
+#[test]
+fn a_batch_from_the_queue_is_one_command_and_an_unmanaged_instance_is_completed_alone() {
+    let server = moto();
+    let (group, instances, topic) = group_of(server, "lambda-batch", 4, 60);
+    let bucket = server.bucket("lambda-batch");
+    let document = crate::support::bucket_name("doc-lambda-batch");
+    create_document(server, &document);
+    let lambda = LambdaRuntime::start_with_args(
+        server,
+        &[
+            ("LIFEBOAT_DOCUMENT", document.as_str()),
+            ("LIFEBOAT_SNS_TOPIC_ARN", topic.as_str()),
+            ("LIFEBOAT_ON_FAILURE", "ABANDON"),
+        ],
+        30,
+        &["--batch-window", "3", "--visibility-timeout", "5"],
+    );
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut imds = Vec::new();
+    for (k, (dir, instance)) in dirs.iter().zip(&instances).enumerate() {
+        let data = dir.path().join("data");
+        write(&data.join("app.log"), instance.as_bytes());
+        let lb = Lifeboat::new(
+            dir.path(),
+            &server.endpoint,
+            &daemon_config(&bucket, &data, &topic, "on_failure = \"ABANDON\""),
+        );
+        let metadata = Imds::start(instance, &group);
+        let mut env: serde_json::Map<String, Value> = lb
+            .env()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), Value::String(v)))
+            .collect();
+        env.insert(
+            "AWS_EC2_METADATA_SERVICE_ENDPOINT".into(),
+            Value::String(metadata.endpoint.clone()),
+        );
+        imds.push(metadata);
+        // The third has no lifeboat installed: its invocation fails.
+        let path = if k < 2 {
+            Bench::path_with_lifeboat()
+        } else {
+            "/usr/bin:/bin".to_owned()
+        };
+        let agent = json!({
+            "instance_id": instance,
+            "env": env,
+            "path": path,
+            "cwd": dir.path(),
+            "events_url": lambda.events_url(),
+            "event_statuses": ["Failed", "TimedOut", "Cancelled", "Undeliverable"],
+        });
+        control(server, "/ssm/agents", &agent);
+    }
+    control(
+        server,
+        "/events",
+        &json!({ "group": group, "url": lambda.queue_url() }),
+    );
+    scale_in(server, &group);
+
+    let actions: Vec<Value> = instances
+        .iter()
+        .map(|i| finished_action(server, i))
+        .collect();
+    for action in &actions[..2] {
+        assert_eq!(action["result"], "CONTINUE", "{action:#}");
+        assert_eq!(action["ended_by"], "completed", "{action:#}");
+    }
+    for action in &actions[2..] {
+        assert_eq!(action["result"], "ABANDON", "{action:#}");
+        assert_eq!(action["ended_by"], "completed", "{action:#}");
+    }
+
+    let commands: Vec<Value> = ssm_commands(server)
+        .into_iter()
+        .filter(|c| instances.contains(&c["instance_id"].as_str().unwrap().to_owned()))
+        .collect();
+    assert_eq!(commands.len(), 3, "{commands:#?}");
+    for (c, instance) in commands.iter().zip(&instances) {
+        assert_eq!(c["instance_id"], instance.as_str(), "{c:#}");
+        assert_eq!(c["command_id"], commands[0]["command_id"], "{c:#}");
+        assert_eq!(c["parameters"]["InstanceId"], json!([""]), "{c:#}");
+        assert_eq!(
+            c["parameters"]["LifecycleActionToken"],
+            json!([""]),
+            "{c:#}"
+        );
+    }
+    let statuses: Vec<&Value> = commands.iter().map(|c| &c["status"]).collect();
+    assert_eq!(statuses, ["Success", "Success", "Failed"]);
+    let keys = server.keys(&bucket);
+    for instance in &instances[..2] {
+        let prefix = instance_prefix(&group, instance);
+        assert!(
+            keys.iter()
+                .any(|k| k.starts_with(&prefix) && k.ends_with("-scale-in.tar")),
+            "{instance}: {keys:?}"
+        );
+    }
+    let batches: Vec<Value> = lambda
+        .invocations()
+        .into_iter()
+        .filter(|i| i["source"] == "sqs")
+        .collect();
+    assert_eq!(batches.len(), 1, "{batches:#?}");
+    assert_eq!(batches[0]["event"]["Records"].as_array().unwrap().len(), 4);
+    assert_eq!(
+        batches[0]["result"],
+        json!({ "batchItemFailures": [] }),
+        "{batches:#?}"
+    );
+    let queue = lambda.queue();
+    assert_eq!(queue["deleted"], 4, "{queue}");
+    assert_eq!(queue["dead"], json!([]), "{queue}");
+    // The failed invocation's event: completed from the command's parameters and the event's
+    // instance.
+    let failed = eventually(
+        "the failed invocation handled",
+        Duration::from_secs(60),
+        || {
+            lambda.invocations().into_iter().find(|i| {
+                i["event"]["detail-type"] == "EC2 Command Invocation Status-change Notification"
+                    && i["result"]["outcome"] == "completed"
+            })
+        },
+    );
+    assert_eq!(
+        failed["result"]["instance_id"],
+        instances[2].as_str(),
+        "{failed:#}"
+    );
+    let reports = eventually("both reports", Duration::from_secs(30), || {
+        let r: Vec<String> = notifications(server, &topic)
+            .into_iter()
+            .filter(|(_, m, _)| m["status"] == "not-run")
+            .map(|(_, m, _)| m["instance_id"].as_str().unwrap().to_owned())
+            .collect();
+        (r.len() == 2).then_some(r)
+    });
+    assert!(
+        reports.contains(&instances[2]) && reports.contains(&instances[3]),
+        "{reports:?}"
     );
 }

@@ -562,6 +562,17 @@ pub fn group_with_hook(
     name: &str,
     heartbeat_timeout: i32,
 ) -> (String, String, String) {
+    let (group, mut instances, topic) = group_of(server, name, 1, heartbeat_timeout);
+    (group, instances.remove(0), topic)
+}
+
+/// [`group_with_hook`] with `n` instances: (group, instances, topic).
+pub fn group_of(
+    server: &Server,
+    name: &str,
+    n: i32,
+    heartbeat_timeout: i32,
+) -> (String, Vec<String>, String) {
     let asg = server.autoscaling();
     let group = crate::support::bucket_name(name);
     rt().block_on(async {
@@ -576,8 +587,8 @@ pub fn group_with_hook(
             .auto_scaling_group_name(&group)
             .launch_configuration_name(&group)
             .min_size(0)
-            .max_size(2)
-            .desired_capacity(1)
+            .max_size(n.max(2))
+            .desired_capacity(n)
             .availability_zones("us-east-1a")
             .send()
             .await
@@ -592,7 +603,7 @@ pub fn group_with_hook(
             .await
             .unwrap();
     });
-    let instance = rt()
+    let instances = rt()
         .block_on(
             asg.describe_auto_scaling_groups()
                 .auto_scaling_group_names(&group)
@@ -600,10 +611,11 @@ pub fn group_with_hook(
         )
         .unwrap()
         .auto_scaling_groups()[0]
-        .instances()[0]
-        .instance_id()
-        .unwrap()
-        .to_owned();
+        .instances()
+        .iter()
+        .map(|i| i.instance_id().unwrap().to_owned())
+        .collect::<Vec<_>>();
+    assert_eq!(instances.len(), n as usize, "moto launched {instances:?}");
     let topic = rt()
         .block_on(
             server
@@ -616,7 +628,7 @@ pub fn group_with_hook(
         .topic_arn()
         .unwrap()
         .to_owned();
-    (group, instance, topic)
+    (group, instances, topic)
 }
 
 /// The lifecycle action of `instance` once it has a result.
@@ -725,6 +737,16 @@ impl LambdaRuntime {
 
     /// [`LambdaRuntime::start`] with a function timeout of `timeout_s` seconds.
     pub fn start_with_timeout(server: &Server, env: &[(&str, &str)], timeout_s: u32) -> Self {
+        Self::start_with_args(server, env, timeout_s, &[])
+    }
+
+    /// [`LambdaRuntime::start_with_timeout`] with more of the emulator's options (`extra`).
+    pub fn start_with_args(
+        server: &Server,
+        env: &[(&str, &str)],
+        timeout_s: u32,
+        extra: &[&str],
+    ) -> Self {
         let port = free_port();
         let script = root().join("tests/emulators/lambda_runtime.py");
         let mut line = vec![
@@ -743,13 +765,14 @@ impl LambdaRuntime {
             port.to_string(),
             "--timeout".into(),
             timeout_s.to_string(),
-            "--".into(),
         ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args.push("--".into());
         args.extend(line);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         let guard = spawn_guarded(
             &root().join(".venv/bin/python"),
-            &args,
+            &argv,
             &scratch().join(format!("lambda-{port}.log")),
         );
         wait_listening(port, "the Lambda runtime emulator");
@@ -762,6 +785,18 @@ impl LambdaRuntime {
     /// Where EventBridge-style asynchronous events go.
     pub fn events_url(&self) -> String {
         format!("{}/events", self.endpoint)
+    }
+
+    /// Where EventBridge-style events go through the lifecycle queue (SQS and the event source
+    /// mapping).
+    pub fn queue_url(&self) -> String {
+        format!("{}/queue", self.endpoint)
+    }
+
+    /// The queue's counters: `sent`, `deleted`, `receives`, `in_queue`, `dead`.
+    pub fn queue(&self) -> serde_json::Value {
+        let (_, body) = http("GET", &self.queue_url(), "");
+        serde_json::from_str(&body).unwrap()
     }
 
     /// Invokes synchronously; returns the invocation record (`ok`, `result` or `error`).
