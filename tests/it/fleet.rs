@@ -1,6 +1,6 @@
 //! The fleet simulation (`scripts/fleet-sim.sh`, `tests/tools/fleet_sim.py`) in small: 20
 //! instances scaled in at once against tight token buckets (Auto Scaling 2/s, SendCommand 1/s),
-//! on both paths, with the built binaries. The figures at N = 1,000 come from the script; these
+//! on both paths (Run Command through the lifecycle queue, in batches), with the built binaries. The figures at N = 1,000 come from the script; these
 //! check what must hold at any size: every instance archived, every action completed CONTINUE,
 //! none completed without an archive, none left to time out.
 
@@ -74,8 +74,21 @@ fn a_fleet_scaled_in_at_once_through_run_command_is_saved_and_completed() {
             "4",
             "--lambda-retry-delays",
             "5,10",
+            "--batch-window",
+            "2",
+            "--visibility-timeout",
+            "10",
         ],
     );
     assert_every_instance_saved(&report);
     assert_eq!(report["lambda"]["lifecycle_events"], 20, "{report:#}");
+    // Through the lifecycle queue, in batches: fewer commands than instances.
+    let sends = report["per_termination"]["SendCommand"]["calls"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        sends <= 0.5,
+        "{sends} SendCommand calls per termination: {report:#}"
+    );
+    assert_eq!(report["lambda"]["queue"]["dead"], 0, "{report:#}");
 }

@@ -8,12 +8,15 @@ One Auto Scaling group of N instances with a terminate hook in the moto extensio
 (tests/emulators/moto_lifecycle.py), one IMDS emulator answering for every instance at its own
 loopback address (tests/emulators/imds.py --fleet), a small data set per instance, then one
 SetDesiredCapacity to 0. On the daemon path (default) every instance runs `lifeboat run`. On the
-Run Command path, moto plays EventBridge: each lifecycle event goes to the companion Lambda under
-the local Runtime API (tests/emulators/lambda_runtime.py, --lambda-concurrency copies at once,
-failed events retried after --lambda-retry-delays), which sends the project's document; the SSM
-agent stand-in (tests/emulators/ssm_agent.py) runs it on the instance (`lifeboat backup
---complete-lifecycle`) and posts the commands' failures back, as the template's rule does. The
-APIs are token buckets (moto_lifecycle.py's fleet limits). Default rates, all flags:
+Run Command path, moto plays EventBridge: each lifecycle event goes, as the template sends it,
+to the lifecycle queue in front of the companion Lambda (tests/emulators/lambda_runtime.py's
+SQS queue and event source mapping: batches of up to 50 gathered for 5 s, visibility timeout
+180 s, 3 receives; --lambda-source direct invokes the Lambda with each event instead, failed
+events retried after --lambda-retry-delays) under the local Runtime API, --lambda-concurrency
+copies at once; the Lambda sends the project's document (one command per batch of instances);
+the SSM agent stand-in (tests/emulators/ssm_agent.py) runs it on each instance (`lifeboat backup
+--complete-lifecycle`) and posts the failures back, as the template's rule does. The APIs are
+token buckets (moto_lifecycle.py's fleet limits). Default rates, all flags:
 
 - Auto Scaling: 20 requests/s, burst 40, one bucket for every call of the account and region.
   AWS publishes no rate for the Auto Scaling API ("Rate exceeded" is all it says); EC2's published
@@ -111,11 +114,14 @@ def start_lambda(a, work, procs, endpoint, control, group, topic, ssm):
     procs.append(subprocess.Popen(
         [PY, os.path.join(ROOT, "tests/emulators/lambda_runtime.py"), "--port", str(port),
          "--timeout", str(a.lambda_timeout), "--concurrency", str(a.lambda_concurrency),
-         "--retry-delays", a.lambda_retry_delays, "--", "env", *env, a.bootstrap],
+         "--retry-delays", a.lambda_retry_delays, "--batch-size", "50",
+         "--batch-window", str(a.batch_window), "--visibility-timeout", str(a.visibility_timeout),
+         "--max-receive", "3", "--", "env", *env, a.bootstrap],
         stdout=open(os.path.join(work, "lambda.log"), "w"), stderr=subprocess.STDOUT))
     wait_port(port, "the Lambda runtime emulator")
     url = f"http://127.0.0.1:{port}/events"
-    post_json(control + "/events", {"group": group, "url": url})
+    lifecycle_url = url if a.lambda_source == "direct" else f"http://127.0.0.1:{port}/queue"
+    post_json(control + "/events", {"group": group, "url": lifecycle_url})
     return url
 
 
@@ -138,6 +144,13 @@ def main():
     p.add_argument("--lambda-retry-delays", default="60,120",
                    help="seconds before Lambda's 2nd and 3rd attempt of a failed event "
                         "(Lambda's asynchronous invocation: about 1 and 2 minutes)")
+    p.add_argument("--lambda-source", choices=("queue", "direct"), default="queue",
+                   help="lifecycle events through the SQS queue in batches (the template), or "
+                        "one asynchronous invocation each")
+    p.add_argument("--batch-window", type=float, default=5,
+                   help="the event source mapping's batching window (the template's)")
+    p.add_argument("--visibility-timeout", type=float, default=180,
+                   help="the lifecycle queue's visibility timeout (the template's)")
     p.add_argument("--on-failure", default="CONTINUE", help="LIFEBOAT_ON_FAILURE (template default)")
     p.add_argument("--workdir", required=True)
     p.add_argument("--n", type=int, default=1000)
@@ -336,8 +349,14 @@ def run(a, work, procs, moto_port, control_port, imds_port, imds_url, boto3):
                      if i["event"].get("source") == "aws.autoscaling"]
         outcomes = {}
         for i in invocations:
-            kind = (i["result"] or {}).get("outcome", "?") if i["ok"] else (
-                "error (retried by Lambda)" if i["attempt"] < 3 else "error (to the DLQ)")
+            if i.get("source") == "sqs":
+                items = ((i["result"] or {}).get("batchItemFailures") or []) if i["ok"] else None
+                kind = ("batch (all handled)" if items == [] else
+                        "batch (some left for the queue's retry)" if items else
+                        "batch (failed)")
+            else:
+                kind = (i["result"] or {}).get("outcome", "?") if i["ok"] else (
+                    "error (retried by Lambda)" if i["attempt"] < 3 else "error (to the DLQ)")
             if i["ok"] is None:
                 kind = "unfinished"
             outcomes[kind] = outcomes.get(kind, 0) + 1
@@ -345,8 +364,14 @@ def run(a, work, procs, moto_port, control_port, imds_port, imds_url, boto3):
         statuses = {}
         for c in commands:
             statuses[c["status"]] = statuses.get(c["status"], 0) + 1
+        queue = get_json(lambda_url.rsplit("/", 1)[0] + "/queue")
+        if a.lambda_source == "queue":
+            events = queue["sent"]
+        else:
+            events = len({i["event"]["id"] for i in lifecycle})
         lam = {"invocations": len(invocations),
-               "lifecycle_events": len({i["event"]["id"] for i in lifecycle}),
+               "lifecycle_events": events,
+               "queue": {k: (len(v) if k == "dead" else v) for k, v in queue.items()},
                "retries": sum(1 for i in invocations if i["attempt"] > 1),
                "outcomes": outcomes, "commands": statuses}
     report = {
@@ -386,6 +411,11 @@ def run(a, work, procs, moto_port, control_port, imds_port, imds_url, boto3):
               f"{lam['lifecycle_events']} lifecycle events ({a.lambda_concurrency} at once), "
               f"{lam['retries']} retries: " + ", ".join(
                   f"{v} {k}" for k, v in sorted(lam["outcomes"].items())))
+        if a.lambda_source == "queue":
+            q = lam["queue"]
+            print(f"  lifecycle queue     {q['sent']} messages, {q['receives']} receives, "
+                  f"{q['deleted']} deleted, {q['dead']} to the dead-letter queue, "
+                  f"{q['in_queue']} left")
         print(f"  Run Command         " + ", ".join(
             f"{v} {k}" for k, v in sorted(lam["commands"].items())))
     print(f"  peak memory         {report['peak_memory_mib']:.0f} MiB above the start")
