@@ -25,6 +25,9 @@ use crate::ssm::{Ssm, SsmError};
 /// SendCommand takes at most 50 instance ids.
 pub const MAX_TARGETS: usize = 50;
 
+/// How long one SSM call may take.
+const SSM_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Time kept back from SendCommand's retries for a fail-over completion and its report.
 const FAIL_OVER_RESERVE: Duration = Duration::from_secs(3);
 
@@ -188,8 +191,16 @@ impl Handler {
             .await;
         // The loops in `ssm` and `lifecycle` own retries and the time budget (the SDK's own
         // retries would multiply the throttled calls in a mass scale-in).
+        // A SendCommand to 50 instances may take SSM longer than a heartbeat; an attempt cut
+        // short may still have sent the command (`Ssm::send` looks before sending again).
         let ssm = aws_sdk_ssm::config::Builder::from(&sdk)
             .retry_config(RetryConfig::disabled())
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(2))
+                    .operation_attempt_timeout(SSM_ATTEMPT_TIMEOUT)
+                    .build(),
+            )
             .build();
         Handler {
             config,

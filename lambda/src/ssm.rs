@@ -1,6 +1,7 @@
 //! Run Command, as the Lambda uses it: is the document there (cached while warm), was this token's
-//! command already sent, and SendCommand with jittered retries inside the invocation's budget,
-//! paced by the throttling the warm function has seen.
+//! command already sent, SendCommand to one or many instances with jittered retries inside the
+//! invocation's budget, paced by the throttling the warm function has seen (an attempt whose
+//! outcome is unknown is looked for before the next), and the parameters of a sent command.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -8,7 +9,8 @@ use std::time::Duration;
 use aws_sdk_ssm::Client;
 use aws_sdk_ssm::config::http::HttpResponse;
 use aws_sdk_ssm::error::ProvideErrorMetadata;
-use aws_sdk_ssm::types::{CloudWatchOutputConfig, CommandFilter, CommandFilterKey};
+use aws_sdk_ssm::operation::send_command::SendCommandOutput;
+use aws_sdk_ssm::types::{CloudWatchOutputConfig, Command, CommandFilter, CommandFilterKey};
 use lifeboat_common::document::{BackupParams, TOKEN};
 use lifeboat_common::lifecycle::{ThrottleLevel, backoff, equal_jitter};
 use lifeboat_common::sdk::{is_throttle, sdk_message};
@@ -274,6 +276,35 @@ impl Ssm {
             .and_then(BackupParams::from_parameters))
     }
 
+    /// The command carrying `mark` in its comment sent to `instance_id` with `document`, if
+    /// any. One attempt: on any error, none.
+    async fn find_sent(&self, document: &str, instance_id: &str, mark: &str) -> Option<String> {
+        let out = self
+            .client
+            .list_commands()
+            .instance_id(instance_id)
+            .filters(
+                CommandFilter::builder()
+                    .key(CommandFilterKey::DocumentName)
+                    .value(document)
+                    .build()
+                    .expect("key and value are set"),
+            )
+            .send()
+            .await
+            .inspect_err(|e| {
+                tracing::warn!(
+                    "no look for a command sent by a timed-out attempt: {}",
+                    sdk_message(e)
+                )
+            })
+            .ok()?;
+        out.commands()
+            .iter()
+            .find(|c| c.comment().is_some_and(|t| t.ends_with(mark)))
+            .and_then(|c| c.command_id().map(str::to_owned))
+    }
+
     /// Sends the document with `params` to `instance_ids` (at most 50: one SendCommand);
     /// returns the command id.
     pub async fn send(
@@ -288,15 +319,29 @@ impl Ssm {
             [one] => one.clone(),
             many => format!("{} instances of {}", many.len(), params.group),
         };
+        // A mark of this send in the comment: after an attempt whose outcome is unknown (timed
+        // out, connection lost), the command it may have created is looked for before sending
+        // again, so the instances do not run the backup twice.
+        let mark = format!("#{:08x}", fastrand::u32(..));
         let comment: String = format!("lifeboat backup of {whom} ({})", params.reason)
             .chars()
-            .take(100)
+            .take(90)
+            .chain(format!(" {mark}").chars())
             .collect();
+        let unsure = std::cell::Cell::new(false);
         let out = self
             .retry(
                 "SendCommand",
                 until,
-                || {
+                || async {
+                    if unsure.get()
+                        && let Some(id) = self.find_sent(&config.document, &instance_ids[0], &mark).await
+                    {
+                        tracing::info!(command_id = %id, "the attempt that timed out had sent the command");
+                        return Ok(SendCommandOutput::builder()
+                            .command(Command::builder().command_id(id).build())
+                            .build());
+                    }
                     let mut req = self
                         .client
                         .send_command()
@@ -317,7 +362,16 @@ impl Ssm {
                                 .build(),
                         ),
                     };
-                    req.send()
+                    let sent = req.send().await;
+                    if matches!(
+                        sent,
+                        Err(SdkError::TimeoutError(_)
+                            | SdkError::ResponseError(_)
+                            | SdkError::DispatchFailure(_))
+                    ) {
+                        unsure.set(true);
+                    }
+                    sent
                 },
                 |e| match e.code() {
                     Some("InvalidInstanceId") => SsmError::NotManaged {

@@ -18,7 +18,8 @@ SendCommand does what SSM and its agent do, on this machine:
   `execution_timeout`), ending Success, Failed or TimedOut;
 - POST /ssm/faults {"instance_id": I, "throttle_send": N, "throttle_list": N} answers the next N
   SendCommand / ListCommands calls naming instance I with ThrottlingException (GET /ssm/throttled
-  lists them);
+  lists them); {"instance_id": I, "slow_send": S} makes the next SendCommand naming I create its
+  command and then answer S seconds late;
 - every status change is recorded (GET /ssm/commands, a record per instance of a command) and
   sent to the registration's `events_url` (or the target set with POST /ssm/target) as the
   EventBridge event `EC2 Command Invocation Status-change Notification` (per instance, no
@@ -48,7 +49,7 @@ COMMAND_STATUS = {}  # command id -> the command's last status
 TARGET = {"url": None}
 # Per instance: how many more SendCommand / ListCommands calls naming it are answered with
 # ThrottlingException (POST /ssm/faults {"instance_id": I, "throttle_send": N, "throttle_list": N}).
-FAULTS = {"throttle_send": {}, "throttle_list": {}}
+FAULTS = {"throttle_send": {}, "throttle_list": {}, "slow_send": {}}
 
 
 def take_throttle(kind, instance_ids):
@@ -294,6 +295,11 @@ def send_command(self, **kw):
 
     for record, agent in started:
         threading.Thread(target=go, args=(record, agent), daemon=True).start()
+    with LOCK:
+        slow = max([FAULTS["slow_send"].pop(i, 0) for i in ids] or [0])
+    if slow:
+        # The command exists and runs; the answer comes late (the caller may have given up).
+        time.sleep(slow)
     return command
 
 
@@ -333,5 +339,7 @@ def control(method, path, body):
             for kind in ("throttle_send", "throttle_list"):
                 if kind in body:
                     FAULTS[kind][body["instance_id"]] = int(body[kind])
+            if "slow_send" in body:
+                FAULTS["slow_send"][body["instance_id"]] = float(body["slow_send"])
         return 200, "{}"
     return None

@@ -842,3 +842,31 @@ fn a_batch_from_the_queue_is_one_command_and_an_unmanaged_instance_is_completed_
         "{reports:?}"
     );
 }
+
+/// A SendCommand whose answer comes after the attempt timed out (SSM slow under a mass
+/// scale-in) had created the command: the Lambda finds it by the mark in its comment instead of
+/// sending it again, and the instance backs up once.
+#[test]
+fn a_send_that_timed_out_after_sending_is_found_not_sent_twice() {
+    let b = bench("lambda-slow-send", "lambda-slow-send", &[]);
+    b.register(&Bench::path_with_lifeboat(), json!({}));
+    control(
+        moto(),
+        "/ssm/faults",
+        &json!({ "instance_id": b.instance, "slow_send": 14 }),
+    );
+    scale_in(moto(), &b.group);
+
+    let sent = b.outcome("sent");
+    let action = finished_action(moto(), &b.instance);
+    assert_eq!(action["result"], "CONTINUE", "{action:#}");
+    let commands = b.commands();
+    assert_eq!(commands.len(), 1, "{commands:#?}");
+    assert_eq!(sent["command_id"], commands[0]["command_id"]);
+    let archives: Vec<String> = moto()
+        .keys(&b.bucket)
+        .into_iter()
+        .filter(|k| k.ends_with("-scale-in.tar"))
+        .collect();
+    assert_eq!(archives.len(), 1, "{archives:?}");
+}
