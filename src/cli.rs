@@ -82,6 +82,10 @@ enum Command {
         /// The lifecycle action token, when known; otherwise the action is completed by instance id.
         #[arg(long, requires = "complete_lifecycle")]
         token: Option<String>,
+        /// The hook's heartbeat timeout in seconds, when the caller has just read it (the
+        /// lifeboat-backup document passes it): lifeboat then does not describe the hook.
+        #[arg(long, requires = "hook", value_parser = clap::value_parser!(u64).range(1..=9999))]
+        heartbeat_timeout: Option<u64>,
         /// The instance (defaults to this one, from instance metadata).
         #[arg(long)]
         instance_id: Option<String>,
@@ -286,6 +290,7 @@ async fn dispatch(command: Command, config: Config) -> u8 {
             hook,
             asg,
             token,
+            heartbeat_timeout,
             instance_id,
         } => {
             let notice = TerminationNotice {
@@ -297,6 +302,7 @@ async fn dispatch(command: Command, config: Config) -> u8 {
                 deadline: None,
                 complete_lifecycle,
                 action_began_after: None,
+                hook_heartbeat_timeout_s: heartbeat_timeout,
             };
             backup(config, notice, instance_id).await
         }

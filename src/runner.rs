@@ -234,6 +234,8 @@ struct Hints {
     deadline: Deadline,
     /// The lifecycle action began after this, when every notice asking to complete it says so.
     action_began_after: Option<SystemTime>,
+    /// The hook's heartbeat timeout, when a notice that names the hook brings it.
+    hook_heartbeat_timeout: Option<Duration>,
 }
 
 impl Hints {
@@ -249,6 +251,11 @@ impl Hints {
         self.group = self.group.take().or_else(|| n.group.clone());
         self.hook = self.hook.take().or_else(|| n.hook.clone());
         self.token = self.token.take().or_else(|| n.token.clone());
+        if n.hook.is_some() && self.hook == n.hook {
+            self.hook_heartbeat_timeout = self
+                .hook_heartbeat_timeout
+                .or(n.hook_heartbeat_timeout_s.map(Duration::from_secs));
+        }
         if let Some(t) = n.deadline {
             self.deadline = self.deadline.earliest(Deadline::at_system(t));
         }
@@ -735,6 +742,18 @@ impl<'r> Story<'r> {
             .clone()
             .or_else(|| self.runner.wanted_hook());
         let token = self.hints.token.clone();
+        // The caller read the hook moments ago (the Lambda, for a command): no describe.
+        let given = self
+            .hints
+            .hook
+            .clone()
+            .zip(self.hints.hook_heartbeat_timeout)
+            .map(|(name, heartbeat_timeout)| Hook {
+                name,
+                heartbeat_timeout,
+                // Not passed; nothing here acts on it.
+                default_result: String::new(),
+            });
         let hooks = Arc::clone(&self.runner.hooks);
         Box::pin(async move {
             let group = match known_group {
@@ -744,7 +763,7 @@ impl<'r> Story<'r> {
                     None => return Err(LifecycleError::NoGroup { instance_id: id }),
                 },
             };
-            let hook = match hooks.get(&group, wanted.as_deref()) {
+            let hook = match given.or_else(|| hooks.get(&group, wanted.as_deref())) {
                 Some(hook) => hook,
                 None => {
                     let hook = lc
@@ -1496,6 +1515,7 @@ mod tests {
             deadline: None,
             complete_lifecycle: source == NoticeSource::TargetLifecycleState,
             action_began_after: None,
+            hook_heartbeat_timeout_s: None,
         }
     }
 
@@ -1913,6 +1933,39 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(b.lc.calls("DescribeLifecycleHooks").len(), 2, "read again");
         assert!(b.runner.hooks.get("web", None).is_some());
+    }
+
+    /// The Lambda read the hook for the command (`--heartbeat-timeout`): a thousand
+    /// instances of a scale-in do not describe it again, and heartbeats follow the given timeout.
+    #[tokio::test(start_paused = true)]
+    async fn a_command_that_brings_the_hook_timeout_does_not_describe_the_hook() {
+        // The hook says 600 s; the command says 60 s: the command's value is used.
+        let b = bench(
+            FakeLifecycle::new(Duration::from_secs(600)),
+            FakeBackup::new(Duration::from_secs(100)),
+            "",
+        );
+        let r = b
+            .runner
+            .submit(TerminationNotice {
+                hook: Some("lifeboat".into()),
+                group: Some("web".into()),
+                complete_lifecycle: true,
+                hook_heartbeat_timeout_s: Some(60),
+                ..notice(NoticeSource::Command)
+            })
+            .await;
+        assert_eq!(r.status, JobStatus::Succeeded);
+        assert!(b.lc.calls("DescribeLifecycleHooks").is_empty());
+        let beats = b.lc.calls("RecordLifecycleActionHeartbeat");
+        assert!(beats.len() >= 3, "{beats:?}");
+        for pair in beats.windows(2) {
+            assert!(
+                pair[1].at - pair[0].at <= Duration::from_secs(31),
+                "{beats:?}"
+            );
+        }
+        assert_eq!(b.lc.calls("CompleteLifecycleAction").len(), 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -59,6 +59,10 @@ pub struct TerminationNotice {
     /// `Terminated` at the watcher's first look (a restarted daemon) or for a command.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub action_began_after: Option<SystemTime>,
+    /// The hook's heartbeat timeout in seconds, when the caller has just read it (the Lambda
+    /// passes it in the command): the hook need not be described again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hook_heartbeat_timeout_s: Option<u64>,
 }
 
 /// What the watcher reports.
@@ -167,6 +171,7 @@ impl ImdsWatcher {
                 deadline: None,
                 complete_lifecycle: true,
                 action_began_after: seen.other_state_at,
+                hook_heartbeat_timeout_s: None,
             }));
         }
         if !terminating {
@@ -201,6 +206,7 @@ impl ImdsWatcher {
                 deadline: Some(deadline),
                 complete_lifecycle: false,
                 action_began_after: None,
+                hook_heartbeat_timeout_s: None,
             }));
         }
         if self.rebalance
@@ -220,6 +226,7 @@ impl ImdsWatcher {
                 deadline: None,
                 complete_lifecycle: false,
                 action_began_after: None,
+                hook_heartbeat_timeout_s: None,
             }));
         }
         Ok(out)

@@ -91,8 +91,23 @@ pub const REASON: Param = Param {
     check: |v| (1..=100).contains(&v.len()) && v.chars().all(group_char),
 };
 
+/// The hook's heartbeat timeout in seconds, as the Lambda read it, or empty (the agent then
+/// describes the hook).
+pub const HEARTBEAT_TIMEOUT: Param = Param {
+    name: "HeartbeatTimeout",
+    pattern: "^([1-9][0-9]{0,3})?$",
+    check: |v| v.len() <= 4 && v.chars().all(|c| c.is_ascii_digit()) && !v.starts_with('0'),
+};
+
 /// Every parameter of `lifeboat-backup`.
-pub const PARAMS: [Param; 5] = [INSTANCE_ID, GROUP_NAME, HOOK_NAME, TOKEN, REASON];
+pub const PARAMS: [Param; 6] = [
+    INSTANCE_ID,
+    GROUP_NAME,
+    HOOK_NAME,
+    TOKEN,
+    REASON,
+    HEARTBEAT_TIMEOUT,
+];
 
 /// The values of one `lifeboat-backup` run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,6 +122,8 @@ pub struct BackupParams {
     pub token: String,
     /// Why.
     pub reason: String,
+    /// The hook's heartbeat timeout in seconds, or empty when not known.
+    pub heartbeat_timeout: String,
 }
 
 /// A value the document would refuse.
@@ -122,13 +139,14 @@ pub struct Refused {
 }
 
 impl BackupParams {
-    fn pairs(&self) -> [(Param, &str); 5] {
+    fn pairs(&self) -> [(Param, &str); 6] {
         [
             (INSTANCE_ID, &self.instance_id),
             (GROUP_NAME, &self.group),
             (HOOK_NAME, &self.hook),
             (TOKEN, &self.token),
             (REASON, &self.reason),
+            (HEARTBEAT_TIMEOUT, &self.heartbeat_timeout),
         ]
     }
 
@@ -163,6 +181,7 @@ impl BackupParams {
             hook: get(HOOK_NAME)?,
             token: get(TOKEN).unwrap_or_default(),
             reason: get(REASON).unwrap_or_default(),
+            heartbeat_timeout: get(HEARTBEAT_TIMEOUT).unwrap_or_default(),
         })
     }
 }
@@ -221,6 +240,11 @@ mod tests {
             "lifeboat",
             "lifeboat/terminate_hook-1",
             "scale-in",
+            "300",
+            "7200",
+            "72000",
+            "0",
+            "030",
             "'; rm -rf / #",
             "$(touch /tmp/x)",
             "`id`",
@@ -257,6 +281,7 @@ mod tests {
             hook: "lifeboat".into(),
             token: String::new(),
             reason: "scale-in".into(),
+            heartbeat_timeout: String::new(),
         };
         assert!(params.validate().is_ok());
         assert_eq!(

@@ -2,6 +2,7 @@
 //! a command Run Command would not take) becomes a completed lifecycle action and a report.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use aws_config::BehaviorVersion;
@@ -41,6 +42,12 @@ const DOCUMENT_BUDGET: Duration = Duration::from_secs(3);
 /// timeout, 180 s).
 /// An action with less time left than this is renewed (one heartbeat) before it is left to them.
 const RETRY_HORIZON: Duration = Duration::from_secs(240);
+
+/// At most this much of the budget goes to reading a hook's heartbeat timeout.
+const HOOK_BUDGET: Duration = Duration::from_secs(3);
+
+/// How long a hook's heartbeat timeout, once read, is passed on without reading it again.
+const HOOK_TTL: Duration = Duration::from_secs(300);
 
 /// At most this much of the budget goes to renewing an action (one heartbeat, retried if
 /// throttled).
@@ -103,6 +110,7 @@ impl Pending {
                 hook: d.lifecycle_hook_name,
                 token: d.lifecycle_action_token,
                 reason: reason.into(),
+                heartbeat_timeout: String::new(),
             },
             age: age.unwrap_or_default(),
         })
@@ -134,6 +142,8 @@ pub struct Handler {
     ssm: Ssm,
     lifecycle: Lifecycle,
     sns: aws_sdk_sns::Client,
+    /// Heartbeat timeouts of the hooks read, by group and hook, and when.
+    hooks: Mutex<HashMap<(String, String), (u64, Instant)>>,
 }
 
 /// What the invocation did, returned as its result (and logged).
@@ -213,6 +223,7 @@ impl Handler {
                     .build(),
             )),
             sns: aws_sdk_sns::Client::new(&sdk),
+            hooks: Mutex::new(HashMap::new()),
         }
     }
 
@@ -348,6 +359,15 @@ impl Handler {
                         fates[i] = Some(fate.into());
                     }
                 }
+            }
+        }
+        // The hook's heartbeat timeout goes with the command, so that a thousand instances do
+        // not each describe the hook (one Auto Scaling call each, from the shared bucket).
+        let hook_until = send_until.min(Instant::now() + HOOK_BUDGET);
+        for &i in &sendable {
+            let p = &events[i].params;
+            if let Some(secs) = self.hook_timeout(&p.group, &p.hook, hook_until).await {
+                events[i].params.heartbeat_timeout = secs.to_string();
             }
         }
         // Group by what the command's parameters say for all of its instances.
@@ -488,6 +508,36 @@ impl Handler {
         Fate::Retry(format!(
             "{e} (the lifecycle action is left for Lambda's retry)"
         ))
+    }
+
+    /// The heartbeat timeout of `group`'s hook `hook` in seconds: read once per [`HOOK_TTL`]
+    /// (DescribeLifecycleHooks); `None` when it cannot be read by `until` (the agent then
+    /// describes the hook itself).
+    async fn hook_timeout(&self, group: &str, hook: &str, until: Instant) -> Option<u64> {
+        let key = (group.to_owned(), hook.to_owned());
+        if let Some((secs, at)) = self.hooks.lock().expect("not poisoned").get(&key)
+            && at.elapsed() < HOOK_TTL
+        {
+            return Some(*secs);
+        }
+        match self
+            .lifecycle
+            .terminate_hook(group, Some(hook), "", until)
+            .await
+        {
+            Ok(h) => {
+                let secs = h.heartbeat_timeout.as_secs();
+                self.hooks
+                    .lock()
+                    .expect("not poisoned")
+                    .insert(key, (secs, Instant::now()));
+                Some(secs)
+            }
+            Err(e) => {
+                tracing::warn!(%group, %hook, "hook not read (each instance will): {e}");
+                None
+            }
+        }
     }
 
     /// One heartbeat for the event's action, within [`RENEW_BUDGET`] and before `until`.
@@ -684,6 +734,7 @@ mod tests {
             hook: "lifeboat".into(),
             token: "'; rm -rf / #".into(),
             reason: "scale-in".into(),
+            heartbeat_timeout: String::new(),
         };
         assert_eq!(Handler::action(&params).token, None);
         params.token = "87654321-4321-4321-4321-210987654321".into();

@@ -478,6 +478,7 @@ fn injection_attempts_are_refused_or_inert_and_nothing_executes() {
         } else {
             vec![
                 "SSM_AutoScalingGroupName",
+                "SSM_HeartbeatTimeout",
                 "SSM_InstanceId",
                 "SSM_LifecycleActionToken",
                 "SSM_LifecycleHookName",
@@ -776,8 +777,16 @@ fn a_batch_from_the_queue_is_one_command_and_an_unmanaged_instance_is_completed_
         .filter(|c| instances.contains(&c["instance_id"].as_str().unwrap().to_owned()))
         .collect();
     assert_eq!(commands.len(), 3, "{commands:#?}");
+    let mut commands = commands;
+    commands.sort_by_key(|c| {
+        instances
+            .iter()
+            .position(|i| c["instance_id"] == i.as_str())
+    });
     for (c, instance) in commands.iter().zip(&instances) {
         assert_eq!(c["instance_id"], instance.as_str(), "{c:#}");
+        // The hook's heartbeat timeout, read once by the Lambda, goes with the command.
+        assert_eq!(c["parameters"]["HeartbeatTimeout"], json!(["60"]), "{c:#}");
         assert_eq!(c["command_id"], commands[0]["command_id"], "{c:#}");
         assert_eq!(c["parameters"]["InstanceId"], json!([""]), "{c:#}");
         assert_eq!(
