@@ -41,7 +41,8 @@ pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_CHECK: u8 = 3;
 /// The data is stored but the lifecycle action was not completed as intended.
 pub const EXIT_NOT_COMPLETED: u8 = 4;
-/// No instance metadata within `watch.metadata_wait` (`run`).
+/// No instance metadata within `watch.metadata_wait` (`run`, and `backup --complete-lifecycle`
+/// without `--instance-id`).
 pub const EXIT_NO_METADATA: u8 = 5;
 /// Interrupted by SIGTERM when the signal is not ours to know (a daemon's job).
 const EXIT_SIGTERM: u8 = 128 + 15;
@@ -547,7 +548,26 @@ async fn backup(
     // No daemon: run the job here, one at a time across processes.
     let cancel = CancellationToken::new();
     cancel_on_signals(cancel.clone());
-    let mut identity = InstanceIdentity::discover().await;
+    let mut identity = if notice.complete_lifecycle && instance_id.is_none() {
+        // Completing a lifecycle action by instance id needs this instance's id: wait for
+        // metadata (a blip at boot, a scale-in of a thousand asking at once) rather than back up
+        // and complete as "standalone", which would file the archive under the wrong name and
+        // leave the real action to time out.
+        match InstanceIdentity::wait_for(config.watch.metadata_wait, &cancel, |_| {}).await {
+            Ok(identity) => identity,
+            Err(e) => {
+                return Err(Failure {
+                    error: anyhow::Error::new(e).context(
+                        "--complete-lifecycle without --instance-id needs this instance's id \
+                         from instance metadata",
+                    ),
+                    code: EXIT_NO_METADATA,
+                });
+            }
+        }
+    } else {
+        InstanceIdentity::discover().await
+    };
     // Off EC2 (or without metadata) the command line names the instance and its group.
     if !identity.on_ec2 {
         if let Some(id) = instance_id {

@@ -179,8 +179,9 @@ pub struct WatchConfig {
     pub spot: bool,
     /// Start an early backup on a rebalance recommendation.
     pub rebalance: bool,
-    /// How long `lifeboat run` keeps asking instance metadata who it is before it concludes that
-    /// it is not on EC2 (and exits with [`crate::cli::EXIT_NO_METADATA`], which systemd restarts).
+    /// How long `lifeboat run` (and `lifeboat backup --complete-lifecycle` without
+    /// `--instance-id`) keeps asking instance metadata who it is before it concludes that it is
+    /// not on EC2 (and exits with [`crate::cli::EXIT_NO_METADATA`], which systemd restarts).
     pub metadata_wait: Duration,
 }
 

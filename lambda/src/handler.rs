@@ -363,10 +363,23 @@ impl Handler {
         }
         // The hook's heartbeat timeout goes with the command, so that a thousand instances do
         // not each describe the hook (one Auto Scaling call each, from the shared bucket).
+        // One read per hook and batch, cached while warm; when it fails, the agents read it.
         let hook_until = send_until.min(Instant::now() + HOOK_BUDGET);
+        let mut read: HashMap<(String, String), Option<u64>> = HashMap::new();
         for &i in &sendable {
             let p = &events[i].params;
-            if let Some(secs) = self.hook_timeout(&p.group, &p.hook, hook_until).await {
+            let key = (p.group.clone(), p.hook.clone());
+            let secs = match read.get(&key) {
+                Some(secs) => *secs,
+                None => {
+                    let secs = self
+                        .hook_timeout(&p.group, &p.hook, &p.instance_id, hook_until)
+                        .await;
+                    read.insert(key, secs);
+                    secs
+                }
+            };
+            if let Some(secs) = secs {
                 events[i].params.heartbeat_timeout = secs.to_string();
             }
         }
@@ -510,10 +523,16 @@ impl Handler {
         ))
     }
 
-    /// The heartbeat timeout of `group`'s hook `hook` in seconds: read once per [`HOOK_TTL`]
-    /// (DescribeLifecycleHooks); `None` when it cannot be read by `until` (the agent then
-    /// describes the hook itself).
-    async fn hook_timeout(&self, group: &str, hook: &str, until: Instant) -> Option<u64> {
+    /// The heartbeat timeout of `group`'s hook `hook` in seconds (for `for_instance`'s command,
+    /// named in errors): read once per [`HOOK_TTL`] (DescribeLifecycleHooks); `None` when it
+    /// cannot be read by `until` (the agent then describes the hook itself).
+    async fn hook_timeout(
+        &self,
+        group: &str,
+        hook: &str,
+        for_instance: &str,
+        until: Instant,
+    ) -> Option<u64> {
         let key = (group.to_owned(), hook.to_owned());
         if let Some((secs, at)) = self.hooks.lock().expect("not poisoned").get(&key)
             && at.elapsed() < HOOK_TTL
@@ -522,7 +541,7 @@ impl Handler {
         }
         match self
             .lifecycle
-            .terminate_hook(group, Some(hook), "", until)
+            .terminate_hook(group, Some(hook), for_instance, until)
             .await
         {
             Ok(h) => {

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use crate::support::{
     Imds, Lifeboat, daemon_config, eventually, fault, finished_action, free_port, group_with_hook,
-    moto, noise, partial_manifest_before, scale_in, spot_time, start_daemon, stop_daemon,
-    wait_output, write,
+    instance_prefix, moto, noise, partial_manifest_before, scale_in, spot_time, start_daemon,
+    stop_daemon, wait_output, write,
 };
 
 /// GNU tar lists the stored archive of `manifest` (a gzip one) whole: `names` appear, and `sized`
@@ -290,6 +290,74 @@ fn backup_exits_4_when_the_lifecycle_action_is_not_completed() {
         "{out:#?}"
     );
     assert!(out.stderr.contains("no-such-hook"), "{out:#?}");
+}
+
+/// The SSM document's command to many instances names no instance: `lifeboat backup
+/// --complete-lifecycle` learns which one it is from instance metadata. Metadata that does not
+/// answer at first (a blip, a thousand instances asking at once) is waited for: the archive is
+/// filed under this instance and its action completed CONTINUE. It used to give up after a
+/// second and run as "standalone": the archive went under the host name, completion by that
+/// "instance id" found no action ("already completed", exit 0), and the real action timed out.
+#[test]
+fn a_command_without_instance_id_waits_for_metadata_and_completes_its_own_action() {
+    let server = moto();
+    let (group, instance, _topic) = group_with_hook(server, "oneshot-imds", 120);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write(&data.join("app.log"), b"precious\n");
+    let bucket = server.bucket("oneshot-imds");
+    let lb = Lifeboat::new(
+        dir.path(),
+        &server.endpoint,
+        &daemon_config(&bucket, &data, "", ""),
+    );
+    scale_in(server, &group);
+    let port = free_port();
+    let mut cmd = lb.command(&[
+        "backup",
+        "--reason",
+        "scale-in",
+        "--complete-lifecycle",
+        "--hook",
+        "lifeboat",
+        "--asg",
+        &group,
+    ]);
+    cmd.env(
+        "AWS_EC2_METADATA_SERVICE_ENDPOINT",
+        format!("http://127.0.0.1:{port}"),
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let started = Instant::now();
+    // Five seconds without metadata, during which the command must keep waiting.
+    eventually("five seconds of outage", Duration::from_secs(30), || {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the command gave up during the outage"
+        );
+        (started.elapsed() >= Duration::from_secs(5)).then_some(())
+    });
+    let _imds = Imds::start_on(port, &instance, &group);
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("completed with CONTINUE"),
+        "{stdout}{stderr}"
+    );
+    let prefix = instance_prefix(&group, &instance);
+    let keys = server.keys(&bucket);
+    assert!(
+        keys.iter()
+            .any(|k| k.starts_with(&prefix) && k.ends_with(".manifest.json")),
+        "not filed under {prefix}: {keys:?}"
+    );
+    let action = finished_action(server, &instance);
+    assert_eq!(action["result"], "CONTINUE", "{action:#}");
+    assert_eq!(action["ended_by"], "completed", "{action:#}");
 }
 
 /// Accepts connections and never answers (a hung S3 endpoint); counts connections.

@@ -30,7 +30,8 @@ token buckets (moto_lifecycle.py's fleet limits). Default rates, all flags:
 - S3: 3,500 PUT/s per prefix (S3 User Guide, "Best practices design patterns: optimizing Amazon
   S3 performance"), 503 SlowDown above it.
 
-It prints a report (and writes it as JSON to DIR/report.json): archives present / N, actions by
+It prints a report (and writes it as JSON to DIR/report.json; on the Run Command path each
+instance's command, with its output, to DIR/commands.json): archives present / N, actions by
 outcome (completed, or timed out: the hook's default result), completions without an archive,
 time to the last completion and to the last archive, the floors the Auto Scaling and SendCommand
 buckets set, API calls and throttles per termination by operation, Lambda invocations by outcome
@@ -361,6 +362,8 @@ def run(a, work, procs, moto_port, control_port, imds_port, imds_url, boto3):
                 kind = "unfinished"
             outcomes[kind] = outcomes.get(kind, 0) + 1
         commands = get_json(control + "/ssm/commands")
+        with open(os.path.join(work, "commands.json"), "w") as f:
+            json.dump(commands, f)
         statuses = {}
         for c in commands:
             statuses[c["status"]] = statuses.get(c["status"], 0) + 1
