@@ -52,9 +52,11 @@ pub struct Config {
     /// time ends Undeliverable, and the action is completed.
     pub delivery_timeout: Duration,
     /// `LIFEBOAT_HEARTBEAT_TIMEOUT`: the hook's heartbeat timeout in seconds (30–7200; the
-    /// template passes its `HeartbeatTimeout`), or unset. When Run Command stays throttled, an
-    /// action that would outlive Lambda's retries is left to them; one that would expire first is
-    /// completed. Unset: always left to the retries (the hook's timeout ends the wait).
+    /// template passes its `HeartbeatTimeout`, which also sets the hook's), or unset. When Run
+    /// Command stays throttled, an action that would outlive Lambda's retries is left to them;
+    /// one that would expire first is renewed, or completed when it cannot be. Unset: always
+    /// left to the retries (the hook's timeout ends the wait). Also passed to the agents as the
+    /// hook's timeout when the hook cannot be read in time (keep it equal to the hook's).
     pub heartbeat_timeout: Option<Duration>,
 }
 

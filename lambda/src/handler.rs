@@ -167,7 +167,7 @@ fn gone(params: &BackupParams, age: Duration) -> Value {
         instance_id = %params.instance_id,
         late_s = age.as_secs(),
         "no active lifecycle action for a late event: completed on the instance, or expired while \
-         the event waited (in a mass scale-in Run Command sends one instance per SendCommand: \
+         the event waited (a scale-in larger than SendCommand and the Lambda could keep up with: \
          raise the hook's heartbeat timeout, or run the daemon)"
     );
     outcome(
@@ -524,8 +524,9 @@ impl Handler {
     }
 
     /// The heartbeat timeout of `group`'s hook `hook` in seconds (for `for_instance`'s command,
-    /// named in errors): read once per [`HOOK_TTL`] (DescribeLifecycleHooks); `None` when it
-    /// cannot be read by `until` (the agent then describes the hook itself).
+    /// named in errors): read once per [`HOOK_TTL`] (DescribeLifecycleHooks). When it cannot be
+    /// read by `until`: `LIFEBOAT_HEARTBEAT_TIMEOUT`, or `None` when that is unset (the agent
+    /// then describes the hook itself).
     async fn hook_timeout(
         &self,
         group: &str,
@@ -553,8 +554,12 @@ impl Handler {
                 Some(secs)
             }
             Err(e) => {
-                tracing::warn!(%group, %hook, "hook not read (each instance will): {e}");
-                None
+                // The template sets the hook's timeout and LIFEBOAT_HEARTBEAT_TIMEOUT from one
+                // parameter: in a mass scale-in the shared bucket is busiest exactly now, and
+                // without a value every instance would describe the hook itself.
+                let configured = self.config.heartbeat_timeout.map(|t| t.as_secs());
+                tracing::warn!(%group, %hook, ?configured, "hook not read, passing LIFEBOAT_HEARTBEAT_TIMEOUT (unset: each instance reads it): {e}");
+                configured
             }
         }
     }
