@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::SystemTime;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -87,6 +88,11 @@ enum Command {
         /// lifeboat-backup document passes it): lifeboat then does not describe the hook.
         #[arg(long, requires = "hook", value_parser = clap::value_parser!(u64).range(1..=9999))]
         heartbeat_timeout: Option<u64>,
+        /// The lifecycle action began after this time (RFC 3339; the lifeboat-backup document
+        /// passes its event's time): the first heartbeat can then wait as long as the hook
+        /// allows, so a short backup needs none.
+        #[arg(long, requires = "complete_lifecycle", value_parser = parse_rfc3339)]
+        action_began_after: Option<SystemTime>,
         /// The instance (defaults to this one, from instance metadata).
         #[arg(long)]
         instance_id: Option<String>,
@@ -292,6 +298,7 @@ async fn dispatch(command: Command, config: Config) -> u8 {
             asg,
             token,
             heartbeat_timeout,
+            action_began_after,
             instance_id,
         } => {
             let notice = TerminationNotice {
@@ -302,7 +309,7 @@ async fn dispatch(command: Command, config: Config) -> u8 {
                 token,
                 deadline: None,
                 complete_lifecycle,
-                action_began_after: None,
+                action_began_after,
                 hook_heartbeat_timeout_s: heartbeat_timeout,
             };
             backup(config, notice, instance_id).await
@@ -663,6 +670,12 @@ fn exit_code(r: &JobResult) -> u8 {
 }
 
 /// `--since`: RFC 3339, a date (UTC midnight), or a duration ago.
+fn parse_rfc3339(v: &str) -> Result<SystemTime, String> {
+    time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339)
+        .map(SystemTime::from)
+        .map_err(|e| format!("{v:?} is not an RFC 3339 time (2026-11-27T08:00:00Z): {e}"))
+}
+
 fn parse_since(v: &str) -> Result<time::OffsetDateTime, String> {
     use time::format_description::well_known::Rfc3339;
     if let Ok(t) = time::OffsetDateTime::parse(v, &Rfc3339) {

@@ -99,14 +99,32 @@ pub const HEARTBEAT_TIMEOUT: Param = Param {
     check: |v| v.len() <= 4 && v.chars().all(|c| c.is_ascii_digit()) && !v.starts_with('0'),
 };
 
+/// When the lifecycle action began at the earliest (RFC 3339, UTC, whole seconds), or empty.
+pub const BEGAN_AFTER: Param = Param {
+    name: "ActionBeganAfter",
+    pattern: "^([0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z)?$",
+    check: |v| {
+        v.is_empty()
+            || (v.len() == 20
+                && v.char_indices().all(|(i, c)| match i {
+                    4 | 7 => c == '-',
+                    10 => c == 'T',
+                    13 | 16 => c == ':',
+                    19 => c == 'Z',
+                    _ => c.is_ascii_digit(),
+                }))
+    },
+};
+
 /// Every parameter of `lifeboat-backup`.
-pub const PARAMS: [Param; 6] = [
+pub const PARAMS: [Param; 7] = [
     INSTANCE_ID,
     GROUP_NAME,
     HOOK_NAME,
     TOKEN,
     REASON,
     HEARTBEAT_TIMEOUT,
+    BEGAN_AFTER,
 ];
 
 /// The values of one `lifeboat-backup` run.
@@ -124,6 +142,8 @@ pub struct BackupParams {
     pub reason: String,
     /// The hook's heartbeat timeout in seconds, or empty when not known.
     pub heartbeat_timeout: String,
+    /// The action began after this time (RFC 3339), or empty when not known.
+    pub began_after: String,
 }
 
 /// A value the document would refuse.
@@ -139,7 +159,7 @@ pub struct Refused {
 }
 
 impl BackupParams {
-    fn pairs(&self) -> [(Param, &str); 6] {
+    fn pairs(&self) -> [(Param, &str); 7] {
         [
             (INSTANCE_ID, &self.instance_id),
             (GROUP_NAME, &self.group),
@@ -147,6 +167,7 @@ impl BackupParams {
             (TOKEN, &self.token),
             (REASON, &self.reason),
             (HEARTBEAT_TIMEOUT, &self.heartbeat_timeout),
+            (BEGAN_AFTER, &self.began_after),
         ]
     }
 
@@ -182,6 +203,7 @@ impl BackupParams {
             token: get(TOKEN).unwrap_or_default(),
             reason: get(REASON).unwrap_or_default(),
             heartbeat_timeout: get(HEARTBEAT_TIMEOUT).unwrap_or_default(),
+            began_after: get(BEGAN_AFTER).unwrap_or_default(),
         })
     }
 }
@@ -245,6 +267,10 @@ mod tests {
             "72000",
             "0",
             "030",
+            "2026-11-27T08:00:00Z",
+            "2026-11-27T08:00:00",
+            "2026-11-27 08:00:00Z",
+            "2026-11-27T08:00:00.5Z",
             "'; rm -rf / #",
             "$(touch /tmp/x)",
             "`id`",
@@ -282,6 +308,7 @@ mod tests {
             token: String::new(),
             reason: "scale-in".into(),
             heartbeat_timeout: String::new(),
+            began_after: String::new(),
         };
         assert!(params.validate().is_ok());
         assert_eq!(

@@ -43,6 +43,10 @@ const DOCUMENT_BUDGET: Duration = Duration::from_secs(3);
 /// An action with less time left than this is renewed (one heartbeat) before it is left to them.
 const RETRY_HORIZON: Duration = Duration::from_secs(240);
 
+/// An event's time is when Auto Scaling sent it, a moment after the action began, to the second:
+/// the action is said to have begun this much earlier.
+const BEGAN_MARGIN: Duration = Duration::from_secs(30);
+
 /// At most this much of the budget goes to reading a hook's heartbeat timeout.
 const HOOK_BUDGET: Duration = Duration::from_secs(3);
 
@@ -111,6 +115,7 @@ impl Pending {
                 token: d.lifecycle_action_token,
                 reason: reason.into(),
                 heartbeat_timeout: String::new(),
+                began_after: String::new(),
             },
             age: age.unwrap_or_default(),
         })
@@ -180,6 +185,21 @@ fn gone(params: &BackupParams, age: Duration) -> Value {
             ),
         }),
     )
+}
+
+/// When an action whose event is `age` old (zero: renewed just now) began at the earliest, as
+/// the document's `ActionBeganAfter`: [`BEGAN_MARGIN`] before, in whole seconds (RFC 3339).
+fn began_after(age: Duration) -> String {
+    let at = SystemTime::now()
+        .checked_sub(age + BEGAN_MARGIN)
+        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs());
+    at.and_then(|secs| {
+        aws_sdk_ssm::primitives::DateTime::from_secs(i64::try_from(secs).ok()?)
+            .fmt(aws_sdk_ssm::primitives::DateTimeFormat::DateTime)
+            .ok()
+    })
+    .unwrap_or_default()
 }
 
 /// The document's name, whether configured as a name or an ARN.
@@ -422,7 +442,13 @@ impl Handler {
         send_until: Instant,
     ) {
         let first = &events[chunk[0]].params;
-        let params = if chunk.len() == 1 {
+        let began_after = chunk
+            .iter()
+            .map(|&i| events[i].age)
+            .max()
+            .map(began_after)
+            .unwrap_or_default();
+        let mut params = if chunk.len() == 1 {
             // A dedupe, never at the send's expense: one attempt, and on any error none.
             match self.ssm.already_sent(&self.config.document, first).await {
                 Ok(Some(id)) => {
@@ -444,6 +470,7 @@ impl Handler {
                 ..first.clone()
             }
         };
+        params.began_after = began_after;
         let ids: Vec<String> = chunk
             .iter()
             .map(|&i| events[i].params.instance_id.clone())
@@ -751,6 +778,26 @@ mod tests {
     }
 
     #[test]
+    fn began_after_is_the_event_time_less_the_margin_in_whole_seconds() {
+        let text = began_after(Duration::from_secs(90));
+        assert!(
+            lifeboat_common::document::BEGAN_AFTER.allows(&text),
+            "{text}"
+        );
+        let parsed = aws_sdk_ssm::primitives::DateTime::from_str(
+            &text,
+            aws_sdk_ssm::primitives::DateTimeFormat::DateTime,
+        )
+        .unwrap();
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let ago = now - u64::try_from(parsed.secs()).unwrap();
+        assert!((120..=121).contains(&ago), "{text}: {ago} s ago");
+    }
+
+    #[test]
     fn a_malformed_token_completes_by_instance_id() {
         let mut params = BackupParams {
             instance_id: "i-0123456789abcdef0".into(),
@@ -759,6 +806,7 @@ mod tests {
             token: "'; rm -rf / #".into(),
             reason: "scale-in".into(),
             heartbeat_timeout: String::new(),
+            began_after: String::new(),
         };
         assert_eq!(Handler::action(&params).token, None);
         params.token = "87654321-4321-4321-4321-210987654321".into();

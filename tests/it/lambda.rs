@@ -477,6 +477,7 @@ fn injection_attempts_are_refused_or_inert_and_nothing_executes() {
             vec![]
         } else {
             vec![
+                "SSM_ActionBeganAfter",
                 "SSM_AutoScalingGroupName",
                 "SSM_HeartbeatTimeout",
                 "SSM_InstanceId",
@@ -787,6 +788,10 @@ fn a_batch_from_the_queue_is_one_command_and_an_unmanaged_instance_is_completed_
         assert_eq!(c["instance_id"], instance.as_str(), "{c:#}");
         // The hook's heartbeat timeout, read once by the Lambda, goes with the command.
         assert_eq!(c["parameters"]["HeartbeatTimeout"], json!(["60"]), "{c:#}");
+        // When the actions began (the earliest event, less a margin): the agents' first
+        // heartbeat can wait.
+        let began = c["parameters"]["ActionBeganAfter"][0].as_str().unwrap();
+        assert!(began.len() == 20 && began.ends_with('Z'), "{c:#}");
         assert_eq!(c["command_id"], commands[0]["command_id"], "{c:#}");
         assert_eq!(c["parameters"]["InstanceId"], json!([""]), "{c:#}");
         assert_eq!(
