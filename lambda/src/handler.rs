@@ -615,6 +615,12 @@ impl Handler {
             .is_some_and(|h| age + RETRY_HORIZON >= h)
     }
 
+    /// The outcome for a status change of another document's command, or `None` for lifeboat's.
+    fn not_ours(&self, document: &str) -> Option<Value> {
+        (document != document_name(&self.config.document))
+            .then(|| ignored(format!("document {document:?} is not lifeboat's")))
+    }
+
     /// A command's status: a failed command sent to one instance completes that instance's
     /// action (its parameters name it). A command sent to many is left to its invocations'
     /// events.
@@ -623,11 +629,8 @@ impl Handler {
         d: CommandStatus,
         until: Instant,
     ) -> Result<Value, lambda_runtime::Error> {
-        if d.document_name != document_name(&self.config.document) {
-            return Ok(ignored(format!(
-                "document {:?} is not lifeboat's",
-                d.document_name
-            )));
+        if let Some(other) = self.not_ours(&d.document_name) {
+            return Ok(other);
         }
         if !d.failed() {
             return Ok(ignored(format!("command {} is {}", d.command_id, d.status)));
@@ -659,11 +662,8 @@ impl Handler {
         d: InvocationStatus,
         until: Instant,
     ) -> Result<Value, lambda_runtime::Error> {
-        if d.document_name != document_name(&self.config.document) {
-            return Ok(ignored(format!(
-                "document {:?} is not lifeboat's",
-                d.document_name
-            )));
+        if let Some(other) = self.not_ours(&d.document_name) {
+            return Ok(other);
         }
         if !d.failed() {
             return Ok(ignored(format!(

@@ -9,6 +9,7 @@ use std::time::Duration;
 use aws_sdk_ssm::Client;
 use aws_sdk_ssm::config::http::HttpResponse;
 use aws_sdk_ssm::error::ProvideErrorMetadata;
+use aws_sdk_ssm::operation::list_commands::{ListCommandsError, ListCommandsOutput};
 use aws_sdk_ssm::operation::send_command::SendCommandOutput;
 use aws_sdk_ssm::types::{CloudWatchOutputConfig, Command, CommandFilter, CommandFilterKey};
 use lifeboat_common::document::{BackupParams, TOKEN};
@@ -216,17 +217,7 @@ impl Ssm {
             return Ok(None);
         }
         let out = self
-            .client
-            .list_commands()
-            .instance_id(&params.instance_id)
-            .filters(
-                CommandFilter::builder()
-                    .key(CommandFilterKey::DocumentName)
-                    .value(document)
-                    .build()
-                    .expect("key and value are set"),
-            )
-            .send()
+            .commands_to(&params.instance_id, document)
             .await
             .map_err(|e| SsmError::Refused {
                 operation: "ListCommands",
@@ -276,11 +267,13 @@ impl Ssm {
             .and_then(BackupParams::from_parameters))
     }
 
-    /// The command carrying `mark` in its comment sent to `instance_id` with `document`, if
-    /// any. One attempt: on any error, none.
-    async fn find_sent(&self, document: &str, instance_id: &str, mark: &str) -> Option<String> {
-        let out = self
-            .client
+    /// The commands sent to `instance_id` with `document` (one ListCommands attempt).
+    async fn commands_to(
+        &self,
+        instance_id: &str,
+        document: &str,
+    ) -> Result<ListCommandsOutput, SdkError<ListCommandsError>> {
+        self.client
             .list_commands()
             .instance_id(instance_id)
             .filters(
@@ -291,6 +284,14 @@ impl Ssm {
                     .expect("key and value are set"),
             )
             .send()
+            .await
+    }
+
+    /// The command carrying `mark` in its comment sent to `instance_id` with `document`, if
+    /// any. One attempt: on any error, none.
+    async fn find_sent(&self, document: &str, instance_id: &str, mark: &str) -> Option<String> {
+        let out = self
+            .commands_to(instance_id, document)
             .await
             .inspect_err(|e| {
                 tracing::warn!(
