@@ -53,6 +53,11 @@ const REPORT_BUDGET: Duration = Duration::from_secs(15);
 const INTERRUPTED_REPORT_BUDGET: Duration = Duration::from_secs(3);
 /// How long completion may take for a job without a deadline.
 const UNBOUNDED_COMPLETION: Duration = Duration::from_secs(600);
+
+/// How long completion goes on after a stop signal (systemctl stop, SSM's cancel): a working
+/// API answers within it; against one that does not, lifeboat leaves the action pending and
+/// exits instead of retrying until the deadline.
+const COMPLETION_AFTER_SIGNAL: Duration = Duration::from_secs(10);
 /// The first heartbeat comes within this long of the action being found (jittered) when the
 /// action may have begun long before (a restarted daemon, a command the Lambda sent late).
 const FIRST_BEAT_WITHIN: Duration = Duration::from_secs(5);
@@ -914,6 +919,27 @@ impl<'r> Story<'r> {
                 why: "the backup was interrupted; the next lifeboat run backs up again while the hook holds the instance".into(),
             });
         }
+        let shutdown = self.runner.shutdown.clone();
+        let signalled = async move {
+            shutdown.cancelled().await;
+            tokio::time::sleep(COMPLETION_AFTER_SIGNAL).await;
+        };
+        tokio::select! {
+            outcome = self.resolve_and_complete(status) => outcome,
+            () = signalled => {
+                tracing::warn!(
+                    "stopped while completing the lifecycle action (the API did not answer): \
+                     left pending for the next run or the hook's timeout"
+                );
+                Some(ActionOutcome::LeftPending {
+                    why: "stopped (signal) while the lifecycle API did not answer".into(),
+                })
+            }
+        }
+    }
+
+    /// [`Story::complete_action`]'s calls: finds the action if not found yet, and completes it.
+    async fn resolve_and_complete(&mut self, status: JobStatus) -> Option<ActionOutcome> {
         let until = self
             .deadline
             .complete_by(Instant::now() + UNBOUNDED_COMPLETION);
@@ -1273,6 +1299,9 @@ mod tests {
         beats: Mutex<VecDeque<Option<bool>>>,
         /// Completion by token finds no active action (a stale token).
         stale_token: bool,
+        /// CompleteLifecycleAction does not answer (an unreachable API): each call fails at
+        /// its deadline.
+        complete_down: AtomicBool,
         calls: Mutex<Vec<Call>>,
     }
 
@@ -1284,6 +1313,7 @@ mod tests {
                 state: Mutex::new(TERMINATING_WAIT.into()),
                 beats: Mutex::new(VecDeque::new()),
                 stale_token: false,
+                complete_down: AtomicBool::new(false),
                 calls: Mutex::new(Vec::new()),
             })
         }
@@ -1365,10 +1395,14 @@ mod tests {
             &'a self,
             action: &'a ActionRef,
             result: LifecycleResult,
-            _: Instant,
+            until: Instant,
         ) -> BoxFuture<'a, Result<Completed, LifecycleError>> {
             Box::pin(async move {
                 self.record("CompleteLifecycleAction", Some(action), Some(result));
+                if self.complete_down.load(Ordering::Relaxed) {
+                    tokio::time::sleep_until(until).await;
+                    return Err(failed("CompleteLifecycleAction"));
+                }
                 // As Auto Scaling (after the grace): no active action before the instance
                 // waits, or by a stale token.
                 let waits = waiting(&self.state.lock().unwrap());
@@ -1933,6 +1967,39 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(b.lc.calls("DescribeLifecycleHooks").len(), 2, "read again");
         assert!(b.runner.hooks.get("web", None).is_some());
+    }
+
+    /// A stop signal while the lifecycle API does not answer: completion goes on for
+    /// [`COMPLETION_AFTER_SIGNAL`], then the job ends with the action left pending, instead of
+    /// retrying until the deadline (the hook's global timeout: hours) as it used to.
+    #[tokio::test(start_paused = true)]
+    async fn a_signal_during_a_completion_that_gets_no_answer_ends_the_job_within_seconds() {
+        let lc = FakeLifecycle::new(Duration::from_secs(300));
+        lc.complete_down.store(true, Ordering::Relaxed);
+        let b = bench(lc, FakeBackup::new(Duration::from_secs(5)), "");
+        let job = in_background(&b.runner, with_token("t-down"));
+        let t0 = Instant::now();
+        while b.lc.calls("CompleteLifecycleAction").is_empty() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "completion never started"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let signalled = Instant::now();
+        b.shutdown.cancel();
+        let r = job.await.unwrap();
+        let took = signalled.elapsed();
+        assert!(
+            took <= COMPLETION_AFTER_SIGNAL + Duration::from_secs(1),
+            "the job went on {took:?} after the signal"
+        );
+        assert_eq!(r.status, JobStatus::Succeeded, "the data is stored");
+        assert!(
+            matches!(r.lifecycle, Some(ActionOutcome::LeftPending { .. })),
+            "{:?}",
+            r.lifecycle
+        );
     }
 
     /// The Lambda read the hook for the command (`--heartbeat-timeout`): a thousand
