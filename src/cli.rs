@@ -669,13 +669,14 @@ fn exit_code(r: &JobResult) -> u8 {
     }
 }
 
-/// `--since`: RFC 3339, a date (UTC midnight), or a duration ago.
+/// `--action-began-after`: an RFC 3339 time.
 fn parse_rfc3339(v: &str) -> Result<SystemTime, String> {
     time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339)
         .map(SystemTime::from)
         .map_err(|e| format!("{v:?} is not an RFC 3339 time (2026-11-27T08:00:00Z): {e}"))
 }
 
+/// `--since`: RFC 3339, a date (UTC midnight), or a duration ago.
 fn parse_since(v: &str) -> Result<time::OffsetDateTime, String> {
     use time::format_description::well_known::Rfc3339;
     if let Ok(t) = time::OffsetDateTime::parse(v, &Rfc3339) {
