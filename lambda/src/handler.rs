@@ -1,7 +1,7 @@
 //! One event in, one outcome out: the lifecycle event becomes a Run Command, a failed command (or
 //! a command Run Command would not take) becomes a completed lifecycle action and a report.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
@@ -322,15 +322,14 @@ impl Handler {
             .checked_sub(FAIL_OVER_RESERVE)
             .unwrap_or_else(Instant::now);
         let mut live = Vec::new();
-        let mut seen = HashMap::new();
+        let mut seen = HashSet::new();
         for (i, p) in events.iter().enumerate() {
             if let Err(refused) = p.params.validate() {
                 let fate = self.fail_over(&p.params, refused.to_string(), until).await;
                 fates[i] = Some(fate.into());
-            } else if let Some(first) = seen.insert(p.params.instance_id.clone(), i) {
+            } else if !seen.insert(p.params.instance_id.as_str()) {
                 // The same action twice in one batch (EventBridge and SQS deliver at least
                 // once): one command.
-                seen.insert(p.params.instance_id.clone(), first);
                 fates[i] = Some(Fate::Done(outcome(
                     "duplicate",
                     json!({ "instance_id": p.params.instance_id, "why": "twice in one batch" }),
@@ -381,36 +380,26 @@ impl Handler {
                 }
             }
         }
-        // The hook's heartbeat timeout goes with the command, so that a thousand instances do
-        // not each describe the hook (one Auto Scaling call each, from the shared bucket).
-        // One read per hook and batch, cached while warm; when it fails, the agents read it.
-        let hook_until = send_until.min(Instant::now() + HOOK_BUDGET);
-        let mut read: HashMap<(String, String), Option<u64>> = HashMap::new();
-        for &i in &sendable {
-            let p = &events[i].params;
-            let key = (p.group.clone(), p.hook.clone());
-            let secs = match read.get(&key) {
-                Some(secs) => *secs,
-                None => {
-                    let secs = self
-                        .hook_timeout(&p.group, &p.hook, &p.instance_id, hook_until)
-                        .await;
-                    read.insert(key, secs);
-                    secs
-                }
-            };
-            if let Some(secs) = secs {
-                events[i].params.heartbeat_timeout = secs.to_string();
-            }
-        }
         // Group by what the command's parameters say for all of its instances.
-        let mut groups: BTreeMap<(&str, &str, &str), Vec<usize>> = BTreeMap::new();
+        let mut groups: BTreeMap<(String, String, String), Vec<usize>> = BTreeMap::new();
         for &i in &sendable {
             let p = &events[i].params;
             groups
-                .entry((&p.group, &p.hook, &p.reason))
+                .entry((p.group.clone(), p.hook.clone(), p.reason.clone()))
                 .or_default()
                 .push(i);
+        }
+        // The hook's heartbeat timeout goes with the command, so that a thousand instances do
+        // not each describe the hook (one Auto Scaling call each, from the shared bucket): one
+        // read per group (cached while warm); when it fails, the agents read it.
+        let hook_until = send_until.min(Instant::now() + HOOK_BUDGET);
+        for ((group, hook, _), members) in &groups {
+            let first = &events[members[0]].params.instance_id;
+            if let Some(secs) = self.hook_timeout(group, hook, first, hook_until).await {
+                for &i in members {
+                    events[i].params.heartbeat_timeout = secs.to_string();
+                }
+            }
         }
         let mut work: VecDeque<Vec<usize>> = groups
             .into_values()
