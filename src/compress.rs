@@ -5,7 +5,9 @@
 //! the units are written in order. Concatenated units are one valid file (RFC 1952 §2.2 for gzip;
 //! RFC 8878 §3 for zstd): `gzip -d`, `zstd -d`, `tar xzf` and `tar --zstd -xf` read the whole
 //! stream. The writing thread only copies bytes into blocks, so the archive walk never waits on
-//! compression until a few blocks per core are queued.
+//! compression until every worker has a block and two more are queued. How many workers, how
+//! big the blocks and how many in flight is a [`Pool`], which the memory budget chooses
+//! (`crate::budget`).
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -15,10 +17,16 @@ use std::thread::JoinHandle;
 
 use crate::config::CompressionKind;
 
-/// Input bytes per gzip member: the ratio is within a fraction of a percent of one stream.
-const GZIP_BLOCK: usize = 1024 * 1024;
-/// Input bytes per zstd frame: twice zstd's level-3 window, so little is lost at frame edges.
-const ZSTD_BLOCK: usize = 4 * 1024 * 1024;
+/// Compression workers and the blocks they work on.
+#[derive(Debug, Clone, Copy)]
+pub struct Pool {
+    /// Worker threads.
+    pub threads: usize,
+    /// Input bytes per unit (gzip member, zstd frame).
+    pub block_size: usize,
+    /// Blocks queued, compressing or waiting to be written, at most.
+    pub in_flight: usize,
+}
 
 /// A compressing writer that hands back its inner writer once the stream is closed.
 pub trait Compressor<W>: Write + Send {
@@ -33,11 +41,11 @@ pub trait Compressor<W>: Write + Send {
     fn finish(self: Box<Self>) -> io::Result<W>;
 }
 
-/// Wraps `inner` in the compression `kind` at `level`, using `threads` worker threads.
+/// Wraps `inner` in the compression `kind` at `level`, on `pool`'s workers.
 pub fn compressor<W: Write + Send + 'static>(
     kind: CompressionKind,
     level: i32,
-    threads: usize,
+    pool: Pool,
     inner: W,
 ) -> io::Result<Box<dyn Compressor<W>>> {
     Ok(match kind {
@@ -45,15 +53,26 @@ pub fn compressor<W: Write + Send + 'static>(
         CompressionKind::Gzip => Box::new(BlockParallel::new(
             inner,
             Codec::Gzip(flate2::Compression::new(u32::try_from(level).unwrap_or(6))),
-            threads,
+            pool,
         )),
-        CompressionKind::Zstd => Box::new(BlockParallel::new(inner, Codec::Zstd(level), threads)),
+        CompressionKind::Zstd => Box::new(BlockParallel::new(inner, Codec::Zstd(level), pool)),
     })
 }
 
-/// The number of compression threads to use: one per core.
-pub fn default_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, usize::from)
+/// Environment variable that overrides the number of compression workers (`[backup] workers`),
+/// for benchmarks that reproduce a many-core machine on a small one.
+pub const WORKERS_ENV: &str = "LIFEBOAT_WORKERS";
+
+/// The number of compression workers wanted: `configured`, else one per core; `LIFEBOAT_WORKERS`
+/// overrides both when it is a number from 1 to 1024.
+pub fn wanted_workers(configured: Option<usize>) -> usize {
+    let from_env = std::env::var(WORKERS_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|n| (1..=1024).contains(n));
+    from_env
+        .or(configured)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
 }
 
 /// Wraps `raw` in the decompressor for `kind`: a reader of the tar stream. gzip input may hold
@@ -88,25 +107,17 @@ impl<W: Write + Send> Compressor<W> for Plain<W> {
     }
 }
 
-/// A compressed unit, and the input block back for reuse.
-type Done = (io::Result<Vec<u8>>, Vec<u8>);
-/// A block to compress and where to send its unit.
-type Job = (Vec<u8>, SyncSender<Done>);
+/// The outcome, the input block and the unit (compressed into the buffer the job brought), both
+/// back for reuse.
+type Done = (io::Result<()>, Vec<u8>, Vec<u8>);
+/// A block to compress, the buffer to compress it into, and where to send them back.
+type Job = (Vec<u8>, Vec<u8>, SyncSender<Done>);
 
 /// How a block becomes a self-contained unit.
 #[derive(Debug, Clone, Copy)]
 enum Codec {
     Gzip(flate2::Compression),
     Zstd(i32),
-}
-
-impl Codec {
-    fn block_size(self) -> usize {
-        match self {
-            Self::Gzip(_) => GZIP_BLOCK,
-            Self::Zstd(_) => ZSTD_BLOCK,
-        }
-    }
 }
 
 /// A worker's codec state, kept across blocks: a zstd context is megabytes of tables, and
@@ -129,24 +140,36 @@ impl Worker {
         })
     }
 
-    fn compress(&mut self, block: &[u8]) -> io::Result<Vec<u8>> {
+    /// Compresses `block` into `out` (emptied first). `out` is a buffer the writer recycles, so
+    /// the workers allocate nothing per block: buffers freed on another thread than the one that
+    /// allocated them stay resident in the allocator's per-thread arenas.
+    fn compress_into(&mut self, block: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
+        out.clear();
+        out.reserve(compress_bound(block.len()));
         match self {
             Self::Gzip(level) => {
-                let mut enc =
-                    flate2::write::GzEncoder::new(Vec::with_capacity(block.len() / 2), *level);
+                let mut enc = flate2::write::GzEncoder::new(std::mem::take(out), *level);
                 enc.write_all(block)?;
-                enc.finish()
+                *out = enc.finish()?;
+                Ok(())
             }
             // Each call is a complete frame (the context's session is reset, its tables kept).
-            Self::Zstd(c) => c.compress(block),
+            Self::Zstd(c) => c.compress_to_buffer(block, out).map(drop),
         }
     }
+}
+
+/// The most a unit of `len` input bytes can take, for either codec (zstd's bound is the larger;
+/// deflate's stored blocks add 5 bytes per 64 KiB and gzip 18 bytes of framing).
+fn compress_bound(len: usize) -> usize {
+    zstd::zstd_safe::compress_bound(len).max(len + len / 8192 * 5 + 64)
 }
 
 /// Compression on every core: blocks go to a pool of workers; units come back in order.
 struct BlockParallel<W> {
     inner: W,
     codec: Codec,
+    block_size: usize,
     block: Vec<u8>,
     jobs: Option<SyncSender<Job>>,
     pending: VecDeque<Receiver<Done>>,
@@ -154,13 +177,16 @@ struct BlockParallel<W> {
     workers: Vec<JoinHandle<()>>,
     /// Input blocks back from the workers, reused so their pages are not faulted in again.
     spare: Vec<Vec<u8>>,
+    /// Unit buffers back from the writer, likewise.
+    spare_units: Vec<Vec<u8>>,
     /// A whole block of zeros, compressed once (on first use).
     zero_unit: Option<Arc<[u8]>>,
 }
 
 impl<W: Write + Send> BlockParallel<W> {
-    fn new(inner: W, codec: Codec, threads: usize) -> Self {
-        let threads = threads.max(1);
+    fn new(inner: W, codec: Codec, pool: Pool) -> Self {
+        let threads = pool.threads.max(1);
+        let block_size = pool.block_size.max(4096);
         let (tx, rx) = mpsc::sync_channel::<Job>(threads);
         let rx = Arc::new(Mutex::new(rx));
         let workers = (0..threads)
@@ -175,13 +201,14 @@ impl<W: Write + Send> BlockParallel<W> {
         Self {
             inner,
             codec,
-            block: Vec::with_capacity(codec.block_size()),
+            block_size,
+            block: Vec::with_capacity(block_size),
             jobs: Some(tx),
             pending: VecDeque::new(),
-            // Two blocks per worker keeps every core busy while the oldest is written out.
-            max_pending: threads * 2,
+            max_pending: pool.in_flight.max(threads),
             workers,
             spare: Vec::new(),
+            spare_units: Vec::new(),
             zero_unit: None,
         }
     }
@@ -192,7 +219,7 @@ impl<W: Write + Send> BlockParallel<W> {
             self.write_oldest()?;
         }
         let (tx, rx) = mpsc::sync_channel(1);
-        let _ = tx.send((Ok(unit), Vec::new()));
+        let _ = tx.send((Ok(()), Vec::new(), unit));
         self.pending.push_back(rx);
         Ok(())
     }
@@ -202,9 +229,9 @@ impl<W: Write + Send> BlockParallel<W> {
         if let Some(u) = &self.zero_unit {
             return Ok(Arc::clone(u));
         }
-        let unit: Arc<[u8]> = Worker::new(self.codec)?
-            .compress(&vec![0; self.codec.block_size()])?
-            .into();
+        let mut unit = Vec::new();
+        Worker::new(self.codec)?.compress_into(&vec![0; self.block_size], &mut unit)?;
+        let unit: Arc<[u8]> = unit.into();
         self.zero_unit = Some(Arc::clone(&unit));
         Ok(unit)
     }
@@ -219,13 +246,14 @@ impl<W: Write + Send> BlockParallel<W> {
         let next = self
             .spare
             .pop()
-            .unwrap_or_else(|| Vec::with_capacity(self.codec.block_size()));
+            .unwrap_or_else(|| Vec::with_capacity(self.block_size));
         let block = std::mem::replace(&mut self.block, next);
+        let unit = self.spare_units.pop().unwrap_or_default();
         let (tx, rx) = mpsc::sync_channel(1);
         self.jobs
             .as_ref()
             .expect("jobs open until finish")
-            .send((block, tx))
+            .send((block, unit, tx))
             .map_err(|_| io::Error::other("compression workers stopped"))?;
         self.pending.push_back(rx);
         Ok(())
@@ -233,13 +261,19 @@ impl<W: Write + Send> BlockParallel<W> {
 
     fn write_oldest(&mut self) -> io::Result<()> {
         if let Some(rx) = self.pending.pop_front() {
-            let (member, mut block) = rx
+            let (outcome, mut block, unit) = rx
                 .recv()
                 .map_err(|_| io::Error::other("a compression worker stopped"))?;
-            self.inner.write_all(&member?)?;
+            outcome?;
+            self.inner.write_all(&unit)?;
             if block.capacity() > 0 {
                 block.clear();
                 self.spare.push(block);
+            }
+            // Precomputed units (runs of zeros) come without a job's buffer: keep no more
+            // buffers than blocks in flight.
+            if unit.capacity() > 0 && self.spare_units.len() < self.max_pending {
+                self.spare_units.push(unit);
             }
         }
         Ok(())
@@ -251,19 +285,21 @@ fn compress_worker(jobs: &Mutex<Receiver<Job>>, codec: Codec) {
     loop {
         // Hold the lock only to take a job, never while compressing.
         let job = jobs.lock().map(|rx| rx.recv());
-        let Ok(Ok((block, reply))) = job else { return };
-        let unit = match &mut worker {
-            Ok(w) => w.compress(&block),
+        let Ok(Ok((block, mut unit, reply))) = job else {
+            return;
+        };
+        let outcome = match &mut worker {
+            Ok(w) => w.compress_into(&block, &mut unit),
             Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
         };
         // The writer may have gone away after an error; nothing to do then.
-        let _ = reply.send((unit, block));
+        let _ = reply.send((outcome, block, unit));
     }
 }
 
 impl<W: Write + Send> Write for BlockParallel<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let size = self.codec.block_size();
+        let size = self.block_size;
         let n = buf.len().min(size - self.block.len());
         self.block.extend_from_slice(&buf[..n]);
         if self.block.len() == size {
@@ -283,7 +319,7 @@ impl<W: Write + Send> Write for BlockParallel<W> {
 
 impl<W: Write + Send> Compressor<W> for BlockParallel<W> {
     fn write_zeros(&mut self, mut n: u64) -> io::Result<()> {
-        let size = self.codec.block_size();
+        let size = self.block_size;
         // Up to the next block boundary the ordinary way.
         let head = ((size - self.block.len()) % size) as u64;
         let head = head.min(n);
@@ -316,6 +352,21 @@ mod tests {
     use super::*;
     use std::io::Read;
 
+    const GZIP_BLOCK: usize = 1024 * 1024;
+    const ZSTD_BLOCK: usize = 2 * 1024 * 1024;
+
+    fn pool(kind: CompressionKind) -> Pool {
+        Pool {
+            threads: 2,
+            block_size: if kind == CompressionKind::Zstd {
+                ZSTD_BLOCK
+            } else {
+                GZIP_BLOCK
+            },
+            in_flight: 4,
+        }
+    }
+
     fn sample(len: usize) -> Vec<u8> {
         (0..len)
             .map(|i| (i % 251) as u8 ^ ((i / 4096) as u8))
@@ -325,7 +376,13 @@ mod tests {
     #[test]
     fn parallel_gzip_and_zstd_are_one_readable_stream_each() {
         let data = sample(3 * GZIP_BLOCK + 12345);
-        let mut c = compressor(CompressionKind::Gzip, 6, 2, Vec::new()).unwrap();
+        let mut c = compressor(
+            CompressionKind::Gzip,
+            6,
+            pool(CompressionKind::Gzip),
+            Vec::new(),
+        )
+        .unwrap();
         for chunk in data.chunks(70_000) {
             c.write_all(chunk).unwrap();
         }
@@ -337,7 +394,13 @@ mod tests {
         assert_eq!(back, data);
 
         let data = sample(3 * ZSTD_BLOCK + 777);
-        let mut c = compressor(CompressionKind::Zstd, 3, 2, Vec::new()).unwrap();
+        let mut c = compressor(
+            CompressionKind::Zstd,
+            3,
+            pool(CompressionKind::Zstd),
+            Vec::new(),
+        )
+        .unwrap();
         c.write_all(&data).unwrap();
         let out = c.finish().unwrap();
         let mut back = Vec::new();
@@ -357,7 +420,7 @@ mod tests {
         ] {
             let head = sample(block / 3);
             let zeros = (5 * block + 4321) as u64;
-            let mut c = compressor(kind, 3, 2, Vec::new()).unwrap();
+            let mut c = compressor(kind, 3, pool(kind), Vec::new()).unwrap();
             c.write_all(&head).unwrap();
             c.write_zeros(zeros).unwrap();
             c.write_all(b"tail").unwrap();
@@ -385,12 +448,24 @@ mod tests {
     #[test]
     fn zstd_and_none_round_trip() {
         let data = sample(2 * GZIP_BLOCK);
-        let mut c = compressor(CompressionKind::Zstd, 3, 2, Vec::new()).unwrap();
+        let mut c = compressor(
+            CompressionKind::Zstd,
+            3,
+            pool(CompressionKind::Zstd),
+            Vec::new(),
+        )
+        .unwrap();
         c.write_all(&data).unwrap();
         let out = c.finish().unwrap();
         assert_eq!(zstd::decode_all(&out[..]).unwrap(), data);
 
-        let mut c = compressor(CompressionKind::None, 0, 1, Vec::new()).unwrap();
+        let mut c = compressor(
+            CompressionKind::None,
+            0,
+            pool(CompressionKind::None),
+            Vec::new(),
+        )
+        .unwrap();
         c.write_all(&data).unwrap();
         assert_eq!(c.finish().unwrap(), data);
     }

@@ -124,6 +124,10 @@ pub struct BackupConfig {
     pub level: i32,
     /// Do not descend into other file systems.
     pub one_file_system: bool,
+    /// The memory the backup pipeline may use, in bytes ([`crate::budget`]).
+    pub memory_limit: u64,
+    /// Compression workers; `None` means one per core.
+    pub workers: Option<usize>,
 }
 
 /// `[s3]`.
@@ -133,10 +137,10 @@ pub struct S3Config {
     pub bucket: String,
     /// Key prefix, empty or ending in `/`.
     pub prefix: String,
-    /// Starting part size in bytes.
-    pub part_size: u64,
-    /// Parts in flight.
-    pub concurrency: usize,
+    /// Starting part size in bytes; `None` means chosen by the memory budget.
+    pub part_size: Option<u64>,
+    /// Parts in flight at most; `None` means chosen by the memory budget.
+    pub concurrency: Option<usize>,
     /// S3 storage class.
     pub storage_class: String,
     /// `AES256`, `aws:kms` or empty (bucket default).
@@ -231,6 +235,16 @@ enum SizeValue {
     Text(String),
 }
 
+/// A count as written: a number, or text such as `"auto"`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+enum CountValue {
+    Number(u64),
+    Text(String),
+}
+
+const AUTO: &str = "auto";
+
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawConfig {
@@ -249,6 +263,8 @@ struct RawBackup {
     compression: CompressionKind,
     level: Option<i32>,
     one_file_system: bool,
+    memory_limit: SizeValue,
+    workers: CountValue,
 }
 
 impl Default for RawBackup {
@@ -259,6 +275,8 @@ impl Default for RawBackup {
             compression: CompressionKind::Gzip,
             level: None,
             one_file_system: true,
+            memory_limit: SizeValue::Text("128MiB".into()),
+            workers: CountValue::Text(AUTO.into()),
         }
     }
 }
@@ -269,7 +287,7 @@ struct RawS3 {
     bucket: String,
     prefix: String,
     part_size: SizeValue,
-    concurrency: usize,
+    concurrency: CountValue,
     storage_class: String,
     sse: String,
     kms_key_id: String,
@@ -283,8 +301,8 @@ impl Default for RawS3 {
         Self {
             bucket: String::new(),
             prefix: "lifeboat/".into(),
-            part_size: SizeValue::Text("16MiB".into()),
-            concurrency: 4,
+            part_size: SizeValue::Text(AUTO.into()),
+            concurrency: CountValue::Text(AUTO.into()),
             storage_class: "STANDARD".into(),
             sse: "AES256".into(),
             kms_key_id: String::new(),
@@ -369,6 +387,18 @@ impl Config {
         Validator { path }.validate(raw)
     }
 
+    /// What the backup pipeline asks of the memory budget with `workers` compression workers.
+    pub fn budget_request(&self, workers: usize) -> crate::budget::Request {
+        crate::budget::Request {
+            limit: self.backup.memory_limit,
+            kind: self.backup.compression,
+            level: self.backup.level,
+            workers,
+            part_size: self.s3.part_size,
+            concurrency: self.s3.concurrency,
+        }
+    }
+
     /// The effective configuration as TOML, defaults filled in.
     pub fn to_toml(&self) -> String {
         let raw = RawConfig {
@@ -378,12 +408,17 @@ impl Config {
                 compression: self.backup.compression,
                 level: Some(self.backup.level),
                 one_file_system: self.backup.one_file_system,
+                memory_limit: exact_size(self.backup.memory_limit),
+                workers: auto_or(self.backup.workers.map(|n| n as u64)),
             },
             s3: RawS3 {
                 bucket: self.s3.bucket.clone(),
                 prefix: self.s3.prefix.clone(),
-                part_size: exact_size(self.s3.part_size),
-                concurrency: self.s3.concurrency,
+                part_size: self
+                    .s3
+                    .part_size
+                    .map_or(SizeValue::Text(AUTO.into()), exact_size),
+                concurrency: auto_or(self.s3.concurrency.map(|n| n as u64)),
                 storage_class: self.s3.storage_class.clone(),
                 sse: self.s3.sse.clone(),
                 kms_key_id: self.s3.kms_key_id.clone(),
@@ -413,6 +448,11 @@ impl Config {
     }
 }
 
+/// `"auto"` for `None`, else the number.
+fn auto_or(n: Option<u64>) -> CountValue {
+    n.map_or(CountValue::Text(AUTO.into()), CountValue::Number)
+}
+
 /// A size as the config file would write it, exactly: `16MiB`, `1GiB`, or bytes.
 fn exact_size(bytes: u64) -> SizeValue {
     const UNITS: [(u64, &str); 3] = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
@@ -438,14 +478,18 @@ impl Validator<'_> {
     }
 
     fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
-        Ok(Config {
+        let config = Config {
             source: self.path.to_owned(),
             backup: self.backup(raw.backup)?,
             s3: self.s3(raw.s3)?,
             sns: self.sns(raw.sns)?,
             lifecycle: self.lifecycle(raw.lifecycle)?,
             watch: self.watch(raw.watch)?,
-        })
+        };
+        // Explicit part settings must fit the memory limit with at least one worker.
+        crate::budget::plan(config.budget_request(1))
+            .map_err(|e| self.invalid("backup.memory_limit", e.to_string()))?;
+        Ok(config)
     }
 
     fn backup(&self, raw: RawBackup) -> Result<BackupConfig, ConfigError> {
@@ -486,6 +530,14 @@ impl Validator<'_> {
                 ),
             ));
         }
+        let memory_limit = self.size("backup.memory_limit", &raw.memory_limit)?;
+        if memory_limit < crate::budget::MIN_LIMIT {
+            return Err(self.invalid(
+                "backup.memory_limit",
+                format!("{memory_limit} bytes is below the smallest limit that works (40MiB)"),
+            ));
+        }
+        let workers = self.count("backup.workers", &raw.workers, 1..=1024)?;
         Ok(BackupConfig {
             paths,
             exclude: raw.exclude,
@@ -493,6 +545,8 @@ impl Validator<'_> {
             compression: raw.compression,
             level,
             one_file_system: raw.one_file_system,
+            memory_limit,
+            workers,
         })
     }
 
@@ -519,19 +573,19 @@ impl Validator<'_> {
         if !prefix.is_empty() && !prefix.ends_with('/') {
             prefix.push('/');
         }
-        let part_size = self.size("s3.part_size", &raw.part_size)?;
-        if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&part_size) {
+        let part_size = match &raw.part_size {
+            SizeValue::Text(t) if t.trim() == AUTO => None,
+            other => Some(self.size("s3.part_size", other)?),
+        };
+        if let Some(part_size) = part_size
+            && !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&part_size)
+        {
             return Err(self.invalid(
                 "s3.part_size",
                 format!("{part_size} bytes is outside S3's part limits (5MiB to 5GiB)"),
             ));
         }
-        if !(1..=64).contains(&raw.concurrency) {
-            return Err(self.invalid(
-                "s3.concurrency",
-                format!("{} is out of range: use 1 to 64", raw.concurrency),
-            ));
-        }
+        let concurrency = self.count("s3.concurrency", &raw.concurrency, 1..=64)?;
         if !STORAGE_CLASSES.contains(&raw.storage_class.as_str()) {
             return Err(self.invalid(
                 "s3.storage_class",
@@ -577,7 +631,7 @@ impl Validator<'_> {
             bucket: raw.bucket,
             prefix,
             part_size,
-            concurrency: raw.concurrency,
+            concurrency,
             storage_class: raw.storage_class,
             sse: raw.sse,
             kms_key_id: raw.kms_key_id,
@@ -638,6 +692,33 @@ impl Validator<'_> {
         }
     }
 
+    /// `"auto"` (`None`) or a number within `range`.
+    fn count(
+        &self,
+        key: &str,
+        value: &CountValue,
+        range: std::ops::RangeInclusive<usize>,
+    ) -> Result<Option<usize>, ConfigError> {
+        let n = match value {
+            CountValue::Text(t) if t.trim() == AUTO => return Ok(None),
+            CountValue::Text(t) => {
+                return Err(self.invalid(key, format!("{t:?} is not \"auto\" or a number")));
+            }
+            CountValue::Number(n) => *n,
+        };
+        match usize::try_from(n) {
+            Ok(n) if range.contains(&n) => Ok(Some(n)),
+            _ => Err(self.invalid(
+                key,
+                format!(
+                    "{n} is out of range: use {} to {} (or \"auto\")",
+                    range.start(),
+                    range.end()
+                ),
+            )),
+        }
+    }
+
     fn duration(&self, key: &str, text: &str) -> Result<Duration, ConfigError> {
         let d = humantime::parse_duration(text.trim()).map_err(|e| {
             self.invalid(
@@ -666,12 +747,48 @@ mod tests {
         assert_eq!(c.backup.paths, vec![PathBuf::from("/var/log")]);
         assert_eq!(c.backup.compression, CompressionKind::Gzip);
         assert_eq!(c.backup.level, 6);
-        assert_eq!(c.s3.part_size, 16 * 1024 * 1024);
-        assert_eq!(c.s3.concurrency, 4);
+        assert_eq!(c.s3.part_size, None);
+        assert_eq!(c.s3.concurrency, None);
+        assert_eq!(c.backup.memory_limit, 128 * 1024 * 1024);
+        assert_eq!(c.backup.workers, None);
         assert_eq!(c.s3.prefix, "lifeboat/");
         assert_eq!(c.watch.poll_interval, Duration::from_secs(5));
         assert!(c.lifecycle.heartbeat_interval.is_none());
         assert!(c.sns.topic_arn.is_none());
+    }
+
+    #[test]
+    fn memory_settings_are_checked_against_each_other() {
+        let e = parse("[backup]\nmemory_limit = \"16MiB\"\n[s3]\nbucket = \"b-1\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("backup.memory_limit") && e.contains("40MiB"),
+            "{e}"
+        );
+        let e = parse("[s3]\nbucket = \"b-1\"\npart_size = \"64MiB\"\nconcurrency = 4\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("backup.memory_limit") && e.contains("s3.concurrency = 4"),
+            "{e}"
+        );
+        let e = parse("[backup]\nworkers = \"many\"\n[s3]\nbucket = \"b-1\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("backup.workers") && e.contains("\"many\""),
+            "{e}"
+        );
+        let c = parse(
+            "[backup]\nmemory_limit = \"1GiB\"\nworkers = 16\n[s3]\nbucket = \"b-1\"\npart_size = \"64MiB\"\nconcurrency = 4\n",
+        )
+        .unwrap();
+        assert_eq!(c.backup.workers, Some(16));
+        assert_eq!(c.s3.concurrency, Some(4));
+        let again = parse(&c.to_toml()).unwrap();
+        assert_eq!(again.backup.memory_limit, 1 << 30);
+        assert_eq!(again.backup.workers, Some(16));
     }
 
     #[test]
@@ -734,9 +851,9 @@ mod tests {
     #[test]
     fn sizes_accept_numbers_and_units() {
         let c = parse("[s3]\nbucket = \"b-1\"\npart_size = 8388608\n").unwrap();
-        assert_eq!(c.s3.part_size, 8 * 1024 * 1024);
-        let c = parse("[s3]\nbucket = \"b-1\"\npart_size = \"64 MiB\"\n").unwrap();
-        assert_eq!(c.s3.part_size, 64 * 1024 * 1024);
+        assert_eq!(c.s3.part_size, Some(8 * 1024 * 1024));
+        let c = parse("[s3]\nbucket = \"b-1\"\npart_size = \"32 MiB\"\n").unwrap();
+        assert_eq!(c.s3.part_size, Some(32 * 1024 * 1024));
     }
 
     #[test]

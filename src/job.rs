@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::identity::InstanceIdentity;
 use crate::lifecycle::LifecycleResult;
 use crate::manifest::{self, Manifest};
-use crate::upload::{self, Destination, ObjectWriter, StoredObject, UploadError};
+use crate::upload::{self, Destination, ObjectWriter, Parts, StoredObject, UploadError};
 use crate::watch::NoticeSource;
 
 /// How a job ended.
@@ -170,6 +170,9 @@ pub enum JobError {
     /// Starting or closing the compressor failed.
     #[error("compressing the archive: {0}")]
     Compress(std::io::Error),
+    /// No pipeline fits the memory limit.
+    #[error("sizing the backup to backup.memory_limit: {0}")]
+    Budget(crate::budget::BudgetError),
     /// The upload failed.
     #[error("{0}")]
     Upload(#[from] UploadError),
@@ -360,11 +363,19 @@ impl BackupJob<'_> {
         let dest = Destination::new(&cfg.s3, key.clone(), content_type);
         tracing::info!(bucket = %cfg.s3.bucket, %key, reason = %self.reason, "backup started");
 
+        let plan =
+            crate::budget::plan(cfg.budget_request(compress::wanted_workers(cfg.backup.workers)))
+                .map_err(JobError::Budget)?;
+        tracing::debug!(?plan, "memory plan");
         let writer = ObjectWriter::new(
             self.s3.clone(),
             dest.clone(),
-            cfg.s3.part_size,
-            cfg.s3.concurrency,
+            Parts {
+                size: plan.part_size,
+                in_flight: plan.parts_in_flight,
+                memory: plan.part_memory,
+            },
+            cfg.s3.retry_budget,
             tokio::runtime::Handle::current(),
             self.cancel.clone(),
         );
@@ -376,7 +387,11 @@ impl BackupJob<'_> {
         let compressor = compress::compressor(
             cfg.backup.compression,
             cfg.backup.level,
-            compress::default_threads(),
+            compress::Pool {
+                threads: plan.workers,
+                block_size: plan.block_size,
+                in_flight: plan.blocks_in_flight,
+            },
             hashing,
         )
         .map_err(JobError::Compress)?;

@@ -10,6 +10,7 @@
 
 pub mod archive;
 pub mod aws;
+pub mod budget;
 pub mod catalog;
 pub mod cli;
 pub mod compress;
@@ -19,6 +20,7 @@ pub mod deadline;
 pub mod doctor;
 pub mod identity;
 pub mod job;
+pub mod malloc;
 pub mod manifest;
 pub mod progress;
 pub mod restore;

@@ -1,12 +1,16 @@
 //! The upload stage: turns a byte stream into one S3 object, with no temporary file.
 //!
 //! [`ObjectWriter`] is a blocking [`Write`] (the archive and compression run on a blocking thread)
-//! that cuts the stream into parts and uploads them from the async runtime, `concurrency` at a
-//! time. Memory stays at about `(concurrency + 1) × part_size`: the part being filled plus the
-//! parts in flight; the writer waits for a free slot before it starts filling the next one. A
-//! stream smaller than one part becomes a single PutObject. Parts grow (×2 every 900 parts, up
-//! to S3's 5 GiB) so any stream fits in 10,000 parts. Every part and every single put carries a
-//! CRC32C checksum that S3 verifies; the algorithm is declared at CreateMultipartUpload.
+//! that cuts the stream into parts and uploads them from the async runtime. What it may hold is
+//! [`Parts`]: a pool of memory for the part being filled and the parts in flight, and a most in
+//! flight. The writer takes a part's memory from the pool before it starts filling it and the
+//! pool gets it back when the part is uploaded, so memory stays within the pool however the
+//! parts grow (×2 every 900 parts, up to S3's 5 GiB, so any stream fits in 10,000 parts): bigger
+//! parts mean fewer in flight. A part bigger than the whole pool is filled and uploaded alone.
+//! A stream smaller than one part becomes a single PutObject. Every part and every single put
+//! carries a CRC32C checksum that S3 verifies; the algorithm is declared at
+//! CreateMultipartUpload. A part's attempt may take as long as its size needs at a slow
+//! connection's speed ([`part_attempt_timeout`]).
 //!
 //! Nothing half-written is ever presented as complete: the object appears only at
 //! CompleteMultipartUpload, and [`ObjectWriter::abort`] removes the upload on every failure path.
@@ -24,7 +28,7 @@ use aws_sdk_s3::types::{
 use bytes::Bytes;
 pub use lifeboat_common::sdk::sdk_message;
 use tokio::runtime::Handle;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -175,6 +179,71 @@ impl PartSizer {
     }
 }
 
+/// How much the upload may hold: parts start at `size` bytes, at most `in_flight` upload at
+/// once, and the part being filled plus those in flight never hold more than `memory` bytes
+/// (a single part larger than that is filled and uploaded alone).
+#[derive(Debug, Clone, Copy)]
+pub struct Parts {
+    /// The first part's size.
+    pub size: u64,
+    /// Parts uploading at once, at most.
+    pub in_flight: usize,
+    /// Bytes for the part being filled and the parts in flight.
+    pub memory: u64,
+}
+
+/// The slowest a part is assumed to travel before any has been measured, and the floor of
+/// the assumption afterwards.
+const SLOWEST_RATE: u64 = 2 * 1024 * 1024;
+/// No attempt gets less time than this (nor more than the retry budget) however small its part.
+const SHORTEST_ATTEMPT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// How long one attempt at uploading a part of `size` bytes may take: the time the part needs
+/// at a quarter of the slowest recent part's speed (`measured`, bytes per second; [`SLOWEST_RATE`]
+/// before any was measured and at least), never less than two minutes or `retry_budget` if that
+/// is shorter. A fixed timeout fails every large part on a slow link, or waits minutes for a
+/// small one that hangs.
+pub fn part_attempt_timeout(
+    size: u64,
+    measured: Option<u64>,
+    retry_budget: std::time::Duration,
+) -> std::time::Duration {
+    let rate = measured.map_or(SLOWEST_RATE, |r| (r / 4).max(SLOWEST_RATE));
+    let needed = std::time::Duration::from_secs(size.div_ceil(rate));
+    needed.max(SHORTEST_ATTEMPT.min(retry_budget))
+}
+
+/// The speed of recent parts, each over its own connection: the slowest of the last few.
+#[derive(Debug, Default)]
+struct PartSpeed {
+    recent: std::sync::Mutex<std::collections::VecDeque<u64>>,
+}
+
+impl PartSpeed {
+    const KEPT: usize = 8;
+
+    fn record(&self, bytes: usize, took: std::time::Duration) {
+        let rate = (bytes as f64 / took.as_secs_f64().max(1e-3)) as u64;
+        let mut recent = self.recent.lock().expect("not poisoned");
+        if recent.len() == Self::KEPT {
+            recent.pop_front();
+        }
+        recent.push_back(rate);
+    }
+
+    fn slowest(&self) -> Option<u64> {
+        self.recent
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .copied()
+            .min()
+    }
+}
+
+/// The pool counts memory in units of this many bytes (a semaphore counts in `u32`).
+const MEMORY_UNIT: u64 = 64 * 1024;
+
 /// What was stored.
 #[derive(Debug, Clone)]
 pub struct StoredObject {
@@ -199,6 +268,15 @@ pub struct ObjectWriter {
     next_part: i32,
     upload_id: Arc<OnceLock<String>>,
     slots: Arc<Semaphore>,
+    /// The part memory pool, in [`MEMORY_UNIT`]s.
+    memory: Arc<Semaphore>,
+    memory_units: u32,
+    /// The pool's share held by the part being filled.
+    held: Option<OwnedSemaphorePermit>,
+    /// A part past the pool has been logged.
+    warned: bool,
+    speed: Arc<PartSpeed>,
+    retry_budget: std::time::Duration,
     tasks: JoinSet<Result<CompletedPart, UploadError>>,
     parts: Vec<CompletedPart>,
     failed: Option<String>,
@@ -206,27 +284,36 @@ pub struct ObjectWriter {
 }
 
 impl ObjectWriter {
-    /// A writer for `dest` with parts starting at `part_size` and `concurrency` in flight.
-    /// `runtime` runs the uploads; `cancel` stops them.
+    /// A writer for `dest` holding at most `parts`. `runtime` runs the uploads; `cancel` stops
+    /// them.
     pub fn new(
         client: Client,
         dest: Destination,
-        part_size: u64,
-        concurrency: usize,
+        parts: Parts,
+        retry_budget: std::time::Duration,
         runtime: Handle,
         cancel: CancellationToken,
     ) -> Self {
-        let sizer = PartSizer::new(part_size);
+        let sizer = PartSizer::new(parts.size);
+        let memory_units =
+            u32::try_from(parts.memory.div_ceil(MEMORY_UNIT).max(1)).unwrap_or(u32::MAX >> 3);
+        let memory_units = memory_units.min(Semaphore::MAX_PERMITS as u32);
         Self {
             client,
             dest: Arc::new(dest),
             runtime,
             cancel,
-            buf: Vec::with_capacity(usize::try_from(sizer.size(1)).unwrap_or(usize::MAX)),
+            buf: Vec::new(),
             sizer,
             next_part: 1,
             upload_id: Arc::new(OnceLock::new()),
-            slots: Arc::new(Semaphore::new(concurrency.max(1))),
+            slots: Arc::new(Semaphore::new(parts.in_flight.max(1))),
+            memory: Arc::new(Semaphore::new(memory_units as usize)),
+            memory_units,
+            held: None,
+            warned: false,
+            speed: Arc::default(),
+            retry_budget,
             tasks: JoinSet::new(),
             parts: Vec::new(),
             failed: None,
@@ -278,6 +365,38 @@ impl ObjectWriter {
         }
     }
 
+    /// Takes the next part's memory from the pool (blocking until uploads give it back), before
+    /// the part is filled.
+    fn reserve(&mut self) -> io::Result<()> {
+        let size = self.sizer.size(self.next_part);
+        let wanted = u32::try_from(size.div_ceil(MEMORY_UNIT)).unwrap_or(u32::MAX);
+        if wanted > self.memory_units && !self.warned {
+            self.warned = true;
+            tracing::warn!(
+                part = self.next_part,
+                part_bytes = size,
+                pool_bytes = u64::from(self.memory_units) * MEMORY_UNIT,
+                "parts have grown past backup.memory_limit's share for parts: uploading them one \
+                 at a time, each larger than the limit allows"
+            );
+        }
+        let units = wanted.min(self.memory_units);
+        let memory = Arc::clone(&self.memory);
+        let cancel = self.cancel.clone();
+        let permit = self.runtime.block_on(async move {
+            tokio::select! {
+                permit = memory.acquire_many_owned(units) => permit.ok(),
+                () = cancel.cancelled() => None,
+            }
+        });
+        let Some(permit) = permit else {
+            return Err(io::Error::other(UploadError::Cancelled));
+        };
+        self.held = Some(permit);
+        self.buf = Vec::with_capacity(self.part_limit());
+        Ok(())
+    }
+
     /// Sends the filled buffer as the next part (blocking until a slot is free).
     fn ship_part(&mut self) -> io::Result<()> {
         self.reap();
@@ -314,20 +433,18 @@ impl ObjectWriter {
         self.check()?;
         let number = self.next_part;
         self.next_part += 1;
-        let next_cap = self.part_limit();
-        let data = Bytes::from(std::mem::replace(
-            &mut self.buf,
-            Vec::with_capacity(next_cap),
-        ));
+        let data = Bytes::from(std::mem::take(&mut self.buf));
+        let memory = self.held.take();
         let client = self.client.clone();
         let dest = Arc::clone(&self.dest);
         let upload_id = self.upload_id.get().cloned().expect("created above");
         let cancel = self.cancel.clone();
+        let (speed, budget) = (Arc::clone(&self.speed), self.retry_budget);
         self.tasks.spawn_on(
             async move {
-                let _permit = permit;
+                let _permit = (permit, memory);
                 tokio::select! {
-                    r = upload_part(&client, &dest, &upload_id, number, data) => r,
+                    r = upload_part(&client, &dest, &upload_id, number, data, &speed, budget) => r,
                     () = cancel.cancelled() => Err(UploadError::Cancelled),
                 }
             },
@@ -365,14 +482,16 @@ impl ObjectWriter {
             let number = self.next_part;
             self.next_part += 1;
             let data = Bytes::from(std::mem::take(&mut self.buf));
+            let permit = (permit, self.held.take());
             let (client, dest, id) = (
                 self.client.clone(),
                 Arc::clone(&self.dest),
                 upload_id.to_owned(),
             );
+            let (speed, budget) = (Arc::clone(&self.speed), self.retry_budget);
             self.tasks.spawn(async move {
                 let _permit = permit;
-                upload_part(&client, &dest, &id, number, data).await
+                upload_part(&client, &dest, &id, number, data, &speed, budget).await
             });
         }
         while let Some(done) = self.tasks.join_next().await {
@@ -535,6 +654,9 @@ pub async fn put_small(client: &Client, d: &Destination, body: Vec<u8>) -> Resul
 impl Write for ObjectWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.check()?;
+        if self.held.is_none() {
+            self.reserve()?;
+        }
         let room = self.part_limit() - self.buf.len();
         let n = buf.len().min(room);
         self.buf.extend_from_slice(&buf[..n]);
@@ -611,9 +733,19 @@ async fn upload_part(
     upload_id: &str,
     number: i32,
     data: Bytes,
+    speed: &PartSpeed,
+    retry_budget: std::time::Duration,
 ) -> Result<CompletedPart, UploadError> {
     let checksum = crc32c_base64(&data);
     let len = data.len();
+    let attempt = part_attempt_timeout(len as u64, speed.slowest(), retry_budget);
+    let timeouts = aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .operation_attempt_timeout(attempt)
+        // Room for at least one retry of a part that needs its whole attempt.
+        .operation_timeout(retry_budget.max(2 * attempt))
+        .build();
+    let started = std::time::Instant::now();
     let out = client
         .upload_part()
         .bucket(&d.bucket)
@@ -625,6 +757,8 @@ async fn upload_part(
         .checksum_crc32_c(&checksum)
         .content_length(i64::try_from(len).unwrap_or(i64::MAX))
         .body(ByteStream::from(data))
+        .customize()
+        .config_override(aws_sdk_s3::config::Builder::default().timeout_config(timeouts))
         .send()
         .await
         .map_err(|e| UploadError::Part {
@@ -633,6 +767,7 @@ async fn upload_part(
             part: number,
             message: sdk_message(&e),
         })?;
+    speed.record(len, started.elapsed());
     tracing::trace!(part = number, bytes = len, "part uploaded");
     Ok(CompletedPart::builder()
         .part_number(number)
@@ -655,6 +790,36 @@ mod tests {
         // More than 5 TiB (the old S3 object limit) fits; the smallest part size still holds 5 TiB.
         assert!(s.capacity() > 5 << 40, "{}", s.capacity());
         assert!(PartSizer::new(5 << 20).capacity() > 5 << 40);
+    }
+
+    #[test]
+    fn part_timeouts_grow_with_the_part_and_shrink_with_measured_speed() {
+        use std::time::Duration;
+        let budget = Duration::from_secs(180);
+        // Small parts: the floor.
+        assert_eq!(
+            part_attempt_timeout(8 << 20, None, budget),
+            SHORTEST_ATTEMPT
+        );
+        assert_eq!(
+            part_attempt_timeout(8 << 20, None, Duration::from_secs(30)),
+            Duration::from_secs(30)
+        );
+        // A 5 GiB part before anything was measured: at 2 MiB/s.
+        assert_eq!(
+            part_attempt_timeout(MAX_PART_SIZE, None, budget),
+            Duration::from_secs(2560)
+        );
+        // Parts measured at 80 MiB/s: a quarter of that.
+        assert_eq!(
+            part_attempt_timeout(MAX_PART_SIZE, Some(80 << 20), budget),
+            Duration::from_secs(256)
+        );
+        // A measured crawl does not shrink the assumption below the floor.
+        assert_eq!(
+            part_attempt_timeout(MAX_PART_SIZE, Some(1 << 20), budget),
+            Duration::from_secs(2560)
+        );
     }
 
     #[test]

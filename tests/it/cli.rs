@@ -14,7 +14,8 @@ fn config_check_prints_the_effective_config_with_defaults() {
     let text = out.ok();
     assert!(text.contains("bucket = \"my-backups\""), "{text}");
     assert!(text.contains("paths = [\"/var/log\"]"), "{text}");
-    assert!(text.contains("part_size = \"16MiB\""), "{text}");
+    assert!(text.contains("part_size = \"auto\""), "{text}");
+    assert!(text.contains("memory_limit = \"128MiB\""), "{text}");
     assert!(text.contains("compression = \"gzip\""), "{text}");
     assert!(text.contains("poll_interval = \"5s\""), "{text}");
 }
