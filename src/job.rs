@@ -325,7 +325,7 @@ async fn abandon_when_stuck(
 
 /// The tar stream's way into the compressor: runs of zeros (a file cut at the deadline) go to
 /// the compressor's precomputed units instead of being compressed.
-struct Sink<W>(Box<dyn Compressor<W>>);
+pub struct Sink<W>(pub Box<dyn Compressor<W>>);
 
 impl<W> Write for Sink<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -436,6 +436,7 @@ impl BackupJob<'_> {
             Ok(s) => s,
             Err(e) => return Err(self.cancelled_or(e.into())),
         };
+        tracing::debug!(parts = stored.parts, bytes = stored.size, "archive stored");
         let manifest = self.manifest(started, &dest, &stored, sha256, report);
         tokio::select! {
             stored = self.store_manifest(&manifest) => stored?,

@@ -620,8 +620,16 @@ fn extract_into(
                 }
                 Kind::File => {
                     let parent = parents.get(root, dir_comps)?;
-                    clear(parent, last, &rel)?;
-                    let mut file = create_file(parent, last).map_err(failed(&rel))?;
+                    // Most names are new: an earlier entry of the same name is cleared only
+                    // when the create finds it.
+                    let mut file = match create_file(parent, last) {
+                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                            clear(parent, last, &rel)?;
+                            create_file(parent, last)
+                        }
+                        created => created,
+                    }
+                    .map_err(failed(&rel))?;
                     let len = match pax.sparse {
                         Some(sparse) => write_pax_sparse(&mut entry, &mut file, sparse, &rel)?,
                         None => write_data(&mut entry, &mut file, &rel)?,
@@ -708,13 +716,17 @@ fn extract_into(
         }
     }
     dirs.sort_by(|a, b| b.0.cmp(&a.0));
+    // Deepest first, siblings together: the walk keeps the shared parents open.
+    let mut walk = Parents::default();
     for (comps, meta) in dirs {
         let rel = rel_path(&comps);
         let (last, parent_comps) = comps.split_last().expect("directories have a name");
-        let dir = existing_dir(root, parent_comps)
-            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
-            .and_then(|parent| open_for_metadata(&parent, OsStr::from_bytes(last)))
-            .map_err(write_err(&rel))?;
+        let parent = match walk.get(root, parent_comps) {
+            Ok(parent) => parent,
+            Err(Outcome::Failed(e)) => return Err(e),
+            Err(Outcome::Refused(reason)) => return Err(write_err(&rel)(io::Error::other(reason))),
+        };
+        let dir = open_for_metadata(parent, OsStr::from_bytes(last)).map_err(write_err(&rel))?;
         apply_to_fd(&dir, &meta, same_owner).map_err(write_err(&rel))?;
     }
     Ok(report)
@@ -791,50 +803,50 @@ fn safe_components(name: &[u8]) -> Result<Vec<Vec<u8>>, String> {
     Ok(out)
 }
 
-/// The directory of the last entry, kept open: archives list a directory's entries together, so
-/// most entries need no walk at all.
+/// The directories leading to the last entry, each kept open: archives list a directory's
+/// entries together and walk into subdirectories and back, so an entry needs at most the
+/// directories its path does not share with the previous one opened (a file needs none).
 #[derive(Default)]
 struct Parents {
-    comps: Vec<Vec<u8>>,
-    dir: Option<Dir>,
+    /// `(name, handle)` of `root/comps[0]`, `root/comps[0]/comps[1]`, …
+    chain: Vec<(Vec<u8>, Dir)>,
 }
 
 impl Parents {
     /// `root/comps`, walked one name at a time with `open_dir_nofollow`, creating missing
     /// directories; a step that is a symlink or not a directory is a refusal.
     fn get<'a>(&'a mut self, root: &'a Dir, comps: &[Vec<u8>]) -> Result<&'a Dir, Outcome> {
-        if comps.is_empty() {
-            return Ok(root);
+        let shared = self
+            .chain
+            .iter()
+            .zip(comps)
+            .take_while(|((have, _), want)| have == *want)
+            .count();
+        self.chain.truncate(shared);
+        for (i, c) in comps.iter().enumerate().skip(shared) {
+            let name = OsStr::from_bytes(c);
+            let base = self.chain.last().map_or(root, |(_, d)| d);
+            let here = || rel_path(&comps[..=i]);
+            let next = match base.open_dir_nofollow(name) {
+                Ok(d) => d,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    base.create_dir(name).map_err(failed(&here()))?;
+                    base.open_dir_nofollow(name).map_err(failed(&here()))?
+                }
+                Err(_) => {
+                    let what = match base.symlink_metadata(name) {
+                        Ok(m) if m.file_type().is_symlink() => {
+                            "is a symlink: refusing to write through it"
+                        }
+                        _ => "is not a directory",
+                    };
+                    // Nothing of this walk is kept: the next entry starts again from here.
+                    return Err(Outcome::Refused(format!("{} {what}", here().display())));
+                }
+            };
+            self.chain.push((c.clone(), next));
         }
-        if self.dir.is_none() || self.comps != comps {
-            self.dir = None;
-            let mut cur: Option<Dir> = None;
-            for (i, c) in comps.iter().enumerate() {
-                let name = OsStr::from_bytes(c);
-                let base = cur.as_ref().unwrap_or(root);
-                let here = || rel_path(&comps[..=i]);
-                let next = match base.open_dir_nofollow(name) {
-                    Ok(d) => d,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                        base.create_dir(name).map_err(failed(&here()))?;
-                        base.open_dir_nofollow(name).map_err(failed(&here()))?
-                    }
-                    Err(_) => {
-                        let what = match base.symlink_metadata(name) {
-                            Ok(m) if m.file_type().is_symlink() => {
-                                "is a symlink: refusing to write through it"
-                            }
-                            _ => "is not a directory",
-                        };
-                        return Err(Outcome::Refused(format!("{} {what}", here().display())));
-                    }
-                };
-                cur = Some(next);
-            }
-            self.comps = comps.to_vec();
-            self.dir = cur;
-        }
-        Ok(self.dir.as_ref().expect("walked above"))
+        Ok(self.chain.last().map_or(root, |(_, d)| d))
     }
 }
 
@@ -888,6 +900,7 @@ fn create_file(parent: &Dir, name: &OsStr) -> io::Result<File> {
 fn write_data(entry: &mut impl Read, file: &mut File, rel: &Path) -> Result<u64, Outcome> {
     let mut buf = vec![0u8; COPY_BLOCK];
     let mut len: u64 = 0;
+    let mut ends_in_hole = false;
     loop {
         let n = read_full(entry, &mut buf)
             .map_err(|source| Outcome::Failed(RestoreError::Read { source }))?;
@@ -895,7 +908,8 @@ fn write_data(entry: &mut impl Read, file: &mut File, rel: &Path) -> Result<u64,
             break;
         }
         let chunk = &buf[..n];
-        if chunk == &ZEROS[..n] {
+        ends_in_hole = chunk == &ZEROS[..n];
+        if ends_in_hole {
             file.seek(SeekFrom::Current(n as i64))
                 .map_err(failed(rel))?;
         } else {
@@ -903,7 +917,10 @@ fn write_data(entry: &mut impl Read, file: &mut File, rel: &Path) -> Result<u64,
         }
         len += n as u64;
     }
-    file.set_len(len).map_err(failed(rel))?;
+    // A hole at the end is a seek past the data: the length makes it part of the file.
+    if ends_in_hole {
+        file.set_len(len).map_err(failed(rel))?;
+    }
     Ok(len)
 }
 
