@@ -9,7 +9,7 @@ use time::OffsetDateTime;
 use tokio::task::JoinSet;
 
 use crate::config::S3Config;
-use crate::manifest::{self, Manifest};
+use crate::manifest;
 use crate::upload::sdk_message;
 
 /// User metadata on the manifest object that says whether the backup is complete or partial,
@@ -263,12 +263,13 @@ pub async fn latest(
         })
 }
 
-/// Reads the manifest beside `archive_key`.
-pub async fn manifest(
+/// Reads the manifest beside `archive_key`, as a whole [`manifest::Manifest`] or as the part of it `M`
+/// holds ([`manifest::Summary`]).
+pub async fn manifest<M: serde::de::DeserializeOwned>(
     client: &Client,
     s3: &S3Config,
     archive_key: &str,
-) -> Result<Manifest, CatalogError> {
+) -> Result<M, CatalogError> {
     if !manifest::is_archive_key(archive_key) {
         return Err(CatalogError::NotAnArchive {
             key: archive_key.to_owned(),

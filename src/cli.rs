@@ -719,7 +719,7 @@ async fn list(config: &Config, filter: &catalog::ListFilter) -> Result<u8, Failu
 
 async fn verify(config: &Config, key: &str) -> Result<u8, Failure> {
     let s3 = s3_client(config).await;
-    let manifest = catalog::manifest(&s3, &config.s3, key).await?;
+    let manifest: manifest::Manifest = catalog::manifest(&s3, &config.s3, key).await?;
     let compression = manifest::compression_of(key).context("unknown archive suffix")?;
     let (reader, _) = catalog::open_archive(&s3, &config.s3, key).await?;
     let report = tokio::task::spawn_blocking(move || {
@@ -770,8 +770,13 @@ async fn restore(
     };
     let compression = manifest::compression_of(&key)
         .ok_or_else(|| catalog::CatalogError::NotAnArchive { key: key.clone() })?;
-    // Prove before trusting: the manifest says what the archive must be.
-    let expected = match catalog::manifest(&s3, &config.s3, &key).await {
+    // Prove before trusting: the manifest says what the archive must be. The archive's download
+    // starts meanwhile (nothing is read from it before the manifest is checked).
+    let (summary, archive) = tokio::join!(
+        catalog::manifest::<manifest::Summary>(&s3, &config.s3, &key),
+        catalog::open_archive(&s3, &config.s3, &key),
+    );
+    let expected = match summary {
         Ok(m) => {
             if m.partial {
                 eprintln!(
@@ -819,7 +824,7 @@ async fn restore(
             });
         }
     };
-    let (reader, _) = catalog::open_archive(&s3, &config.s3, &key).await?;
+    let (reader, _) = archive?;
     let target = to.clone();
     let opts = restore::RestoreOptions {
         same_owner: flags.same_owner,

@@ -148,15 +148,51 @@ impl Worker {
         out.reserve(compress_bound(block.len()));
         match self {
             Self::Gzip(level) => {
-                let mut enc = flate2::write::GzEncoder::new(std::mem::take(out), *level);
+                // The header is written last, when the member's length is known.
+                out.resize(GZIP_HEADER, 0);
+                let mut enc = flate2::write::DeflateEncoder::new(std::mem::take(out), *level);
                 enc.write_all(block)?;
-                *out = enc.finish()?;
+                let mut member = enc.finish()?;
+                let mut crc = flate2::Crc::new();
+                crc.update(block);
+                member.extend_from_slice(&crc.sum().to_le_bytes());
+                // ISIZE: the input's length modulo 2^32 (blocks are far smaller).
+                member.extend_from_slice(&(block.len() as u32).to_le_bytes());
+                let length = u32::try_from(member.len())
+                    .map_err(|_| io::Error::other("a gzip member over 4 GiB"))?;
+                member[..GZIP_HEADER].copy_from_slice(&gzip_header(*level, length));
+                *out = member;
                 Ok(())
             }
             // Each call is a complete frame (the context's session is reset, its tables kept).
             Self::Zstd(c) => c.compress_to_buffer(block, out).map(drop),
         }
     }
+}
+
+/// A member's header: RFC 1952 with `FEXTRA`, holding one subfield, `LB`, the whole member's
+/// length (little-endian `u32`), so that restore can cut the stream into members without
+/// inflating it and inflate them in parallel ([`crate::decompress`]). Readers that do not know the
+/// subfield skip it, as they skip BGZF's `BC`.
+const GZIP_HEADER: usize = 20;
+
+fn gzip_header(level: flate2::Compression, length: u32) -> [u8; GZIP_HEADER] {
+    let xfl = match level.level() {
+        9 => 2, // slowest, best
+        0 | 1 => 4,
+        _ => 0,
+    };
+    let [a, b] = crate::decompress::LENGTH_FIELD;
+    let [l0, l1, l2, l3] = length.to_le_bytes();
+    [
+        0x1f, 0x8b, 8,    // magic, deflate
+        0x04, // FLG: FEXTRA
+        0, 0, 0, 0, // MTIME: none
+        xfl, 3, // XFL, OS: Unix
+        8, 0, // XLEN
+        a, b, 4, 0, // subfield LB, 4 bytes
+        l0, l1, l2, l3,
+    ]
 }
 
 /// The most a unit of `len` input bytes can take, for either codec (zstd's bound is the larger;

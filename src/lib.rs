@@ -17,6 +17,7 @@ pub mod compress;
 pub mod config;
 pub mod daemon;
 pub mod deadline;
+pub mod decompress;
 pub mod doctor;
 pub mod identity;
 pub mod job;

@@ -68,6 +68,27 @@ pub struct Manifest {
     pub changed: Vec<ChangeRecord>,
 }
 
+/// What restore needs of a manifest: read without the file lists (which serde skips without
+/// building them: a manifest of a million files does not cost restore a million records).
+#[derive(Debug, Clone, Deserialize)]
+pub struct Summary {
+    /// The instance backed up.
+    pub instance: SummaryInstance,
+    /// Bytes stored in S3 (the archive object's size).
+    pub bytes_stored: u64,
+    /// SHA-256 of the archive object, hex.
+    pub sha256: String,
+    /// The archive was cut short (deadline).
+    pub partial: bool,
+}
+
+/// The instance in a [`Summary`].
+#[derive(Debug, Clone, Deserialize)]
+pub struct SummaryInstance {
+    /// Its id.
+    pub instance_id: String,
+}
+
 impl Manifest {
     /// The key of the manifest that belongs to this archive.
     pub fn key(&self) -> String {

@@ -139,7 +139,7 @@ pub struct RestoreReport {
 /// in the target would be replaced (unless `overwrite`), are the entries moved into place. On
 /// any failure the staging directory is removed and the target is as it was.
 pub fn restore(
-    raw: impl Read,
+    raw: impl Read + Send,
     compression: CompressionKind,
     target: &Path,
     opts: &RestoreOptions,
@@ -564,14 +564,26 @@ fn kind_of(entry: &mut tar::Entry<'_, impl Read>, name: &[u8]) -> Result<Kind, S
 /// Without it the files belong to the restoring user and setuid/setgid bits are dropped, even as
 /// root.
 fn extract_into(
-    raw: impl Read,
+    raw: impl Read + Send,
     compression: CompressionKind,
     root: &Dir,
     same_owner: bool,
 ) -> Result<RestoreReport, RestoreError> {
-    let reader = crate::compress::decompressor(compression, raw)
-        .and_then(without_volume_label)
-        .map_err(|source| RestoreError::Read { source })?;
+    crate::decompress::decode(
+        compression,
+        raw,
+        crate::decompress::default_threads(),
+        |reader| extract_from(reader, root, same_owner),
+    )
+}
+
+/// [`extract_into`], from the decompressed tar stream.
+fn extract_from(
+    reader: &mut dyn Read,
+    root: &Dir,
+    same_owner: bool,
+) -> Result<RestoreReport, RestoreError> {
+    let reader = without_volume_label(reader).map_err(|source| RestoreError::Read { source })?;
     let mut watched = EofWatch {
         inner: reader,
         eof: false,
@@ -582,6 +594,10 @@ fn extract_into(
     // not block its own contents.
     let mut dirs: Vec<(Vec<Vec<u8>>, Meta)> = Vec::new();
     let mut parents = Parents::default();
+    let umask = current_umask();
+    // One copy buffer for every file (allocating and zeroing one per file cost more than the
+    // copying, for small files).
+    let mut copy_buf = vec![0u8; COPY_BLOCK];
     let entries = archive
         .entries()
         .map_err(|source| RestoreError::Read { source })?;
@@ -622,20 +638,23 @@ fn extract_into(
                     let parent = parents.get(root, dir_comps)?;
                     // Most names are new: an earlier entry of the same name is cleared only
                     // when the create finds it.
-                    let mut file = match create_file(parent, last) {
+                    let mut file = match create_file(parent, last, meta.mode) {
                         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                             clear(parent, last, &rel)?;
-                            create_file(parent, last)
+                            create_file(parent, last, meta.mode)
                         }
                         created => created,
                     }
                     .map_err(failed(&rel))?;
                     let len = match pax.sparse {
                         Some(sparse) => write_pax_sparse(&mut entry, &mut file, sparse, &rel)?,
-                        None => write_data(&mut entry, &mut file, &rel)?,
+                        None => write_data(&mut entry, &mut file, &rel, &mut copy_buf)?,
                     };
                     report.bytes += len;
-                    apply_to_fd(&file, &meta, same_owner).map_err(failed(&rel))?;
+                    // Created with its permission bits: chmod only what the umask took away, or
+                    // what creation cannot set.
+                    let created = (meta.mode & 0o777 & !umask) | u32::from(same_owner) << 31;
+                    apply_to_fd(&file, &meta, same_owner, Some(created)).map_err(failed(&rel))?;
                 }
                 Kind::Symlink => {
                     let target = entry
@@ -727,7 +746,7 @@ fn extract_into(
             Err(Outcome::Refused(reason)) => return Err(write_err(&rel)(io::Error::other(reason))),
         };
         let dir = open_for_metadata(parent, OsStr::from_bytes(last)).map_err(write_err(&rel))?;
-        apply_to_fd(&dir, &meta, same_owner).map_err(write_err(&rel))?;
+        apply_to_fd(&dir, &meta, same_owner, None).map_err(write_err(&rel))?;
     }
     Ok(report)
 }
@@ -884,25 +903,30 @@ fn clear(parent: &Dir, name: &OsStr, rel: &Path) -> Result<(), Outcome> {
     }
 }
 
-/// A new file, never through a symlink, readable by its owner only until its mode is applied.
-fn create_file(parent: &Dir, name: &OsStr) -> io::Result<File> {
+/// A new file with permission bits `mode` (less the umask), never through a symlink. It is
+/// written inside the staging directory, which only its owner can enter.
+fn create_file(parent: &Dir, name: &OsStr, mode: u32) -> io::Result<File> {
     let mut opts = OpenOptions::new();
     opts.write(true)
         .create_new(true)
         .follow(FollowSymlinks::No)
-        .mode(0o600);
+        .mode(mode & 0o777);
     parent
         .open_with(name, &opts)
         .map(cap_std::fs::File::into_std)
 }
 
 /// Writes the entry's data, leaving holes for runs of zeros; the length written.
-fn write_data(entry: &mut impl Read, file: &mut File, rel: &Path) -> Result<u64, Outcome> {
-    let mut buf = vec![0u8; COPY_BLOCK];
+fn write_data(
+    entry: &mut impl Read,
+    file: &mut File,
+    rel: &Path,
+    buf: &mut [u8],
+) -> Result<u64, Outcome> {
     let mut len: u64 = 0;
     let mut ends_in_hole = false;
     loop {
-        let n = read_full(entry, &mut buf)
+        let n = read_full(entry, buf)
             .map_err(|source| Outcome::Failed(RestoreError::Read { source }))?;
         if n == 0 {
             break;
@@ -1006,6 +1030,13 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(filled)
 }
 
+/// The process's umask (read by setting it and setting it back, before any file is created).
+fn current_umask() -> u32 {
+    let mask = rustix::process::umask(Mode::from_raw_mode(0o077));
+    rustix::process::umask(mask);
+    mask.bits()
+}
+
 /// Set-id bits: applied only with the archive's owners.
 const SET_ID_BITS: u32 = 0o6000;
 
@@ -1023,8 +1054,14 @@ fn ids(meta: &Meta) -> io::Result<(rustix::fs::Uid, rustix::fs::Gid)> {
 }
 
 /// Owner (with `same_owner`), mode and mtime, on the open file or directory. Owner first: chown
-/// clears set-id bits. Without `same_owner` the set-id bits are dropped.
-fn apply_to_fd(fd: impl AsFd, meta: &Meta, same_owner: bool) -> io::Result<()> {
+/// clears set-id bits. Without `same_owner` the set-id bits are dropped. `mode_now` is the mode
+/// the file already has, if known: no chmod when it is the one wanted.
+fn apply_to_fd(
+    fd: impl AsFd,
+    meta: &Meta,
+    same_owner: bool,
+    mode_now: Option<u32>,
+) -> io::Result<()> {
     let keep = if same_owner {
         let (uid, gid) = ids(meta)?;
         rustix::fs::fchown(&fd, Some(uid), Some(gid))?;
@@ -1032,7 +1069,10 @@ fn apply_to_fd(fd: impl AsFd, meta: &Meta, same_owner: bool) -> io::Result<()> {
     } else {
         0o7777 & !SET_ID_BITS
     };
-    rustix::fs::fchmod(&fd, Mode::from_raw_mode(meta.mode & keep))?;
+    let wanted = meta.mode & keep;
+    if mode_now != Some(wanted) {
+        rustix::fs::fchmod(&fd, Mode::from_raw_mode(wanted))?;
+    }
     rustix::fs::futimens(&fd, &times(meta))?;
     Ok(())
 }
@@ -1118,8 +1158,9 @@ mod tests {
         let mut data = vec![0u8; 3 * COPY_BLOCK];
         data[COPY_BLOCK + 5] = 7;
         let root = open_target(dir.path()).unwrap();
-        let mut file = create_file(&root, OsStr::new("sparse")).unwrap();
-        let len = write_data(&mut &data[..], &mut file, Path::new("sparse")).ok();
+        let mut file = create_file(&root, OsStr::new("sparse"), 0o600).unwrap();
+        let mut buf = vec![0u8; COPY_BLOCK];
+        let len = write_data(&mut &data[..], &mut file, Path::new("sparse"), &mut buf).ok();
         assert_eq!(len, Some(data.len() as u64));
         assert_eq!(fs::read(dir.path().join("sparse")).unwrap(), data);
     }

@@ -62,7 +62,11 @@ fn kind_of(t: tar::EntryType) -> Option<EntryKind> {
 }
 
 /// Reads the whole archive from `raw` and compares it with `manifest`.
-pub fn verify(raw: impl Read, compression: CompressionKind, manifest: &Manifest) -> VerifyReport {
+pub fn verify(
+    raw: impl Read + Send,
+    compression: CompressionKind,
+    manifest: &Manifest,
+) -> VerifyReport {
     let mut report = VerifyReport::default();
     // Expected entries by their name in the archive.
     let mut expected: HashMap<Vec<u8>, &crate::archive::FileRecord> = HashMap::new();
@@ -77,8 +81,8 @@ pub fn verify(raw: impl Read, compression: CompressionKind, manifest: &Manifest)
         sha: Sha256::new(),
         bytes: 0,
     };
-    let read_result = (|| -> io::Result<()> {
-        let decoder = crate::compress::decompressor(compression, &mut hashing)?;
+    let threads = crate::decompress::default_threads();
+    let read_result = crate::decompress::decode(compression, &mut hashing, threads, |decoder| {
         let mut archive = tar::Archive::new(decoder);
         for entry in archive.entries()? {
             let mut entry = entry?;
@@ -122,9 +126,8 @@ pub fn verify(raw: impl Read, compression: CompressionKind, manifest: &Manifest)
             // Read the data through, so the decoder checks it.
             io::copy(&mut entry, &mut io::sink())?;
         }
-        drop(archive);
-        Ok(())
-    })();
+        Ok::<(), io::Error>(())
+    });
     if let Err(e) = read_result {
         report
             .problems
