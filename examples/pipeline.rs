@@ -31,7 +31,7 @@ impl Write for Discard {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    lifeboat::malloc::bound_large_blocks();
+    lifeboat::memory::bound_large_blocks();
     let path = std::env::args()
         .nth(1)
         .ok_or("usage: pipeline CONFIG.toml")?;

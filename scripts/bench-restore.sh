@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Benchmark: `lifeboat restore` throughput, verified (against the manifest) and unverified
-# (--force-unverified), from s3s-fs on loopback into a tmpfs, so the disk is not what is measured.
+# Benchmark: `lifeboat restore` (verified against the manifest, and --force-unverified) against
+# `aws s3 cp s3://… - | tar x…f -`, the same archive from s3s-fs on loopback into a tmpfs, so the
+# disk is not what is measured; wall time and peak RSS (GNU time's maximum resident set of the
+# largest process), medians, and the ratio.
 #
 #   scripts/bench-restore.sh [TREE]     TREE defaults to this machine's Python standard library
-#   RUNS=7 scripts/bench-restore.sh     restores per mode (default 5); medians are printed
+#   RUNS=7 scripts/bench-restore.sh     restores per contender (default 5); medians are printed
 #   LIFEBOAT_BIN=PATH scripts/bench-restore.sh   restore with that binary (an A/B comparison:
 #                                       the archive is always written by this checkout's build)
-#   COMPRESSION=none scripts/bench-restore.sh    the archive's compression (default gzip)
+#   COMPRESSION=zstd scripts/bench-restore.sh    the archive's compression (gzip, the default,
+#                                       zstd or none)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -15,6 +18,18 @@ RUNS=${RUNS:-5}
 COMPRESSION=${COMPRESSION:-gzip}
 
 log() { printf 'bench-restore: %s\n' "$*" >&2; }
+
+[ -x /usr/bin/time ] || { log "installing GNU time"; apt-get update -qq; apt-get install -y -qq time >/dev/null; }
+command -v zstd >/dev/null || { log "installing zstd"; apt-get update -qq; apt-get install -y -qq zstd >/dev/null; }
+if command -v aws >/dev/null 2>&1 && aws --version >/dev/null 2>&1; then
+  AWS=$(command -v aws)
+else
+  if ! [ -x .tools/awscli/bin/aws ]; then
+    log "installing the AWS CLI into .tools/awscli"
+    python3 -m venv .tools/awscli && .tools/awscli/bin/pip install --quiet awscli
+  fi
+  AWS=$root/.tools/awscli/bin/aws
+fi
 
 cargo build --release --quiet --bin lifeboat
 WRITER=$root/target/release/lifeboat
@@ -36,6 +51,7 @@ for _ in $(seq 1 500); do
 done
 
 export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench-secret AWS_REGION=us-east-1
+export AWS_DEFAULT_REGION=us-east-1
 export AWS_EC2_METADATA_DISABLED=true AWS_ENDPOINT_URL="http://127.0.0.1:$port"
 export AWS_EC2_METADATA_SERVICE_ENDPOINT=http://127.0.0.1:9
 cat >"$work/restore.toml" <<TOML
@@ -55,18 +71,31 @@ files=$(find "$TREE" -type f | wc -l)
 log "archive $key: $files files, $((bytes / 1000000)) MB of input; restoring with $READER"
 
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-for mode in verified unverified; do
-  walls=()
+case $COMPRESSION in
+  gzip) untar="tar xzf -" ;;
+  zstd) untar="tar --zstd -xf -" ;;
+  *) untar="tar xf -" ;;
+esac
+# run NAME COMMAND: RUNS restores into an empty target; prints medians, keeps the wall time.
+run() {
+  local name=$1 cmd=$2 walls=() rss=()
   for _ in $(seq 1 "$RUNS"); do
-    rm -rf "$shm/target"
-    flags=()
-    [ "$mode" = unverified ] && flags=(--force-unverified)
-    start=$(date +%s.%N)
-    "$READER" restore --key "$key" --to "$shm/target" "${flags[@]}" >/dev/null
-    end=$(date +%s.%N)
-    walls+=("$(echo "$end - $start" | bc)")
+    rm -rf "$shm/target" && mkdir -p "$shm/target"
+    /usr/bin/time -f '%e %M' -o "$work/time.out" bash -c "$cmd" >/dev/null 2>"$work/err.out" || {
+      log "$name failed:"; cat "$work/err.out" >&2; exit 1; }
+    read -r wall kib <"$work/time.out"
+    walls+=("$wall"); rss+=("$kib")
   done
   wall=$(printf '%s\n' "${walls[@]}" | median)
-  printf '%-11s median %6.2f s  %7.1f MB/s  (runs: %s)\n' "$mode" "$wall" \
-    "$(echo "$bytes / 1000000 / $wall" | bc -l)" "${walls[*]}"
-done
+  echo "$wall" >"$work/restore-wall.${name//[^a-zA-Z0-9]/_}"
+  printf '%-36s %6.2f s %7.1f MB/s %6.1f MiB  (runs: %s)\n' "$name" "$wall" \
+    "$(echo "$bytes / 1000000 / $wall" | bc -l)" \
+    "$(printf '%s\n' "${rss[@]}" | median | awk '{print $1 / 1024}')" "${walls[*]}"
+}
+printf '%-36s %8s %12s %10s\n' "contender (median of $RUNS), $COMPRESSION" "wall" "MB/s of input" "peak RSS"
+run "lifeboat restore" "'$READER' restore --key '$key' --to '$shm/target'"
+run "lifeboat restore --force-unverified" "'$READER' restore --key '$key' --to '$shm/target' --force-unverified"
+run "aws s3 cp - | $untar" "'$AWS' s3 cp --only-show-errors 's3://bench/$key' - | $untar -C '$shm/target'"
+w() { cat "$work/restore-wall.${1//[^a-zA-Z0-9]/_}"; }
+printf 'ratio: lifeboat restore vs aws s3 cp | tar: %.2fx\n' \
+  "$(echo "$(w "aws s3 cp - | $untar") / $(w "lifeboat restore")" | bc -l)"

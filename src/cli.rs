@@ -196,7 +196,7 @@ static SIGNAL: AtomicI32 = AtomicI32::new(0);
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
-    crate::malloc::bound_large_blocks();
+    crate::memory::bound_large_blocks();
     let cli = Cli::parse();
     if let Command::Manpage { dir } = &cli.command {
         return manpage(dir);

@@ -224,6 +224,9 @@ pub fn notify(ready: bool, status: &str) {
     let _ = sd_notify::notify(false, &states);
 }
 
+/// How long after start-up the daemon gives back the code pages start-up touched.
+const RELEASE_CODE_AFTER: Duration = Duration::from_secs(30);
+
 /// Runs the daemon until SIGTERM / SIGINT.
 pub async fn run(
     config: Arc<crate::config::Config>,
@@ -291,6 +294,12 @@ pub async fn run(
         true,
         &format!("watching {} for {instance_id}", sources.join(", ")),
     );
+    // Start-up is over once the hook's settings are cached and metadata answered a few polls:
+    // the code only start-up ran need not stay resident for weeks of idling.
+    tokio::spawn(async {
+        tokio::time::sleep(RELEASE_CODE_AFTER).await;
+        crate::memory::release_code_pages();
+    });
     let mut jobs = tokio::task::JoinSet::new();
     // SIGHUP (`systemctl reload lifeboat`): the hook's settings are read again.
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())

@@ -39,7 +39,7 @@ pub const LENGTH_FIELD: [u8; 2] = *b"LB";
 type Output = io::Result<Vec<u8>>;
 
 /// Buffers handed back for reuse, so that units do not cost fresh pages (large blocks are
-/// separate mappings, [`crate::malloc`]): compressed units from the workers to the splitter,
+/// separate mappings, [`crate::memory`]): compressed units from the workers to the splitter,
 /// decompressed ones from the reader to the workers.
 #[derive(Default)]
 struct Spares {
