@@ -19,17 +19,8 @@ COMPRESSION=${COMPRESSION:-gzip}
 
 log() { printf 'bench-restore: %s\n' "$*" >&2; }
 
-[ -x /usr/bin/time ] || { log "installing GNU time"; apt-get update -qq; apt-get install -y -qq time >/dev/null; }
-command -v zstd >/dev/null || { log "installing zstd"; apt-get update -qq; apt-get install -y -qq zstd >/dev/null; }
-if command -v aws >/dev/null 2>&1 && aws --version >/dev/null 2>&1; then
-  AWS=$(command -v aws)
-else
-  if ! [ -x .tools/awscli/bin/aws ]; then
-    log "installing the AWS CLI into .tools/awscli"
-    python3 -m venv .tools/awscli && .tools/awscli/bin/pip install --quiet awscli
-  fi
-  AWS=$root/.tools/awscli/bin/aws
-fi
+# shellcheck source=scripts/bench-tools.sh
+. scripts/bench-tools.sh
 
 cargo build --release --quiet --bin lifeboat
 WRITER=$root/target/release/lifeboat

@@ -28,18 +28,8 @@ MEMORY=${MEMORY:-1}
 
 log() { printf 'bench: %s\n' "$*" >&2; }
 
-command -v pigz >/dev/null || { log "installing pigz"; apt-get update -qq; apt-get install -y -qq pigz >/dev/null; }
-command -v zstd >/dev/null || { log "installing zstd"; apt-get update -qq; apt-get install -y -qq zstd >/dev/null; }
-[ -x /usr/bin/time ] || { log "installing GNU time"; apt-get update -qq; apt-get install -y -qq time >/dev/null; }
-if command -v aws >/dev/null 2>&1 && aws --version >/dev/null 2>&1; then
-  AWS=$(command -v aws)
-else
-  if ! [ -x .tools/awscli/bin/aws ]; then
-    log "installing the AWS CLI into .tools/awscli"
-    python3 -m venv .tools/awscli && .tools/awscli/bin/pip install --quiet awscli
-  fi
-  AWS=$root/.tools/awscli/bin/aws
-fi
+# shellcheck source=scripts/bench-tools.sh
+. scripts/bench-tools.sh
 if [ -n "${LIFEBOAT_BIN:-}" ]; then
   LIFEBOAT=$LIFEBOAT_BIN # another build, for an A/B comparison in one session
 else
