@@ -59,6 +59,15 @@ fn config_errors_name_file_key_and_problem_with_exit_2() {
             "watch.poll_interval",
         ),
         ("[backup]\npaths = [\"/x\"]\n", "s3.bucket"),
+        // Parts that cannot fit the memory budget: every key involved is named.
+        (
+            "[s3]\nbucket = \"b-1\"\npart_size = \"64MiB\"\nconcurrency = 4\n",
+            "s3.concurrency = 4 parts of s3.part_size",
+        ),
+        (
+            "[backup]\nmemory_limit = \"16MiB\"\n[s3]\nbucket = \"b-1\"\n",
+            "backup.memory_limit",
+        ),
     ];
     for (text, key) in cases {
         let lb = Lifeboat::new(dir.path(), "http://127.0.0.1:9", text);
