@@ -306,25 +306,32 @@ async fn get(
         .set_expected_bucket_owner(owner(s3))
         .send()
         .await
-        .map_err(|e| {
-            if e.code() == Some("NoSuchKey")
-                || e.raw_response().is_some_and(|r| r.status().as_u16() == 404)
-            {
-                CatalogError::NotFound {
-                    bucket: s3.bucket.clone(),
-                    key: key.to_owned(),
-                }
-            } else {
-                CatalogError::Get {
-                    bucket: s3.bucket.clone(),
-                    key: key.to_owned(),
-                    message: sdk_message(&e),
-                }
-            }
-        })
+        .map_err(|e| get_error(s3, key, &e))
 }
 
-/// Opens an archive as a blocking reader (for use on a blocking thread) and returns its size.
+/// A GetObject failure: [`CatalogError::NotFound`] when the object is not there.
+fn get_error(
+    s3: &S3Config,
+    key: &str,
+    e: &aws_sdk_s3::error::SdkError<aws_sdk_s3::operation::get_object::GetObjectError>,
+) -> CatalogError {
+    if e.code() == Some("NoSuchKey") || e.raw_response().is_some_and(|r| r.status().as_u16() == 404)
+    {
+        CatalogError::NotFound {
+            bucket: s3.bucket.clone(),
+            key: key.to_owned(),
+        }
+    } else {
+        CatalogError::Get {
+            bucket: s3.bucket.clone(),
+            key: key.to_owned(),
+            message: sdk_message(e),
+        }
+    }
+}
+
+/// Opens an archive as a blocking reader (for use on a blocking thread), fetched in ranges
+/// ([`crate::download`]), and returns its size.
 pub async fn open_archive(
     client: &Client,
     s3: &S3Config,
@@ -335,11 +342,34 @@ pub async fn open_archive(
             key: key.to_owned(),
         });
     }
-    let out = get(client, s3, key).await?;
-    let size = u64::try_from(out.content_length().unwrap_or(0)).unwrap_or(0);
-    // A connection that stops delivering mid-body would otherwise hang the restore for ever.
-    let mut body = tokio_io_timeout::TimeoutReader::new(out.body.into_async_read());
-    body.set_timeout(Some(s3.read_timeout));
-    let reader = tokio_util::io::SyncIoBridge::new(Box::pin(body));
-    Ok((Box::new(reader), size))
+    let first = client
+        .get_object()
+        .bucket(&s3.bucket)
+        .key(key)
+        .range(crate::download::first_range())
+        .set_expected_bucket_owner(owner(s3))
+        .send()
+        .await;
+    let first = match first {
+        Ok(out) => out,
+        // An empty object has no first byte to ask for.
+        Err(e) if e.code() == Some("InvalidRange") => get(client, s3, key).await?,
+        Err(e) => return Err(get_error(s3, key, &e)),
+    };
+    let source = crate::download::Source {
+        client: client.clone(),
+        bucket: s3.bucket.clone(),
+        key: key.to_owned(),
+        expected_bucket_owner: owner(s3),
+        read_timeout: s3.read_timeout,
+    };
+    Ok(crate::download::open(
+        source,
+        crate::download::First {
+            content_range: first.content_range().map(str::to_owned),
+            etag: first.e_tag().map(str::to_owned),
+            content_length: u64::try_from(first.content_length().unwrap_or(0)).unwrap_or(0),
+            body: first.body,
+        },
+    ))
 }

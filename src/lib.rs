@@ -19,6 +19,7 @@ pub mod daemon;
 pub mod deadline;
 pub mod decompress;
 pub mod doctor;
+pub mod download;
 pub mod identity;
 pub mod job;
 pub mod manifest;
