@@ -35,7 +35,7 @@ port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); pr
   >"$work/s3s-fs.log" 2>&1 &
 s3_pid=$!
 shm=$(mktemp -d /dev/shm/lifeboat-restore-bench.XXXXXX)
-trap 'kill $s3_pid 2>/dev/null || true; rm -rf "$shm"' EXIT
+trap 'kill $s3_pid 2>/dev/null || true; rm -rf "$shm" "$work/s3"' EXIT
 for _ in $(seq 1 500); do
   (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
   sleep 0.01

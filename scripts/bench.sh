@@ -47,7 +47,8 @@ port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); pr
 .tools/bin/s3s-fs --host 127.0.0.1 --port "$port" --access-key bench --secret-key bench-secret "$work/s3" \
   >"$work/s3s-fs.log" 2>&1 &
 s3_pid=$!
-trap 'kill $s3_pid 2>/dev/null || true' EXIT
+# The inputs and archives are gigabytes: none are left behind (a full disk fails other work).
+trap 'kill $s3_pid 2>/dev/null || true; rm -rf "$work/s3" "$work/mem/10g" "$work/stream.tar"' EXIT
 for _ in $(seq 1 500); do
   (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
   sleep 0.01

@@ -773,11 +773,18 @@ fn a_batch_from_the_queue_is_one_command_and_an_unmanaged_instance_is_completed_
         assert_eq!(action["ended_by"], "completed", "{action:#}");
     }
 
-    let commands: Vec<Value> = ssm_commands(server)
-        .into_iter()
-        .filter(|c| instances.contains(&c["instance_id"].as_str().unwrap().to_owned()))
-        .collect();
-    assert_eq!(commands.len(), 3, "{commands:#?}");
+    // The agents record a command's end after its script exits, which is after the script
+    // completed the action: wait for the three to end.
+    let commands = eventually("the three commands to end", Duration::from_secs(60), || {
+        let commands: Vec<Value> = ssm_commands(server)
+            .into_iter()
+            .filter(|c| instances.contains(&c["instance_id"].as_str().unwrap().to_owned()))
+            .collect();
+        let ended = commands
+            .iter()
+            .all(|c| !matches!(c["status"].as_str(), Some("Pending" | "InProgress")));
+        (commands.len() == 3 && ended).then_some(commands)
+    });
     let mut commands = commands;
     commands.sort_by_key(|c| {
         instances
