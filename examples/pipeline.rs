@@ -41,11 +41,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let compressor = compress::compressor(
         cfg.backup.compression,
         cfg.backup.level,
-        compress::Pool {
-            threads: plan.workers,
-            block_size: plan.block_size,
-            in_flight: plan.blocks_in_flight,
-        },
+        plan.pool(),
         Discard(0),
     )?;
     let counters = Counters::default();

@@ -112,6 +112,15 @@ impl Plan {
         RESERVE + self.compression_memory + self.part_memory
     }
 
+    /// The compression workers and blocks this plan allows.
+    pub fn pool(&self) -> crate::compress::Pool {
+        crate::compress::Pool {
+            threads: self.workers,
+            block_size: self.block_size,
+            in_flight: self.blocks_in_flight,
+        }
+    }
+
     /// Parts of `size` bytes that may be in flight at once within [`Plan::part_memory`] (one
     /// part's memory is the one being filled), never fewer than one.
     pub fn parts_in_flight_at(&self, size: u64) -> usize {

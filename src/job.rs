@@ -387,11 +387,7 @@ impl BackupJob<'_> {
         let compressor = compress::compressor(
             cfg.backup.compression,
             cfg.backup.level,
-            compress::Pool {
-                threads: plan.workers,
-                block_size: plan.block_size,
-                in_flight: plan.blocks_in_flight,
-            },
+            plan.pool(),
             hashing,
         )
         .map_err(JobError::Compress)?;
