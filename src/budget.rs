@@ -8,13 +8,15 @@
 //! filled and the parts in flight; the upload stage takes memory for each part from a pool of
 //! [`Plan::part_memory`] bytes, so parts that grow (part sizes double every 900 parts) mean fewer
 //! of them in flight, not more memory. A [`Plan`] sizes the pools so their worst case (every
-//! block incompressible) fits the limit; [`plan`] refuses a limit, or explicit `s3.part_size` and
-//! `s3.concurrency` values, that cannot fit, and the error names the keys.
+//! block incompressible) fits the limit. [`plan`] refuses only a limit below [`MIN_LIMIT`]; explicit
+//! `s3.part_size` and `s3.concurrency` values that cannot fit are capped (fewer parts in flight,
+//! then automatic parts), and [`check`] names the keys: `config check` refuses them, a backup
+//! logs a warning and runs.
 //!
-//! What is outside the budget: the manifest, which lists every file (a few hundred bytes each),
-//! and a part that alone is larger than the part pool: at the default limit, after 108 GiB of
-//! compressed stream with two workers, 48 GiB with sixteen (the writer logs it, and uploads
-//! such parts one at a time).
+//! What is outside the budget: the manifest, which lists every file (a few hundred bytes each).
+//! Parts too big for the part pool (after about 49 GiB of compressed stream at two workers, 21 GiB
+//! at sixteen) are staged in
+//! pool-sized pieces ([`crate::upload::staged`]), so the budget holds up to S3's largest object.
 
 use crate::config::{CompressionKind, MIN_PART_SIZE};
 
@@ -197,44 +199,36 @@ fn blocks_in_flight(workers: usize) -> usize {
 /// Compression keeps the workers asked for and the codec's preferred block if it can; it gives
 /// up block size (down to 512 KiB), then workers, then block size again (down to 256 KiB), so
 /// that parts keep room for at least two in flight. Parts then take the rest, up to the
-/// concurrency asked for (`auto`: one more than the workers, 3 to 16).
+/// concurrency asked for (`auto`: one more than the workers, 3 to 16). Explicit part settings
+/// that cannot fit are capped (see [`check`]); the only error is a limit below [`MIN_LIMIT`].
 pub fn plan(req: Request) -> Result<Plan, BudgetError> {
     if req.limit < MIN_LIMIT {
         return Err(BudgetError::TooSmall { limit: req.limit });
     }
     let available = req.limit - RESERVE;
     let wanted_workers = req.workers.max(1);
-    let explicit = req.concurrency.is_some();
     let concurrency = req
         .concurrency
         .unwrap_or_else(|| (wanted_workers + 1).clamp(3, AUTO_CONCURRENCY_MAX));
     let smallest = compression_memory(req.kind, req.level, 1, BLOCK_FLOOR);
-    // Parts need room for the one being filled and, when asked for explicitly, all the parts
-    // in flight; `auto` wants two in flight before compression gives anything up, and settles
-    // for one, with S3's smallest parts, in a small limit.
-    let candidates: Vec<(u64, u64)> = match (req.part_size, explicit) {
-        (Some(size), true) => vec![(size, concurrency as u64 + 1)],
-        (Some(size), false) => vec![(size, 3), (size, 2)],
-        (None, true) => vec![
-            (AUTO_PART_SIZE, concurrency as u64 + 1),
-            (MIN_PART_SIZE, concurrency as u64 + 1),
-        ],
-        (None, false) => vec![(AUTO_PART_SIZE, 3), (AUTO_PART_SIZE, 2), (MIN_PART_SIZE, 2)],
-    };
-    let Some(&(part_size, floor_parts)) = candidates
+    let asked = asked_parts(req, concurrency);
+    // Explicit values that do not fit are capped, not refused: a daemon that will not start
+    // after an upgrade (or a backup that fails at termination) loses more than a slower upload.
+    // Fewer of the parts asked for first, then `auto` parts; `config check` and every backup
+    // name what was capped ([`check`]).
+    let fallback = asked
+        .first()
+        .filter(|_| req.part_size.is_some())
+        .map(|&(size, n)| (2..n).rev().map(move |k| (size, k)))
+        .into_iter()
+        .flatten()
+        .chain([(AUTO_PART_SIZE, 3), (AUTO_PART_SIZE, 2), (MIN_PART_SIZE, 2)]);
+    let Some((part_size, floor_parts)) = asked
         .iter()
-        .find(|(size, n)| size.max(&MIN_PART_SIZE) * n + smallest <= available)
+        .copied()
+        .chain(fallback)
+        .find(|&(size, n)| fits_parts(size, n, smallest, available))
     else {
-        let (part_size, n) = candidates[0];
-        if explicit || req.part_size.is_some() {
-            return Err(BudgetError::PartsTooBig {
-                concurrency: usize::try_from(n - 1).unwrap_or(usize::MAX),
-                part_size,
-                needed: n * part_size,
-                limit: req.limit,
-                available: available.saturating_sub(smallest),
-            });
-        }
         return Err(BudgetError::TooSmall { limit: req.limit });
     };
     let part_size = part_size.max(MIN_PART_SIZE);
@@ -260,6 +254,59 @@ pub fn plan(req: Request) -> Result<Plan, BudgetError> {
         part_memory,
         compression_memory: compression,
         limit: req.limit,
+    })
+}
+
+/// The parts `req` asks for, as (part size, parts held: in flight plus the one being filled),
+/// in the order tried. Explicit values give one candidate; `auto` wants two in flight before
+/// compression gives anything up, and settles for one, with S3's smallest parts, in a small
+/// limit.
+fn asked_parts(req: Request, concurrency: usize) -> Vec<(u64, u64)> {
+    let held = concurrency as u64 + 1;
+    match (req.part_size, req.concurrency.is_some()) {
+        (Some(size), true) => vec![(size, held)],
+        (Some(size), false) => vec![(size, 3), (size, 2)],
+        (None, true) => vec![(AUTO_PART_SIZE, held), (MIN_PART_SIZE, held)],
+        (None, false) => vec![(AUTO_PART_SIZE, 3), (AUTO_PART_SIZE, 2), (MIN_PART_SIZE, 2)],
+    }
+}
+
+fn fits_parts(size: u64, held: u64, compression: u64, available: u64) -> bool {
+    size.max(MIN_PART_SIZE)
+        .saturating_mul(held)
+        .saturating_add(compression)
+        <= available
+}
+
+/// Whether `req` fits its limit as asked: [`plan`] caps explicit `s3.part_size` and
+/// `s3.concurrency` values that do not fit; this says so, naming the keys, for `config check`
+/// and for the warning every backup logs.
+pub fn check(req: Request) -> Result<(), BudgetError> {
+    if req.limit < MIN_LIMIT {
+        return Err(BudgetError::TooSmall { limit: req.limit });
+    }
+    if req.part_size.is_none() && req.concurrency.is_none() {
+        return plan(req).map(|_| ());
+    }
+    let available = req.limit - RESERVE;
+    let smallest = compression_memory(req.kind, req.level, 1, BLOCK_FLOOR);
+    let concurrency = req
+        .concurrency
+        .unwrap_or_else(|| (req.workers.max(1) + 1).clamp(3, AUTO_CONCURRENCY_MAX));
+    let asked = asked_parts(req, concurrency);
+    if asked
+        .iter()
+        .any(|&(size, n)| fits_parts(size, n, smallest, available))
+    {
+        return Ok(());
+    }
+    let (part_size, n) = asked[0];
+    Err(BudgetError::PartsTooBig {
+        concurrency: usize::try_from(n - 1).unwrap_or(usize::MAX),
+        part_size,
+        needed: n.saturating_mul(part_size),
+        limit: req.limit,
+        available: available.saturating_sub(smallest),
     })
 }
 
@@ -293,7 +340,7 @@ fn choose_compression(req: Request, room: u64) -> (usize, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::upload::{MAX_PARTS, PartSizer};
+    use crate::upload::{Layout, MAX_PARTS, PartSizer};
 
     fn req(kind: CompressionKind, level: i32, workers: usize) -> Request {
         Request {
@@ -369,59 +416,114 @@ mod tests {
     }
 
     #[test]
-    fn explicit_parts_that_do_not_fit_are_refused_naming_the_keys() {
-        let e = plan(Request {
+    fn explicit_parts_that_do_not_fit_are_capped_and_check_names_the_keys() {
+        let asked = Request {
             part_size: Some(64 * MIB),
             concurrency: Some(4),
             ..req(CompressionKind::Gzip, 6, 2)
-        })
-        .unwrap_err();
-        let text = e.to_string();
+        };
+        let text = check(asked).unwrap_err().to_string();
         assert!(
             text.contains("s3.concurrency")
                 && text.contains("s3.part_size")
                 && text.contains("backup.memory_limit"),
             "{text}"
         );
-        // The same parts in a limit that holds them are taken as asked.
+        // A backup still runs, within the limit, with at most the concurrency asked for.
+        let p = plan(asked).unwrap();
+        assert!(p.total() <= DEFAULT_LIMIT, "{p:?}");
+        assert!(p.parts_in_flight <= 4 && p.part_size <= 64 * MIB, "{p:?}");
+        // A part that fits alone keeps its size, with fewer in flight.
         let p = plan(Request {
-            limit: 512 * MIB,
-            part_size: Some(64 * MIB),
-            concurrency: Some(4),
-            ..req(CompressionKind::Gzip, 6, 2)
+            part_size: Some(32 * MIB),
+            ..asked
         })
         .unwrap();
+        assert!(p.total() <= DEFAULT_LIMIT, "{p:?}");
+        assert_eq!(p.part_size, 32 * MIB, "{p:?}");
+        // Even S3's largest part in the smallest limit.
+        let p = plan(Request {
+            limit: MIN_LIMIT,
+            part_size: Some(5 << 30),
+            ..asked
+        })
+        .unwrap();
+        assert!(p.total() <= MIN_LIMIT, "{p:?}");
+        // The same parts in a limit that holds them are taken as asked.
+        let roomy = Request {
+            limit: 512 * MIB,
+            ..asked
+        };
+        assert_eq!(check(roomy), Ok(()));
+        let p = plan(roomy).unwrap();
         assert_eq!((p.part_size, p.parts_in_flight), (64 * MIB, 4));
     }
 
     #[test]
     fn grown_parts_mean_fewer_in_flight_not_more_memory() {
-        for workers in [2, 16] {
+        for (workers, whole) in [(2, 48u64 << 30), (16, 20 << 30)] {
             let p = plan(req(CompressionKind::Gzip, 6, workers)).unwrap();
             let sizer = PartSizer::new(p.part_size);
-            // Bytes streamed before a part is larger than the part pool holds.
+            // Bytes streamed in whole parts, before parts are staged.
             let mut within = 0u64;
             for number in 1..=MAX_PARTS {
-                let size = sizer.size(number);
-                if size > p.part_memory {
+                let layout = Layout::of(sizer, p.part_memory, number);
+                if layout.staged() {
                     break;
                 }
+                let size = layout.size;
                 within += size;
+                // The part being filled and those in flight fit the pool.
                 let in_flight = p.parts_in_flight_at(size) as u64;
-                if size <= p.part_memory / 2 {
-                    // The part being filled and those in flight fit the pool.
-                    assert!(
-                        (in_flight + 1) * size <= p.part_memory,
-                        "part {number}: {size}"
-                    );
+                assert!(
+                    (in_flight + 1) * size <= p.part_memory,
+                    "part {number}: {size}"
+                );
+            }
+            // Past this, parts are staged (a_5_tib_stream_stays_within_the_budget).
+            assert!(within >= whole, "{workers} workers: {within} bytes, {p:?}");
+        }
+    }
+
+    /// S3's largest object, 5 TiB, streamed at every core count and codec: no buffer the upload
+    /// fills is more than half the part pool (so the pool, which the writer's semaphore never
+    /// lets parts exceed, holds one filling and one uploading), the object fits in 10,000 parts
+    /// of at most 5 GiB, and each staged part fits in 10,000 pieces.
+    #[test]
+    fn a_5_tib_stream_stays_within_the_budget() {
+        const STREAM: u64 = 5 << 40;
+        for (kind, level) in [
+            (CompressionKind::Gzip, 6),
+            (CompressionKind::Zstd, 3),
+            (CompressionKind::None, 0),
+        ] {
+            for workers in [1, 2, 16, 64] {
+                for limit in [MIN_LIMIT, DEFAULT_LIMIT, 1 << 30] {
+                    let p = plan(Request {
+                        limit,
+                        ..req(kind, level, workers)
+                    })
+                    .unwrap();
+                    assert!(p.total() <= limit, "{p:?}");
+                    let pool = p.part_memory;
+                    let sizer = PartSizer::new(p.part_size);
+                    let (mut streamed, mut number, mut staged) = (0u64, 0, 0);
+                    while streamed < STREAM {
+                        number += 1;
+                        assert!(
+                            number <= MAX_PARTS,
+                            "{p:?}: {streamed} bytes in 10,000 parts"
+                        );
+                        let layout = Layout::of(sizer, pool, number);
+                        assert!(layout.size <= crate::config::MAX_PART_SIZE);
+                        assert!(2 * layout.piece <= pool, "part {number}: {layout:?}, {p:?}");
+                        assert!(layout.size.div_ceil(layout.piece) <= MAX_PARTS as u64);
+                        staged += u64::from(layout.staged());
+                        streamed += layout.size;
+                    }
+                    assert!(staged > 0, "{p:?}");
                 }
             }
-            // The first 48 GiB of a compressed stream (108 GiB at two workers) stay within
-            // the limit; past that, a part alone is larger than the pool.
-            assert!(
-                within >= 48 << 30,
-                "{workers} workers: {within} bytes, {p:?}"
-            );
         }
     }
 }

@@ -213,6 +213,11 @@ pub fn main() -> ExitCode {
         command: ConfigCommand::Check,
     } = cli.command
     {
+        // Parts a backup would cap to fit the memory limit are a mistake to fix here.
+        if let Err(e) = config.check_budget() {
+            eprintln!("lifeboat: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
         println!("# effective configuration from {}", config.source.display());
         for (inner, outer) in config.backup.overlaps() {
             println!(
@@ -449,6 +454,9 @@ async fn s3_client(config: &Config) -> aws_sdk_s3::Client {
 async fn run(config: Config) -> Result<u8, Failure> {
     let shutdown = CancellationToken::new();
     cancel_on_signals(shutdown.clone());
+    if let Err(e) = config.check_budget() {
+        tracing::warn!("{e}; backups cap them to fit");
+    }
     match daemon::run(Arc::new(config), shutdown).await {
         Ok(()) => Ok(EXIT_OK),
         Err(e) => {

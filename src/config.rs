@@ -387,6 +387,17 @@ impl Config {
         Validator { path }.validate(raw)
     }
 
+    /// Whether explicit `s3.part_size` and `s3.concurrency` fit `backup.memory_limit` as asked
+    /// with one compression worker. A backup caps values that do not (fewer parts in flight, then
+    /// automatic parts) and logs this error as a warning; `config check` refuses them.
+    pub fn check_budget(&self) -> Result<(), ConfigError> {
+        crate::budget::check(self.budget_request(1)).map_err(|e| ConfigError::Invalid {
+            path: self.source.clone(),
+            key: "backup.memory_limit".into(),
+            problem: e.to_string(),
+        })
+    }
+
     /// What the backup pipeline asks of the memory budget with `workers` compression workers.
     pub fn budget_request(&self, workers: usize) -> crate::budget::Request {
         crate::budget::Request {
@@ -486,9 +497,6 @@ impl Validator<'_> {
             lifecycle: self.lifecycle(raw.lifecycle)?,
             watch: self.watch(raw.watch)?,
         };
-        // Explicit part settings must fit the memory limit with at least one worker.
-        crate::budget::plan(config.budget_request(1))
-            .map_err(|e| self.invalid("backup.memory_limit", e.to_string()))?;
         Ok(config)
     }
 

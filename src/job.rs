@@ -363,9 +363,15 @@ impl BackupJob<'_> {
         let dest = Destination::new(&cfg.s3, key.clone(), content_type);
         tracing::info!(bucket = %cfg.s3.bucket, %key, reason = %self.reason, "backup started");
 
-        let plan =
-            crate::budget::plan(cfg.budget_request(compress::wanted_workers(cfg.backup.workers)))
-                .map_err(JobError::Budget)?;
+        let request = cfg.budget_request(compress::wanted_workers(cfg.backup.workers));
+        let plan = crate::budget::plan(request).map_err(JobError::Budget)?;
+        if let Err(e) = crate::budget::check(request) {
+            tracing::warn!(
+                part_size = plan.part_size,
+                parts_in_flight = plan.parts_in_flight,
+                "{e}; capped to fit"
+            );
+        }
         tracing::debug!(?plan, "memory plan");
         let writer = ObjectWriter::new(
             self.s3.clone(),

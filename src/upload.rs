@@ -6,7 +6,9 @@
 //! flight. The writer takes a part's memory from the pool before it starts filling it and the
 //! pool gets it back when the part is uploaded, so memory stays within the pool however the
 //! parts grow (×2 every 900 parts, up to S3's 5 GiB, so any stream fits in 10,000 parts): bigger
-//! parts mean fewer in flight. A part bigger than the whole pool is filled and uploaded alone.
+//! parts mean fewer in flight. A part bigger than half the pool is staged ([`staged`]): uploaded
+//! as an object of pool-sized parts, then copied in, so memory stays within the pool up to S3's
+//! largest object.
 //! A stream smaller than one part becomes a single PutObject. Every part and every single put
 //! carries a CRC32C checksum that S3 verifies; the algorithm is declared at
 //! CreateMultipartUpload. A part's attempt may take as long as its size needs at a slow
@@ -32,7 +34,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{MAX_PART_SIZE, S3Config};
+use crate::config::{MAX_PART_SIZE, MIN_PART_SIZE, S3Config};
+
+pub mod staged;
 
 /// S3's limit on the number of parts.
 pub const MAX_PARTS: i32 = 10_000;
@@ -126,6 +130,18 @@ pub struct Destination {
 }
 
 impl Destination {
+    /// Where final part `number` of this object is staged ([`staged`]): STANDARD storage, the
+    /// same encryption and owner check, no metadata.
+    fn staged(&self, number: i32) -> Self {
+        Self {
+            key: staged::staging_key(&self.key, number),
+            content_type: "application/octet-stream".into(),
+            storage_class: StorageClass::Standard,
+            metadata: None,
+            ..self.clone()
+        }
+    }
+
     /// Adds user metadata (`x-amz-meta-NAME`) to the object.
     pub fn with_metadata(mut self, name: &str, value: &str) -> Self {
         self.metadata
@@ -176,6 +192,35 @@ impl PartSizer {
     /// The largest stream that fits in 10,000 parts.
     pub fn capacity(&self) -> u64 {
         (1..=MAX_PARTS).map(|n| self.size(n)).sum()
+    }
+}
+
+/// How final part `number` travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    /// The part's size.
+    pub size: u64,
+    /// The largest buffer it is filled in: the part itself, or its pieces when it is staged.
+    pub piece: u64,
+}
+
+impl Layout {
+    /// Part `number`'s layout with parts from `sizer` and a part pool of `pool` bytes: parts
+    /// past half the pool are staged in pieces of the first part's size (at most half the pool,
+    /// at least S3's smallest part).
+    pub fn of(sizer: PartSizer, pool: u64, number: i32) -> Self {
+        let size = sizer.size(number);
+        let piece = if staged::is_staged(size, pool) {
+            sizer.size(1).min(pool / 2).max(MIN_PART_SIZE).min(size)
+        } else {
+            size
+        };
+        Self { size, piece }
+    }
+
+    /// Whether the part is staged.
+    pub fn staged(&self) -> bool {
+        self.piece < self.size
     }
 }
 
@@ -273,8 +318,13 @@ pub struct ObjectWriter {
     memory_units: u32,
     /// The pool's share held by the part being filled.
     held: Option<OwnedSemaphorePermit>,
-    /// A part past the pool has been logged.
-    warned: bool,
+    /// The pool in bytes: parts past half of it are staged.
+    pool: u64,
+    /// The final part being staged, if any.
+    staging: Option<Staging>,
+    registry: staged::Registry,
+    /// Staging has been logged.
+    staging_logged: bool,
     speed: Arc<PartSpeed>,
     retry_budget: std::time::Duration,
     tasks: JoinSet<Result<CompletedPart, UploadError>>,
@@ -295,8 +345,9 @@ impl ObjectWriter {
         cancel: CancellationToken,
     ) -> Self {
         let sizer = PartSizer::new(parts.size);
+        // Rounded down: the pool never exceeds what the budget gave it.
         let memory_units =
-            u32::try_from(parts.memory.div_ceil(MEMORY_UNIT).max(1)).unwrap_or(u32::MAX >> 3);
+            u32::try_from((parts.memory / MEMORY_UNIT).max(1)).unwrap_or(u32::MAX >> 3);
         let memory_units = memory_units.min(Semaphore::MAX_PERMITS as u32);
         Self {
             client,
@@ -311,7 +362,10 @@ impl ObjectWriter {
             memory: Arc::new(Semaphore::new(memory_units as usize)),
             memory_units,
             held: None,
-            warned: false,
+            pool: u64::from(memory_units) * MEMORY_UNIT,
+            staging: None,
+            registry: staged::Registry::default(),
+            staging_logged: false,
             speed: Arc::default(),
             retry_budget,
             tasks: JoinSet::new(),
@@ -328,29 +382,28 @@ impl ObjectWriter {
             client: self.client.clone(),
             dest: Arc::clone(&self.dest),
             upload_id: Arc::clone(&self.upload_id),
+            registry: self.registry.clone(),
         }
     }
 
+    /// The size of the buffer being filled: the next part, or the next piece of a staged one.
     fn part_limit(&self) -> usize {
-        usize::try_from(self.sizer.size(self.next_part)).unwrap_or(usize::MAX)
+        let bytes = match &self.staging {
+            Some(st) => st.sub_size.min(st.size - st.shipped),
+            None => self.sizer.size(self.next_part),
+        };
+        usize::try_from(bytes).unwrap_or(usize::MAX)
     }
 
-    /// Collects finished part uploads; remembers the first failure.
+    /// Collects finished part uploads (the archive's, and the staged part's pieces); remembers
+    /// the first failure.
     fn reap(&mut self) {
         while let Some(done) = self.tasks.try_join_next() {
-            self.record(done);
+            record(&mut self.parts, &mut self.failed, done);
         }
-    }
-
-    fn record(&mut self, done: Result<Result<CompletedPart, UploadError>, tokio::task::JoinError>) {
-        match done {
-            Ok(Ok(part)) => self.parts.push(part),
-            Ok(Err(e)) => {
-                self.failed.get_or_insert(e.to_string());
-            }
-            Err(e) => {
-                self.failed
-                    .get_or_insert(format!("part upload task failed: {e}"));
+        if let Some(st) = &mut self.staging {
+            while let Some(done) = st.tasks.try_join_next() {
+                record(&mut st.parts, &mut self.failed, done);
             }
         }
     }
@@ -368,18 +421,34 @@ impl ObjectWriter {
     /// Takes the next part's memory from the pool (blocking until uploads give it back), before
     /// the part is filled.
     fn reserve(&mut self) -> io::Result<()> {
-        let size = self.sizer.size(self.next_part);
-        let wanted = u32::try_from(size.div_ceil(MEMORY_UNIT)).unwrap_or(u32::MAX);
-        if wanted > self.memory_units && !self.warned {
-            self.warned = true;
-            tracing::warn!(
-                part = self.next_part,
-                part_bytes = size,
-                pool_bytes = u64::from(self.memory_units) * MEMORY_UNIT,
-                "parts have grown past backup.memory_limit's share for parts: uploading them one \
-                 at a time, each larger than the limit allows"
-            );
+        let layout = Layout::of(self.sizer, self.pool, self.next_part);
+        if self.staging.is_none() && layout.staged() {
+            let part = layout.size;
+            if !self.staging_logged {
+                self.staging_logged = true;
+                tracing::info!(
+                    part = self.next_part,
+                    part_bytes = part,
+                    pool_bytes = self.pool,
+                    "parts have grown past half of backup.memory_limit's share for parts: \
+                     staging each as an object of smaller parts, then copying it in"
+                );
+            }
+            self.staging = Some(Staging {
+                number: self.next_part,
+                size: part,
+                sub_size: layout.piece,
+                dest: Arc::new(self.dest.staged(self.next_part)),
+                upload_id: None,
+                next_sub: 1,
+                shipped: 0,
+                crc: crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc32Iscsi),
+                tasks: JoinSet::new(),
+                parts: Vec::new(),
+            });
         }
+        let size = self.part_limit() as u64;
+        let wanted = u32::try_from(size.div_ceil(MEMORY_UNIT)).unwrap_or(u32::MAX);
         let units = wanted.min(self.memory_units);
         let memory = Arc::clone(&self.memory);
         let cancel = self.cancel.clone();
@@ -397,27 +466,40 @@ impl ObjectWriter {
         Ok(())
     }
 
-    /// Sends the filled buffer as the next part (blocking until a slot is free).
-    fn ship_part(&mut self) -> io::Result<()> {
-        self.reap();
-        self.check()?;
+    /// Sends the filled buffer: the next part, or the next piece of a staged part.
+    fn ship(&mut self) -> io::Result<()> {
+        if self.staging.is_some() {
+            self.ship_staged()
+        } else {
+            self.ship_part()
+        }
+    }
+
+    /// The archive's multipart upload, started on first use.
+    fn ensure_upload(&mut self) -> io::Result<String> {
         if self.next_part > MAX_PARTS {
             return Err(io::Error::other(UploadError::TooManyParts {
                 bucket: self.dest.bucket.clone(),
                 key: self.dest.key.clone(),
             }));
         }
-        if self.upload_id.get().is_none() {
-            let id = self
-                .runtime
-                .block_on(cancellable(
-                    &self.cancel,
-                    create_upload(&self.client, &self.dest),
-                ))
-                .map_err(io::Error::other)?;
-            tracing::debug!(upload_id = %id, key = %self.dest.key, "multipart upload started");
-            let _ = self.upload_id.set(id);
+        if let Some(id) = self.upload_id.get() {
+            return Ok(id.clone());
         }
+        let id = self
+            .runtime
+            .block_on(cancellable(
+                &self.cancel,
+                create_upload(&self.client, &self.dest),
+            ))
+            .map_err(io::Error::other)?;
+        tracing::debug!(upload_id = %id, key = %self.dest.key, "multipart upload started");
+        let _ = self.upload_id.set(id.clone());
+        Ok(id)
+    }
+
+    /// An upload slot (blocking until one is free), then failures reaped again.
+    fn slot(&mut self) -> io::Result<OwnedSemaphorePermit> {
         let slots = Arc::clone(&self.slots);
         let cancel = self.cancel.clone();
         let permit = self.runtime.block_on(async move {
@@ -431,6 +513,78 @@ impl ObjectWriter {
         };
         self.reap();
         self.check()?;
+        Ok(permit)
+    }
+
+    /// Sends the filled buffer as the next piece of the staged part (blocking until a slot is
+    /// free); the last piece seals it.
+    fn ship_staged(&mut self) -> io::Result<()> {
+        self.reap();
+        self.check()?;
+        let archive_upload = self.ensure_upload()?;
+        let st = self.staging.as_mut().expect("staging");
+        let staged_upload = match &st.upload_id {
+            Some(id) => id.clone(),
+            None => {
+                let id = self
+                    .runtime
+                    .block_on(cancellable(
+                        &self.cancel,
+                        create_upload(&self.client, &st.dest),
+                    ))
+                    .map_err(io::Error::other)?;
+                self.registry.started(&st.dest.key, &id);
+                st.upload_id = Some(id.clone());
+                id
+            }
+        };
+        let permit = self.slot()?;
+        let st = self.staging.as_mut().expect("staging");
+        let data = Bytes::from(std::mem::take(&mut self.buf));
+        st.ship(
+            data,
+            (permit, self.held.take()),
+            &self.client,
+            &staged_upload,
+            (Arc::clone(&self.speed), self.retry_budget),
+            &self.runtime,
+        );
+        if st.shipped == st.size {
+            self.seal(archive_upload);
+        }
+        Ok(())
+    }
+
+    /// Hands the staged part, all its bytes shipped, to a task that copies it in.
+    fn seal(&mut self, archive_upload: String) {
+        let Some(st) = self.staging.take() else {
+            return;
+        };
+        self.next_part += 1;
+        let filled = st.filled();
+        let (client, dest, registry) = (
+            self.client.clone(),
+            Arc::clone(&self.dest),
+            self.registry.clone(),
+        );
+        let cancel = self.cancel.clone();
+        self.tasks.spawn_on(
+            async move {
+                tokio::select! {
+                    r = staged::copy_in(client, dest, archive_upload, filled, registry) => r,
+                    () = cancel.cancelled() => Err(UploadError::Cancelled),
+                }
+            },
+            &self.runtime,
+        );
+    }
+
+    /// Sends the filled buffer as the next part (blocking until a slot is free).
+    fn ship_part(&mut self) -> io::Result<()> {
+        self.reap();
+        self.check()?;
+        self.ensure_upload()?;
+        let permit = self.slot()?;
         let number = self.next_part;
         self.next_part += 1;
         let data = Bytes::from(std::mem::take(&mut self.buf));
@@ -471,6 +625,28 @@ impl ObjectWriter {
     }
 
     async fn complete(&mut self, upload_id: &str) -> Result<StoredObject, UploadError> {
+        // A staged part with pieces shipped gets the rest as its last piece and is sealed; one
+        // with none is only what the buffer holds, sent below as an ordinary last part.
+        if let Some(st) = self.staging.as_mut().filter(|st| st.upload_id.is_some()) {
+            if !self.buf.is_empty() {
+                let permit = Arc::clone(&self.slots)
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| UploadError::Cancelled)?;
+                let data = Bytes::from(std::mem::take(&mut self.buf));
+                let staged_upload = st.upload_id.clone().expect("filtered");
+                st.ship(
+                    data,
+                    (permit, self.held.take()),
+                    &self.client,
+                    &staged_upload,
+                    (Arc::clone(&self.speed), self.retry_budget),
+                    &Handle::current(),
+                );
+            }
+            self.seal(upload_id.to_owned());
+        }
+        self.staging = None;
         if !self.buf.is_empty() {
             // The last part may be smaller than 5 MiB; block_in_place is not needed: no slot
             // wait happens when the buffer is shipped from here, we wait on the tasks below.
@@ -495,7 +671,7 @@ impl ObjectWriter {
             });
         }
         while let Some(done) = self.tasks.join_next().await {
-            self.record(done);
+            record(&mut self.parts, &mut self.failed, done);
         }
         if self.cancel.is_cancelled() {
             return Err(UploadError::Cancelled);
@@ -509,6 +685,7 @@ impl ObjectWriter {
             });
         }
         self.parts.sort_by_key(|p| p.part_number());
+        staged::report_leftovers(&self.registry, &self.dest.bucket);
         tracing::debug!(parts = self.parts.len(), "completing the multipart upload");
         let parts = i32::try_from(self.parts.len()).unwrap_or(i32::MAX);
         let out = self
@@ -556,6 +733,82 @@ impl ObjectWriter {
     }
 }
 
+/// Files a finished part upload into `parts`, or its failure into `failed` (the first one kept).
+fn record(
+    parts: &mut Vec<CompletedPart>,
+    failed: &mut Option<String>,
+    done: Result<Result<CompletedPart, UploadError>, tokio::task::JoinError>,
+) {
+    match done {
+        Ok(Ok(part)) => parts.push(part),
+        Ok(Err(e)) => {
+            failed.get_or_insert(e.to_string());
+        }
+        Err(e) => {
+            failed.get_or_insert(format!("part upload task failed: {e}"));
+        }
+    }
+}
+
+/// A final part too big for the pool, being uploaded as its own object ([`staged`]).
+struct Staging {
+    /// The final part's number.
+    number: i32,
+    /// Its size (unless the stream ends first).
+    size: u64,
+    /// The size of its pieces.
+    sub_size: u64,
+    /// The staged object.
+    dest: Arc<Destination>,
+    /// Its multipart upload, once the first piece ships.
+    upload_id: Option<String>,
+    next_sub: i32,
+    /// Bytes handed to piece uploads.
+    shipped: u64,
+    crc: crc_fast::Digest,
+    tasks: JoinSet<Result<CompletedPart, UploadError>>,
+    parts: Vec<CompletedPart>,
+}
+
+impl Staging {
+    /// Uploads `data` as the next piece, holding `permit` (its slot and memory) until done.
+    fn ship(
+        &mut self,
+        data: Bytes,
+        permit: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
+        client: &Client,
+        upload_id: &str,
+        (speed, budget): (Arc<PartSpeed>, std::time::Duration),
+        runtime: &Handle,
+    ) {
+        self.crc.update(&data);
+        self.shipped += data.len() as u64;
+        let number = self.next_sub;
+        self.next_sub += 1;
+        let (client, dest, id) = (client.clone(), Arc::clone(&self.dest), upload_id.to_owned());
+        self.tasks.spawn_on(
+            async move {
+                let _permit = permit;
+                upload_part(&client, &dest, &id, number, data, &speed, budget).await
+            },
+            runtime,
+        );
+    }
+
+    fn filled(self) -> staged::Filled {
+        let crc = self.crc.finalize() as u32;
+        staged::Filled {
+            number: self.number,
+            staged: self.dest,
+            upload_id: self.upload_id.expect("a sealed staged part has an upload"),
+            tasks: self.tasks,
+            parts: self.parts,
+            crc32c: aws_smithy_types::base64::encode(crc.to_be_bytes()),
+            bytes: self.shipped,
+        }
+    }
+}
+
 /// How long aborting a multipart upload may take (the bucket's `AbortIncompleteMultipartUpload`
 /// rule removes one this could not).
 const ABORT_BUDGET: std::time::Duration = std::time::Duration::from_secs(10);
@@ -577,12 +830,16 @@ pub struct AbortHandle {
     client: Client,
     dest: Arc<Destination>,
     upload_id: Arc<OnceLock<String>>,
+    registry: staged::Registry,
 }
 
 impl AbortHandle {
     /// Aborts the upload; failures are logged (the bucket rule `AbortIncompleteMultipartUpload`
     /// is the last line of defence) and returned.
     pub async fn abort(&self) -> Option<UploadError> {
+        // Staged parts first: their uploads and objects exist only for this one.
+        let _ =
+            tokio::time::timeout(ABORT_BUDGET, self.registry.clean(&self.client, &self.dest)).await;
         let upload_id = self.upload_id.get()?;
         tracing::info!(upload_id, key = %self.dest.key, "aborting multipart upload");
         // Bounded: an interrupted process must end within seconds even against a hung S3.
@@ -662,7 +919,7 @@ impl Write for ObjectWriter {
         self.buf.extend_from_slice(&buf[..n]);
         self.total += n as u64;
         if self.buf.len() == self.part_limit() {
-            self.ship_part()?;
+            self.ship()?;
         }
         Ok(n)
     }

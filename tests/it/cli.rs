@@ -113,3 +113,44 @@ fn dry_run_counts_without_uploading() {
     assert!(text.contains("would skip 1"), "{text}");
     assert!(text.contains("pipe (fifo)"), "{text}");
 }
+
+/// A config written before the memory budget asked for parts that no longer fit: `config check`
+/// refuses it, naming the keys, but a backup (and the daemon) must not, or an upgrade leaves
+/// instances that save nothing at termination. The backup caps the parts and says so.
+#[test]
+fn parts_that_do_not_fit_the_budget_are_capped_by_a_backup_not_refused() {
+    let server = crate::support::s3s_fs();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write(&data.join("a.log"), &crate::support::noise(3 << 20, 7));
+    let bucket = server.bucket("capped-parts");
+    let lb = Lifeboat::new(
+        dir.path(),
+        &server.endpoint,
+        &config_for(
+            &bucket,
+            &[&data],
+            "",
+            "part_size = \"64MiB\"\nconcurrency = 4",
+        ),
+    );
+    let check = lb.run(&["config", "check"]);
+    assert_eq!(check.code, Some(2), "{check:#?}");
+    assert!(
+        check
+            .stderr
+            .contains("s3.concurrency = 4 parts of s3.part_size"),
+        "{check:#?}"
+    );
+    let out = lb.run(&["backup", "--reason", "upgraded config"]);
+    let key = out.stored_key();
+    assert!(
+        out.stderr.contains("s3.part_size") && out.stderr.contains("capped to fit"),
+        "{out:#?}"
+    );
+    let restored = dir.path().join("restored");
+    lb.run(&["restore", "--key", &key, "--to", restored.to_str().unwrap()])
+        .ok();
+    let back = std::fs::read(restored.join(data.strip_prefix("/").unwrap()).join("a.log")).unwrap();
+    assert_eq!(back, crate::support::noise(3 << 20, 7));
+}

@@ -198,11 +198,25 @@ fn assert_own_objects_only(name: &str, doc: &Value) {
         }
         object_grants += 1;
         for r in resources(&st) {
+            let own = [
+                "/${ec2:SourceInstanceARN}/*",
+                "/${!ec2:SourceInstanceARN}/*",
+            ];
             assert!(
-                r.ends_with("/${ec2:SourceInstanceARN}/*")
-                    || r.ends_with("/${!ec2:SourceInstanceARN}/*"),
+                own.iter()
+                    .any(|o| r.ends_with(o) || r.ends_with(&format!("{o}.staging/*"))),
                 "{name}/{sid}: {actions:?} on {r} reaches other instances' archives"
             );
+            // Deleting reaches staged parts only (src/upload/staged.rs), never an archive.
+            if actions
+                .iter()
+                .any(|a| a == "*" || a.contains("Delete") || a == "s3:*")
+            {
+                assert!(
+                    r.ends_with("*.staging/*"),
+                    "{name}/{sid}: {actions:?} on {r} can delete archives"
+                );
+            }
         }
     }
     assert!(

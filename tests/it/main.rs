@@ -14,3 +14,4 @@ mod restore;
 mod support;
 mod systemd;
 mod termination;
+mod upload;
