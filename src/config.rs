@@ -774,9 +774,9 @@ mod tests {
             e.contains("backup.memory_limit") && e.contains("40MiB"),
             "{e}"
         );
-        let e = parse("[s3]\nbucket = \"b-1\"\npart_size = \"64MiB\"\nconcurrency = 4\n")
-            .unwrap_err()
-            .to_string();
+        // Parts that do not fit load (a backup caps them) and are named by check_budget.
+        let c = parse("[s3]\nbucket = \"b-1\"\npart_size = \"64MiB\"\nconcurrency = 4\n").unwrap();
+        let e = c.check_budget().unwrap_err().to_string();
         assert!(
             e.contains("backup.memory_limit") && e.contains("s3.concurrency = 4"),
             "{e}"
@@ -794,6 +794,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.backup.workers, Some(16));
         assert_eq!(c.s3.concurrency, Some(4));
+        assert!(c.check_budget().is_ok());
         let again = parse(&c.to_toml()).unwrap();
         assert_eq!(again.backup.memory_limit, 1 << 30);
         assert_eq!(again.backup.workers, Some(16));

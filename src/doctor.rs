@@ -251,7 +251,40 @@ pub async fn run(config: &Config) -> Vec<Check> {
             _ => Outcome::Ok(estimate_text),
         },
     });
+    checks.push(memory_budget(config));
     checks
+}
+
+/// How a backup on this instance divides `backup.memory_limit`, and whether explicit part
+/// settings had to be capped to fit it.
+fn memory_budget(config: &Config) -> Check {
+    let workers = crate::compress::wanted_workers(config.backup.workers);
+    let limit = bytesize::ByteSize::b(config.backup.memory_limit)
+        .display()
+        .iec();
+    let outcome = match crate::budget::plan(config.budget_request(workers)) {
+        Err(e) => Outcome::Fail(e.to_string(), "raise backup.memory_limit".into()),
+        Ok(plan) => {
+            let what = format!(
+                "{limit}: {} compression workers, parts of {} MiB, up to {} in flight",
+                plan.workers,
+                plan.part_size >> 20,
+                plan.parts_in_flight
+            );
+            match config.check_budget() {
+                Ok(()) => Outcome::Ok(what),
+                Err(e) => Outcome::Warn(
+                    format!("{what} (capped: {e})"),
+                    "set s3.part_size and s3.concurrency to \"auto\", or raise backup.memory_limit"
+                        .into(),
+                ),
+            }
+        }
+    };
+    Check {
+        name: "memory budget",
+        outcome,
+    }
 }
 
 async fn group_and_hook(
@@ -315,4 +348,32 @@ pub fn print(checks: &[Check]) -> bool {
         }
     }
     ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(s3: &str) -> Config {
+        Config::parse(
+            std::path::Path::new("/etc/lifeboat/lifeboat.toml"),
+            &format!("[s3]\nbucket = \"b-1\"\n{s3}"),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn the_memory_budget_check_says_how_memory_is_divided_and_what_was_capped() {
+        let check = memory_budget(&config(""));
+        assert!(
+            matches!(&check.outcome, Outcome::Ok(what) if what.starts_with("128.0 MiB: ")),
+            "{check:?}"
+        );
+        let check = memory_budget(&config("part_size = \"64MiB\"\nconcurrency = 4\n"));
+        assert!(
+            matches!(&check.outcome, Outcome::Warn(what, fix)
+                if what.contains("capped") && what.contains("s3.part_size") && fix.contains("auto")),
+            "{check:?}"
+        );
+    }
 }

@@ -40,6 +40,7 @@ fn doctor_is_all_ok_on_a_protected_instance() {
         "report topic",
         "group and terminate hook",
         "time for the data",
+        "memory budget",
     ] {
         assert!(
             text.contains(&format!("  ok    {name}: ")),
