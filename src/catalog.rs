@@ -39,6 +39,22 @@ pub enum CatalogError {
         /// S3's error.
         message: String,
     },
+    /// The object is in an archive tier and S3 has not restored a readable copy.
+    #[error(
+        "s3://{bucket}/{key} is in the {class} storage class: S3 must restore a copy before it \
+         can be read. Start that with `aws s3api restore-object --bucket {bucket} --key {key} \
+         --restore-request '{{\"Days\":1,\"GlacierJobParameters\":{{\"Tier\":\"Standard\"}}}}'` \
+         (hours; Bulk is cheaper, Expedited faster except in DEEP_ARCHIVE), and run this again \
+         once `aws s3api head-object` shows ongoing-request=\"false\""
+    )]
+    Archived {
+        /// Bucket.
+        bucket: String,
+        /// Key.
+        key: String,
+        /// The object's storage class.
+        class: String,
+    },
     /// The object is not there.
     #[error("s3://{bucket}/{key} does not exist")]
     NotFound {
@@ -315,6 +331,17 @@ fn get_error(
     key: &str,
     e: &aws_sdk_s3::error::SdkError<aws_sdk_s3::operation::get_object::GetObjectError>,
 ) -> CatalogError {
+    use aws_sdk_s3::operation::get_object::GetObjectError;
+    if let Some(GetObjectError::InvalidObjectState(state)) = e.as_service_error() {
+        return CatalogError::Archived {
+            bucket: s3.bucket.clone(),
+            key: key.to_owned(),
+            class: state
+                .storage_class()
+                .map_or("GLACIER or DEEP_ARCHIVE", |c| c.as_str())
+                .to_owned(),
+        };
+    }
     if e.code() == Some("NoSuchKey") || e.raw_response().is_some_and(|r| r.status().as_u16() == 404)
     {
         CatalogError::NotFound {

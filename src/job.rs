@@ -511,7 +511,10 @@ impl BackupJob<'_> {
         } else {
             "complete"
         };
+        // STANDARD whatever the archive's class: list, restore and verify read manifests at
+        // once, and an archive tier (GLACIER, DEEP_ARCHIVE) would need a restore first.
         let dest = Destination::new(&self.config.s3, key.clone(), "application/json")
+            .standard()
             .with_metadata(crate::catalog::STATUS_METADATA, status);
         upload::put_small(&self.s3, &dest, body)
             .await

@@ -136,10 +136,17 @@ impl Destination {
         Self {
             key: staged::staging_key(&self.key, number),
             content_type: "application/octet-stream".into(),
-            storage_class: StorageClass::Standard,
             metadata: None,
             ..self.clone()
         }
+        .standard()
+    }
+
+    /// Stored as STANDARD whatever `s3.storage_class` says: for objects that must stay readable
+    /// at once (manifests; an archive tier would need a restore first) or that live seconds.
+    pub fn standard(mut self) -> Self {
+        self.storage_class = StorageClass::Standard;
+        self
     }
 
     /// Adds user metadata (`x-amz-meta-NAME`) to the object.

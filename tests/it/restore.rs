@@ -704,3 +704,51 @@ fn an_archive_of_several_download_ranges_verifies_and_restores_exactly() {
         }
     }
 }
+
+/// An archive stored in an archive tier (GLACIER, DEEP_ARCHIVE) cannot be read until S3 restores
+/// it. Its manifest must stay readable (STANDARD, whatever `s3.storage_class` says), and restore
+/// and verify must say what to do instead of failing with S3's InvalidObjectState.
+#[test]
+fn a_glacier_archive_keeps_its_manifest_readable_and_restore_says_what_to_do() {
+    let server = moto();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write(&data.join("app.log"), b"saved before the instance went\n");
+    let bucket = server.bucket("glacier");
+    let lb = Lifeboat::new(
+        dir.path(),
+        &server.endpoint,
+        &config_for(&bucket, &[&data], "", "storage_class = \"GLACIER\""),
+    );
+    let key = lb.run(&["backup"]).stored_key();
+    let class = |key: &str| {
+        let head = crate::support::rt()
+            .block_on(
+                server
+                    .client()
+                    .head_object()
+                    .bucket(&bucket)
+                    .key(key)
+                    .send(),
+            )
+            .unwrap();
+        head.storage_class()
+            .map_or("STANDARD".to_owned(), |c| c.as_str().to_owned())
+    };
+    assert_eq!(class(&key), "GLACIER");
+    let manifest = key.rsplit_once(".tar").unwrap().0.to_owned() + ".manifest.json";
+    assert_eq!(class(&manifest), "STANDARD");
+    for args in [
+        vec!["restore", "--key", &key, "--to", "/nonexistent-target"],
+        vec!["verify", "--key", &key],
+    ] {
+        let out = lb.run(&args);
+        assert_eq!(out.code, Some(1), "{args:?}: {out:#?}");
+        assert!(
+            out.stderr.contains("GLACIER")
+                && out.stderr.contains(&key)
+                && out.stderr.contains("restore-object"),
+            "{args:?}: {out:#?}"
+        );
+    }
+}
