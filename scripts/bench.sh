@@ -6,6 +6,7 @@
 #   RUNS=5 scripts/bench.sh      runs per contender (default 5); medians are printed
 #   MEMORY=0 scripts/bench.sh    skip the memory section (16 workers; 1 GB vs 10 GB of input)
 #   CEILING=0 scripts/bench.sh   skip the non-compression ceiling section
+#   COLD=0 scripts/bench.sh      skip the cold page cache section (read-ahead)
 #   ONLY=zstd scripts/bench.sh   only the zstd contenders (ONLY=gzip: only the gzip ones)
 #   LIFEBOAT_BIN=PATH scripts/bench.sh   time that binary instead of building this checkout's
 #
@@ -14,7 +15,9 @@
 # compression: the walk/read/tar stage into a discarding sink (examples/pipeline) against
 # `tar cf - | cat >/dev/null`, and `lifeboat backup` with compression none against `aws s3 cp`
 # of a file as large as the stream; (3) peak RSS with 16 workers forced (LIFEBOAT_WORKERS) and
-# at 1 GB and 10 GB of input. For each contender: wall time, MB/s of input (apparent file
+# at 1 GB and 10 GB of input; (4) COLD: the walk/read/tar stage with the tree evicted from the
+# page cache before each run (scripts/evict-cache.py), with and without read-ahead
+# (LIFEBOAT_READ_AHEAD=0), against GNU tar. For each contender: wall time, MB/s of input (apparent file
 # bytes), bytes stored, peak RSS (GNU time's maximum resident set of the largest process).
 # Needs pigz, zstd and an AWS CLI: installs pigz/zstd with apt-get and the AWS CLI into
 # .tools/awscli when missing.
@@ -24,6 +27,7 @@ root=$PWD
 scripts/bootstrap.sh
 RUNS=${RUNS:-5}
 CEILING=${CEILING:-1}
+COLD=${COLD:-1}
 MEMORY=${MEMORY:-1}
 
 log() { printf 'bench: %s\n' "$*" >&2; }
@@ -76,13 +80,14 @@ TOML
   echo "$work/lifeboat-$1.toml"
 }
 
-# measure NAME TREE COMMAND: runs COMMAND RUNS times, prints one line of medians and keeps the
-# median wall time in $work/wall.NAME for the ratios.
+# measure NAME TREE COMMAND [BEFORE]: runs COMMAND RUNS times (each after BEFORE, untimed),
+# prints one line of medians and keeps the median wall time in $work/wall.NAME for the ratios.
 measure() {
-  local name=$1 tree=$2 cmd=$3 bytes walls=() rss=() stored=()
+  local name=$1 tree=$2 cmd=$3 before=${4:-true} bytes walls=() rss=() stored=()
   bytes=$(input_bytes "$tree")
   for _ in $(seq 1 "$RUNS"); do
     rm -rf "$work/s3/bench/"*
+    bash -c "$before"
     /usr/bin/time -f '%e %M' -o "$work/time.out" bash -c "$cmd" >/dev/null 2>"$work/err.out" || {
       log "$name failed:"; cat "$work/err.out" >&2; exit 1; }
     read -r wall kib <"$work/time.out"
@@ -168,4 +173,17 @@ if [ "$MEMORY" = 1 ]; then
   make_input "$work/mem/10g" 10000000000
   measure "lifeboat zstd, 1 GB input" "$work/mem/1g" "'$LIFEBOAT' --config '$(lifeboat_config mem-1g zstd "$work/mem/1g")' backup"
   measure "lifeboat zstd, 10 GB input" "$work/mem/10g" "'$LIFEBOAT' --config '$(lifeboat_config mem-10g zstd "$work/mem/10g")' backup"
+fi
+
+if [ "$COLD" = 1 ]; then
+  # A cold page cache: every file read goes to the disk, as on an instance whose data was not
+  # read since boot. Read-ahead hints the next files from a few threads (src/prefetch.rs).
+  evict="python3 '$root/scripts/evict-cache.py' '$TREE'"
+  echo
+  header
+  measure "cold: walk/read/tar, read-ahead" "$TREE" "'$PIPELINE' '$none_cfg'" "$evict"
+  measure "cold: walk/read/tar, no read-ahead" "$TREE" "LIFEBOAT_READ_AHEAD=0 '$PIPELINE' '$none_cfg'" "$evict"
+  measure "cold: tar cf - | cat >/dev/null" "$TREE" "tar cf - '$TREE' 2>/dev/null | cat >/dev/null" "$evict"
+  ratio "cold: walk/read/tar, read-ahead" "cold: walk/read/tar, no read-ahead" "cold, read-ahead vs none:"
+  ratio "cold: walk/read/tar, read-ahead" "cold: tar cf - | cat >/dev/null" "cold, walk/read/tar vs GNU tar:"
 fi

@@ -210,7 +210,7 @@ pub enum ArchiveError {
 }
 
 /// One step of the walk.
-enum Walked {
+pub(crate) enum Walked {
     /// A regular file, not stat'ed yet: the archiver stats the open file instead (one syscall
     /// fewer per file, and the metadata is that of the file actually read).
     File(PathBuf),
@@ -222,7 +222,7 @@ enum Walked {
 
 /// Walks `opts.paths` in order, pruning excluded paths, never following symlinks; calls `visit`
 /// for every entry or unreadable path. Returns `false` if `stop` ended the walk early.
-fn walk(
+pub(crate) fn walk(
     opts: &ArchiveOptions<'_>,
     stop: &AtomicBool,
     mut visit: impl FnMut(Walked) -> Result<(), ArchiveError>,
@@ -541,7 +541,14 @@ pub fn write_shared<W: TarSink>(
         counters,
         stop,
     };
-    let finished = walk(opts, stop, |walked| writer.add(walked))?;
+    // Read-ahead walks the same entries a bounded distance ahead (crate::prefetch).
+    let progress = Arc::new(AtomicU64::new(0));
+    let _ahead =
+        crate::prefetch::enabled().then(|| crate::prefetch::start(opts, Arc::clone(&progress)));
+    let finished = walk(opts, stop, |walked| {
+        progress.fetch_add(1, Ordering::Relaxed);
+        writer.add(walked)
+    })?;
     writer.builder.finish().map_err(finish_err)?;
     drop(writer);
     let (out, mut report) = shared.finish()?;

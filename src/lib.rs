@@ -24,6 +24,7 @@ pub mod identity;
 pub mod job;
 pub mod manifest;
 pub mod memory;
+pub mod prefetch;
 pub mod progress;
 pub mod restore;
 pub mod runner;
