@@ -533,7 +533,12 @@ pub fn write_shared<W: TarSink>(
     counters: &Counters,
     stop: &AtomicBool,
 ) -> Result<(W, ArchiveReport), ArchiveError> {
+    // Read-ahead walks the same entries a bounded distance ahead while files come from the disk
+    // (crate::prefetch); the reads below say when they do.
+    let gate = Arc::new(crate::prefetch::Gate::default());
+    let ahead = crate::prefetch::enabled().then(|| crate::prefetch::start(opts, Arc::clone(&gate)));
     let mut writer = TarWriter {
+        gate: ahead.is_some().then_some(&*gate),
         builder: tar::Builder::new(SharedWriter(Arc::clone(shared))),
         shared: Arc::clone(shared),
         buf: vec![0; READ_SIZE],
@@ -541,12 +546,10 @@ pub fn write_shared<W: TarSink>(
         counters,
         stop,
     };
-    // Read-ahead walks the same entries a bounded distance ahead (crate::prefetch).
-    let progress = Arc::new(AtomicU64::new(0));
-    let _ahead =
-        crate::prefetch::enabled().then(|| crate::prefetch::start(opts, Arc::clone(&progress)));
     let finished = walk(opts, stop, |walked| {
-        progress.fetch_add(1, Ordering::Relaxed);
+        if let Some(gate) = writer.gate {
+            gate.advance();
+        }
         writer.add(walked)
     })?;
     writer.builder.finish().map_err(finish_err)?;
@@ -568,6 +571,8 @@ fn finish_err(source: io::Error) -> ArchiveError {
 }
 
 struct TarWriter<'c, W: TarSink> {
+    /// Told of each entry and of each read that had to wait for the disk, when reading ahead.
+    gate: Option<&'c crate::prefetch::Gate>,
     builder: tar::Builder<SharedWriter<W>>,
     shared: Arc<Shared<W>>,
     /// File data passes through here, [`READ_SIZE`] at a time.
@@ -711,6 +716,7 @@ impl<W: TarSink> TarWriter<'_, W> {
         let data_size = header.entry_size().unwrap_or(declared);
         self.shared.begin_file(path, declared);
         let mut reader = LiveReader::new(&file, map, self.counters, Some(self.stop));
+        reader.gate = self.gate;
         let write_err = |source| ArchiveError::Write {
             path: path.display().to_string(),
             source,
@@ -887,6 +893,9 @@ struct LiveReader<'a> {
     /// When set, stop reading (the deadline is near) and zero-fill the rest.
     stop: Option<&'a AtomicBool>,
     cut: bool,
+    /// When set, each read first tries not to wait (`RWF_NOWAIT`) and tells the gate when the
+    /// data was not in memory.
+    gate: Option<&'a crate::prefetch::Gate>,
 }
 
 impl<'a> LiveReader<'a> {
@@ -906,6 +915,7 @@ impl<'a> LiveReader<'a> {
             counters,
             stop,
             cut: false,
+            gate: None,
         }
     }
 }
@@ -926,6 +936,14 @@ impl Read for LiveReader<'_> {
             return Ok(0);
         }
         let n = loop {
+            if let Some(gate) = self.gate {
+                match crate::prefetch::read_cached(self.file, buf, *offset) {
+                    Some(Ok(n)) => break n,
+                    Some(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    // Not in memory (or the file system cannot say): read and wait.
+                    _ => gate.missed(),
+                }
+            }
             match self.file.read_at(buf, *offset) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -1176,6 +1194,7 @@ mod tests {
         let stop = AtomicBool::new(true);
         let shared = Arc::new(Shared::new(CountingSink::default()));
         let mut w = TarWriter {
+            gate: None,
             builder: tar::Builder::new(SharedWriter(Arc::clone(&shared))),
             shared: Arc::clone(&shared),
             buf: vec![0; READ_SIZE],
