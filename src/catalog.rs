@@ -131,6 +131,9 @@ pub struct BackupEntry {
     pub name: String,
     /// Status.
     pub status: BackupStatus,
+    /// When S3 stored the archive (Unix seconds; 0 if S3 did not say). S3's clock, not a name an
+    /// instance chose.
+    pub modified: i64,
 }
 
 /// Which backups [`list`] returns.
@@ -198,6 +201,7 @@ pub async fn list(
                     instance_id: parts.instance_id.to_owned(),
                     name: parts.name.to_owned(),
                     status: BackupStatus::NoManifest,
+                    modified: obj.last_modified().map_or(0, |t| t.secs()),
                 });
             }
         }

@@ -143,6 +143,10 @@ enum Command {
         #[arg(long)]
         force_unverified: bool,
     },
+    /// At an instance's launch, restore the newest complete archive of its group (`[restore]`:
+    /// `on_launch`, `from`, `if_none`, `max_age`, `to`), verified first; once per instance.
+    /// `lifeboat-restore.service` runs it at boot, before the units that need the data.
+    RestoreOnLaunch,
     /// Check an archive against its manifest (SHA-256 and file list).
     Verify {
         /// The archive's key.
@@ -347,9 +351,11 @@ async fn dispatch(command: Command, config: Config) -> u8 {
                 same_owner,
                 overwrite,
                 force_unverified,
+                chosen: false,
             };
             restore(&config, key, instance_id, to, flags).await
         }
+        Command::RestoreOnLaunch => restore_on_launch(&config).await,
         Command::Verify { key } => verify(&config, &key).await,
         Command::Config { .. } | Command::Manpage { .. } => {
             unreachable!("handled before the runtime starts")
@@ -760,6 +766,88 @@ struct RestoreFlags {
     same_owner: bool,
     overwrite: bool,
     force_unverified: bool,
+    /// Chosen from a listing (not named by an operator): a manifest that disagrees with the
+    /// key's instance refuses the archive.
+    chosen: bool,
+}
+
+/// `restore-on-launch`: see [`crate::launch`].
+async fn restore_on_launch(config: &Config) -> Result<u8, Failure> {
+    let cfg = &config.restore;
+    if !cfg.on_launch {
+        println!(
+            "restore.on_launch is off in {}: nothing to do",
+            config.source.display()
+        );
+        return Ok(EXIT_OK);
+    }
+    let cancel = CancellationToken::new();
+    cancel_on_signals(cancel.clone());
+    // The group and zone come from instance metadata: wait for it (a blip at boot) rather than
+    // restore nothing, or another group's data.
+    let identity = InstanceIdentity::wait_for(config.watch.metadata_wait, &cancel, |_| {})
+        .await
+        .map_err(|e| Failure {
+            error: anyhow::Error::new(e)
+                .context("restore on launch needs this instance's group from instance metadata"),
+            code: EXIT_NO_METADATA,
+        })?;
+    let state_dir = state::state_dir();
+    if let Some(done) = crate::launch::already_done(&state_dir, &identity.instance_id) {
+        println!("already restored at this instance's launch ({done}): nothing to do");
+        return Ok(EXIT_OK);
+    }
+    let s3 = s3_client(config).await;
+    let now = time::OffsetDateTime::now_utc();
+    let record = |what: &str| {
+        crate::launch::record_done(&state_dir, &identity.instance_id, what).with_context(|| {
+            format!(
+                "recording the launch restore in {}",
+                crate::launch::marker(&state_dir).display()
+            )
+        })
+    };
+    let Some(chosen) = crate::launch::choose(&s3, &config.s3, &identity, cfg, now).await? else {
+        let what = format!(
+            "no complete archive of group {} under s3://{}/{}",
+            identity.group, config.s3.bucket, config.s3.prefix
+        );
+        return match cfg.if_none {
+            config::IfNone::Continue => {
+                record("none")?;
+                println!("{what}: starting without data (restore.if_none = \"continue\")");
+                Ok(EXIT_OK)
+            }
+            config::IfNone::Abandon => Err(Failure {
+                error: anyhow::anyhow!("{what} (restore.if_none = \"abandon\")"),
+                code: EXIT_FAILED,
+            }),
+        };
+    };
+    println!(
+        "restoring s3://{}/{} (instance {}) into {}",
+        config.s3.bucket,
+        chosen.key,
+        chosen.instance_id,
+        cfg.to.display()
+    );
+    let flags = RestoreFlags {
+        // Owners and set-id bits as archived when run as root (at boot, by systemd).
+        same_owner: rustix::process::geteuid().is_root(),
+        overwrite: cfg.overwrite,
+        force_unverified: false,
+        chosen: true,
+    };
+    let code = restore(
+        config,
+        Some(chosen.key.clone()),
+        None,
+        cfg.to.clone(),
+        flags,
+    )
+    .await?;
+    record(&format!("s3://{}/{}", config.s3.bucket, chosen.key))?;
+    Ok(code)
 }
 
 async fn restore(
@@ -770,7 +858,7 @@ async fn restore(
     flags: RestoreFlags,
 ) -> Result<u8, Failure> {
     let s3 = s3_client(config).await;
-    let named = key.is_some();
+    let named = key.is_some() && !flags.chosen;
     let key = match (key, instance_id) {
         (Some(k), _) => k,
         (None, Some(id)) => catalog::latest(&s3, &config.s3, &id).await?.key,

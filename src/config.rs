@@ -105,6 +105,47 @@ pub struct Config {
     pub lifecycle: LifecycleConfig,
     /// How to watch for termination.
     pub watch: WatchConfig,
+    /// What to bring back at launch.
+    pub restore: RestoreConfig,
+}
+
+/// Whose archives a launching instance restores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RestoreFrom {
+    /// The newest complete archive of any instance of this group.
+    Group,
+    /// The same, from an instance in this instance's availability zone.
+    Az,
+}
+
+/// What a launch with nothing to restore does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IfNone {
+    /// Start without data (a fresh group has nothing to restore).
+    Continue,
+    /// Fail the launch: the restore unit fails, and with a launch hook the action is abandoned.
+    Abandon,
+}
+
+/// `[restore]`: the data a replacement instance takes over from its predecessors.
+#[derive(Debug, Clone)]
+pub struct RestoreConfig {
+    /// Restore at launch (`lifeboat restore-on-launch`, `lifeboat-restore.service`).
+    pub on_launch: bool,
+    /// Whose archives.
+    pub from: RestoreFrom,
+    /// Nothing to restore: go on, or fail.
+    pub if_none: IfNone,
+    /// Archives older than this (by S3's time of their upload) are ignored.
+    pub max_age: Option<Duration>,
+    /// Where the archived paths go: `/` puts each back where it was archived from.
+    pub to: PathBuf,
+    /// Replace files the image already has.
+    pub overwrite: bool,
+    /// Also take partial archives (cut short by their deadline).
+    pub partial: bool,
 }
 
 /// `[backup]`.
@@ -253,6 +294,33 @@ struct RawConfig {
     sns: RawSns,
     lifecycle: RawLifecycle,
     watch: RawWatch,
+    restore: RawRestore,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawRestore {
+    on_launch: bool,
+    from: RestoreFrom,
+    if_none: IfNone,
+    max_age: String,
+    to: PathBuf,
+    overwrite: bool,
+    partial: bool,
+}
+
+impl Default for RawRestore {
+    fn default() -> Self {
+        Self {
+            on_launch: false,
+            from: RestoreFrom::Group,
+            if_none: IfNone::Continue,
+            max_age: String::new(),
+            to: PathBuf::from("/"),
+            overwrite: true,
+            partial: false,
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -454,6 +522,19 @@ impl Config {
                 rebalance: self.watch.rebalance,
                 metadata_wait: humantime::format_duration(self.watch.metadata_wait).to_string(),
             },
+            restore: RawRestore {
+                on_launch: self.restore.on_launch,
+                from: self.restore.from,
+                if_none: self.restore.if_none,
+                max_age: self
+                    .restore
+                    .max_age
+                    .map(|d| humantime::format_duration(d).to_string())
+                    .unwrap_or_default(),
+                to: self.restore.to.clone(),
+                overwrite: self.restore.overwrite,
+                partial: self.restore.partial,
+            },
         };
         toml::to_string(&raw).expect("the effective config serializes")
     }
@@ -496,6 +577,7 @@ impl Validator<'_> {
             sns: self.sns(raw.sns)?,
             lifecycle: self.lifecycle(raw.lifecycle)?,
             watch: self.watch(raw.watch)?,
+            restore: self.restore(raw.restore)?,
         };
         Ok(config)
     }
@@ -679,6 +761,28 @@ impl Validator<'_> {
             spot: raw.spot,
             rebalance: raw.rebalance,
             metadata_wait,
+        })
+    }
+
+    fn restore(&self, raw: RawRestore) -> Result<RestoreConfig, ConfigError> {
+        if !raw.to.is_absolute() {
+            return Err(self.invalid(
+                "restore.to",
+                format!("{:?} is not an absolute path", raw.to),
+            ));
+        }
+        let max_age = match raw.max_age.trim() {
+            "" => None,
+            text => Some(self.duration("restore.max_age", text)?),
+        };
+        Ok(RestoreConfig {
+            on_launch: raw.on_launch,
+            from: raw.from,
+            if_none: raw.if_none,
+            max_age,
+            to: normalise(&raw.to),
+            overwrite: raw.overwrite,
+            partial: raw.partial,
         })
     }
 

@@ -87,6 +87,9 @@ pub struct Summary {
 pub struct SummaryInstance {
     /// Its id.
     pub instance_id: String,
+    /// Its availability zone.
+    #[serde(default)]
+    pub availability_zone: String,
 }
 
 impl Manifest {

@@ -9,6 +9,7 @@ mod doctor;
 mod failures;
 mod fleet;
 mod lambda;
+mod launch;
 mod packages;
 mod restore;
 mod support;

@@ -45,6 +45,7 @@ fn expected_files() -> BTreeMap<&'static str, u32> {
     BTreeMap::from([
         ("/usr/bin/lifeboat", 0o755),
         ("/usr/lib/systemd/system/lifeboat.service", 0o644),
+        ("/usr/lib/systemd/system/lifeboat-restore.service", 0o644),
         ("/etc/lifeboat/lifeboat.toml", 0o640),
         (
             "/usr/share/lifeboat/ssm-documents/lifeboat-backup.json",

@@ -1,5 +1,5 @@
-//! The systemd unit as systemd reads it: `systemd-analyze verify` in a scratch root holding the
-//! system's own units, the unit and the built binary at `/usr/bin/lifeboat`; and the exposure
+//! The systemd units as systemd reads them: `systemd-analyze verify` in a scratch root holding
+//! the system's own units, lifeboat's two units and the built binary at `/usr/bin/lifeboat`; and the exposure
 //! rating of `systemd-analyze security --offline=true`, printed, at most 3.0 ("OK"); and the
 //! unit's privilege model for real: `lifeboat backup` as user nobody with only
 //! CAP_DAC_READ_SEARCH (setpriv) archives root-only files, and without it cannot even read the
@@ -41,10 +41,20 @@ fn the_unit_verifies_in_a_root_with_the_binary() {
     // `ExecReload=/bin/kill -HUP $MAINPID` runs.
     std::os::unix::fs::symlink("usr/bin", r.join("bin")).unwrap();
     std::fs::copy("/bin/kill", r.join("usr/bin/kill")).unwrap();
+    std::fs::copy(
+        root().join("systemd/lifeboat-restore.service"),
+        r.join("etc/systemd/system/lifeboat-restore.service"),
+    )
+    .unwrap();
     let root_arg = format!("--root={}", r.display());
-    let out = analyze(&["verify", "--man=no", &root_arg, "lifeboat.service"]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && stderr.trim().is_empty(), "{stderr}");
+    for unit in ["lifeboat.service", "lifeboat-restore.service"] {
+        let out = analyze(&["verify", "--man=no", &root_arg, unit]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && stderr.trim().is_empty(),
+            "{unit}: {stderr}"
+        );
+    }
 
     // Without the binary, verify says so: the check above is real.
     std::fs::remove_file(r.join("usr/bin/lifeboat")).unwrap();

@@ -1,0 +1,174 @@
+//! Restore on launch (`lifeboat restore-on-launch`, `[restore]`): a replacement instance takes
+//! over the newest complete archive of its group, verified, once; a fresh group goes on or fails
+//! as configured; a tampered archive is not applied. Real binary, moto's S3, the IMDS emulator.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::support::{Imds, Lifeboat, Run, Server, config_for, moto, wait_output, write};
+
+fn on(lb: &Lifeboat, imds: &Imds, args: &[&str]) -> Run {
+    let mut cmd = lb.command(args);
+    cmd.env("AWS_EC2_METADATA_SERVICE_ENDPOINT", &imds.endpoint);
+    wait_output(cmd.spawn().unwrap(), Duration::from_secs(120), args)
+}
+
+fn group(test: &str) -> String {
+    format!("launch-{test}-{}", std::process::id())
+}
+
+/// An instance of `group` whose config archives `data` and restores into `target` at launch.
+fn instance(
+    dir: &Path,
+    server: &Server,
+    bucket: &str,
+    data: &Path,
+    target: &Path,
+    restore_extra: &str,
+) -> Lifeboat {
+    std::fs::create_dir_all(dir).unwrap();
+    Lifeboat::new(
+        dir,
+        &server.endpoint,
+        &format!(
+            "{}[restore]\non_launch = true\nto = {:?}\n{restore_extra}\n",
+            config_for(bucket, &[data], "", ""),
+            target.display().to_string()
+        ),
+    )
+}
+
+fn s3_time(server: &Server, bucket: &str, key: &str) -> i64 {
+    crate::support::rt()
+        .block_on(server.client().head_object().bucket(bucket).key(key).send())
+        .unwrap()
+        .last_modified()
+        .unwrap()
+        .secs()
+}
+
+#[test]
+fn a_replacement_restores_the_newest_archive_of_its_group_once() {
+    let server = moto();
+    let bucket = server.bucket("launch");
+    let group = group("newest");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let target = dir.path().join("target");
+    // An older archive from one instance, then a newer one from another.
+    write(&data.join("app.db"), b"old state");
+    let old = Imds::start("i-0000000000000old0", &group);
+    let lb_old = instance(&dir.path().join("old"), server, &bucket, &data, &target, "");
+    let old_key = on(&lb_old, &old, &["backup"]).stored_key();
+    let old_time = s3_time(server, &bucket, &old_key);
+    crate::support::eventually(
+        "S3's clock to pass the older archive",
+        Duration::from_secs(5),
+        || (crate::support::unix_now() as i64 > old_time).then_some(()),
+    );
+    write(&data.join("app.db"), b"newest state");
+    write(&data.join("conf/app.toml"), b"answer = 42\n");
+    let a = Imds::start("i-0000000000000aaa0", &group);
+    let lb_a = instance(&dir.path().join("a"), server, &bucket, &data, &target, "");
+    let key = on(&lb_a, &a, &["backup"]).stored_key();
+
+    // The replacement restores the newest, verified, where the data was archived from (under
+    // `to`).
+    let b = Imds::start("i-0000000000000bbb0", &group);
+    let lb_b = instance(&dir.path().join("b"), server, &bucket, &data, &target, "");
+    let out = on(&lb_b, &b, &["restore-on-launch"]);
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert!(out.stdout.contains(&key), "{out:#?}");
+    let restored = target.join(data.strip_prefix("/").unwrap());
+    assert_eq!(
+        std::fs::read(restored.join("app.db")).unwrap(),
+        b"newest state"
+    );
+    assert_eq!(
+        std::fs::read(restored.join("conf/app.toml")).unwrap(),
+        b"answer = 42\n"
+    );
+
+    // Once per instance: a reboot does not restore over what the instance has written since.
+    std::fs::write(restored.join("app.db"), b"written after launch").unwrap();
+    let again = on(&lb_b, &b, &["restore-on-launch"]);
+    assert_eq!(again.code, Some(0), "{again:#?}");
+    assert!(again.stdout.contains("already restored"), "{again:#?}");
+    assert_eq!(
+        std::fs::read(restored.join("app.db")).unwrap(),
+        b"written after launch"
+    );
+}
+
+#[test]
+fn a_fresh_group_starts_without_data_or_fails_as_configured() {
+    let server = moto();
+    let bucket = server.bucket("launch-fresh");
+    let group = group("fresh");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let target = dir.path().join("target");
+    let imds = Imds::start("i-0000000000000fre0", &group);
+
+    let lb = instance(
+        &dir.path().join("continue"),
+        server,
+        &bucket,
+        &data,
+        &target,
+        "",
+    );
+    let out = on(&lb, &imds, &["restore-on-launch"]);
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert!(
+        out.stdout
+            .contains(&format!("no complete archive of group {group}"))
+            && out.stdout.contains("starting without data"),
+        "{out:#?}"
+    );
+
+    let lb = instance(
+        &dir.path().join("abandon"),
+        server,
+        &bucket,
+        &data,
+        &target,
+        "if_none = \"abandon\"",
+    );
+    let out = on(&lb, &imds, &["restore-on-launch"]);
+    assert_eq!(out.code, Some(1), "{out:#?}");
+    assert!(
+        out.stderr.contains(&group) && out.stderr.contains("if_none"),
+        "{out:#?}"
+    );
+    assert!(!target.exists(), "nothing was written");
+}
+
+#[test]
+fn a_tampered_archive_is_not_applied_and_the_launch_can_retry() {
+    let server = moto();
+    let bucket = server.bucket("launch-tampered");
+    let group = group("tampered");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let target = dir.path().join("target");
+    write(&data.join("app.db"), b"state");
+    let a = Imds::start("i-0000000000000aaa1", &group);
+    let lb_a = instance(&dir.path().join("a"), server, &bucket, &data, &target, "");
+    let key = on(&lb_a, &a, &["backup"]).stored_key();
+    // Someone replaces the archive (its manifest still names the original's SHA-256).
+    let mut bytes = server.get(&bucket, &key);
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    server.put(&bucket, &key, bytes);
+
+    let b = Imds::start("i-0000000000000bbb1", &group);
+    let lb_b = instance(&dir.path().join("b"), server, &bucket, &data, &target, "");
+    let out = on(&lb_b, &b, &["restore-on-launch"]);
+    assert_eq!(out.code, Some(3), "{out:#?}");
+    let restored = target.join(data.strip_prefix("/").unwrap());
+    assert!(!restored.join("app.db").exists(), "{out:#?}");
+    // Not recorded as done: the next attempt tries again.
+    let again = on(&lb_b, &b, &["restore-on-launch"]);
+    assert_eq!(again.code, Some(3), "{again:#?}");
+}
