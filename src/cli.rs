@@ -7,7 +7,8 @@
 //! - 2: usage or configuration error;
 //! - 3: a check failed: `verify` found a mismatch, or `restore` refused the archive;
 //! - 4: `backup --complete-lifecycle` stored the data but the lifecycle action was not completed
-//!   as intended (no such hook, access denied, out of time): whoever runs it must step in;
+//!   as intended (no such hook, access denied, out of time): whoever runs it must step in; or
+//!   `restore-on-launch` could not complete the launch action;
 //! - 5: `run` found no instance metadata within `watch.metadata_wait` (systemd restarts it);
 //! - 130 / 143: interrupted by SIGINT / SIGTERM (any upload was aborted; a lifecycle action is
 //!   left pending).
@@ -773,6 +774,7 @@ struct RestoreFlags {
 
 /// `restore-on-launch`: see [`crate::launch`].
 async fn restore_on_launch(config: &Config) -> Result<u8, Failure> {
+    use crate::lifecycle::LifecycleResult;
     let cfg = &config.restore;
     if !cfg.on_launch {
         println!(
@@ -792,12 +794,98 @@ async fn restore_on_launch(config: &Config) -> Result<u8, Failure> {
                 .context("restore on launch needs this instance's group from instance metadata"),
             code: EXIT_NO_METADATA,
         })?;
+    let services = Services::connect(config, Some(&identity.region)).await;
+    // A launch hook holds the instance in Pending:Wait while the data comes back.
+    let held = crate::launch::held_by_hook(
+        &services.lifecycle,
+        &identity.instance_id,
+        cfg.hook_name.as_deref(),
+    )
+    .await
+    .map_err(|e| Failure {
+        error: e.into(),
+        code: EXIT_FAILED,
+    })?;
+    let beating = held.as_ref().map(|(action, hook)| {
+        println!(
+            "instance {} waits in Pending:Wait on launch hook {} of group {}",
+            action.instance_id, action.hook, action.group
+        );
+        crate::launch::keep_alive(services.lifecycle.clone(), action.clone(), hook)
+    });
+    let outcome = launch_restore(config, &identity, &services.s3).await;
+    if let Some(beat) = beating {
+        beat.abort();
+    }
+    let nothing = |what: &str| Failure {
+        error: anyhow::anyhow!("{what} (restore.if_none = \"abandon\")"),
+        code: EXIT_FAILED,
+    };
+    let Some((action, hook)) = held else {
+        return match outcome? {
+            LaunchOutcome::NothingAbandon(what) => Err(nothing(&what)),
+            LaunchOutcome::Restored | LaunchOutcome::Nothing => Ok(EXIT_OK),
+        };
+    };
+    let (result, code) = match &outcome {
+        Ok(LaunchOutcome::Restored | LaunchOutcome::Nothing) => {
+            (LifecycleResult::Continue, EXIT_OK)
+        }
+        Ok(LaunchOutcome::NothingAbandon(_)) => (LifecycleResult::Abandon, EXIT_FAILED),
+        Err(f) => {
+            eprintln!("lifeboat: {:#}", f.error);
+            let result = match cfg.on_failure {
+                config::IfNone::Continue => LifecycleResult::Continue,
+                config::IfNone::Abandon => LifecycleResult::Abandon,
+            };
+            (result, f.code)
+        }
+    };
+    let until = tokio::time::Instant::now()
+        + hook
+            .heartbeat_timeout
+            .min(std::time::Duration::from_secs(300));
+    services
+        .lifecycle
+        .complete(&action, result, until)
+        .await
+        .map_err(|e| Failure {
+            error: anyhow::Error::new(e).context("completing the launch lifecycle action"),
+            code: EXIT_NOT_COMPLETED,
+        })?;
+    println!(
+        "completed the launch action of {} on hook {}: {}",
+        action.instance_id,
+        action.hook,
+        result.as_str()
+    );
+    if let Ok(LaunchOutcome::NothingAbandon(what)) = outcome {
+        return Err(nothing(&what));
+    }
+    Ok(code)
+}
+
+/// How a launch restore ended, short of failing.
+enum LaunchOutcome {
+    /// The data is in place (now, or at an earlier run for this instance).
+    Restored,
+    /// Nothing to restore, and `if_none = "continue"`.
+    Nothing,
+    /// Nothing to restore (what was looked for), and `if_none = "abandon"`.
+    NothingAbandon(String),
+}
+
+async fn launch_restore(
+    config: &Config,
+    identity: &InstanceIdentity,
+    s3: &aws_sdk_s3::Client,
+) -> Result<LaunchOutcome, Failure> {
+    let cfg = &config.restore;
     let state_dir = state::state_dir();
     if let Some(done) = crate::launch::already_done(&state_dir, &identity.instance_id) {
         println!("already restored at this instance's launch ({done}): nothing to do");
-        return Ok(EXIT_OK);
+        return Ok(LaunchOutcome::Restored);
     }
-    let s3 = s3_client(config).await;
     let now = time::OffsetDateTime::now_utc();
     let record = |what: &str| {
         crate::launch::record_done(&state_dir, &identity.instance_id, what).with_context(|| {
@@ -807,7 +895,7 @@ async fn restore_on_launch(config: &Config) -> Result<u8, Failure> {
             )
         })
     };
-    let Some(chosen) = crate::launch::choose(&s3, &config.s3, &identity, cfg, now).await? else {
+    let Some(chosen) = crate::launch::choose(s3, &config.s3, identity, cfg, now).await? else {
         let what = format!(
             "no complete archive of group {} under s3://{}/{}",
             identity.group, config.s3.bucket, config.s3.prefix
@@ -816,12 +904,9 @@ async fn restore_on_launch(config: &Config) -> Result<u8, Failure> {
             config::IfNone::Continue => {
                 record("none")?;
                 println!("{what}: starting without data (restore.if_none = \"continue\")");
-                Ok(EXIT_OK)
+                Ok(LaunchOutcome::Nothing)
             }
-            config::IfNone::Abandon => Err(Failure {
-                error: anyhow::anyhow!("{what} (restore.if_none = \"abandon\")"),
-                code: EXIT_FAILED,
-            }),
+            config::IfNone::Abandon => Ok(LaunchOutcome::NothingAbandon(what)),
         };
     };
     println!(
@@ -838,7 +923,7 @@ async fn restore_on_launch(config: &Config) -> Result<u8, Failure> {
         force_unverified: false,
         chosen: true,
     };
-    let code = restore(
+    restore(
         config,
         Some(chosen.key.clone()),
         None,
@@ -847,7 +932,7 @@ async fn restore_on_launch(config: &Config) -> Result<u8, Failure> {
     )
     .await?;
     record(&format!("s3://{}/{}", config.s3.bucket, chosen.key))?;
-    Ok(code)
+    Ok(LaunchOutcome::Restored)
 }
 
 async fn restore(

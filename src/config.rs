@@ -119,13 +119,15 @@ pub enum RestoreFrom {
     Az,
 }
 
-/// What a launch with nothing to restore does.
+/// What a launch with nothing to restore (`if_none`), or whose restore failed (`on_failure`),
+/// does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum IfNone {
     /// Start without data (a fresh group has nothing to restore).
     Continue,
-    /// Fail the launch: the restore unit fails, and with a launch hook the action is abandoned.
+    /// Fail the launch: the restore unit fails, and a launch hook's action is abandoned (Auto
+    /// Scaling terminates the instance and launches another).
     Abandon,
 }
 
@@ -146,6 +148,11 @@ pub struct RestoreConfig {
     pub overwrite: bool,
     /// Also take partial archives (cut short by their deadline).
     pub partial: bool,
+    /// The group's launch hook lifeboat completes; `None`: the group's only launch hook.
+    pub hook_name: Option<String>,
+    /// A restore that fails (S3 unreachable, an archive that fails verification): the launch
+    /// goes on without the data, or fails.
+    pub on_failure: IfNone,
 }
 
 /// `[backup]`.
@@ -307,6 +314,8 @@ struct RawRestore {
     to: PathBuf,
     overwrite: bool,
     partial: bool,
+    hook_name: String,
+    on_failure: IfNone,
 }
 
 impl Default for RawRestore {
@@ -319,6 +328,8 @@ impl Default for RawRestore {
             to: PathBuf::from("/"),
             overwrite: true,
             partial: false,
+            hook_name: String::new(),
+            on_failure: IfNone::Abandon,
         }
     }
 }
@@ -534,6 +545,8 @@ impl Config {
                 to: self.restore.to.clone(),
                 overwrite: self.restore.overwrite,
                 partial: self.restore.partial,
+                hook_name: self.restore.hook_name.clone().unwrap_or_default(),
+                on_failure: self.restore.on_failure,
             },
         };
         toml::to_string(&raw).expect("the effective config serializes")
@@ -783,6 +796,8 @@ impl Validator<'_> {
             to: normalise(&raw.to),
             overwrite: raw.overwrite,
             partial: raw.partial,
+            hook_name: (!raw.hook_name.is_empty()).then_some(raw.hook_name),
+            on_failure: raw.on_failure,
         })
     }
 

@@ -24,6 +24,10 @@ use tokio::time::Instant;
 pub const TERMINATING: &str = "autoscaling:EC2_INSTANCE_TERMINATING";
 /// The lifecycle state while a terminate hook holds the instance.
 pub const TERMINATING_WAIT: &str = "Terminating:Wait";
+/// The launching transition's name in hooks and events.
+pub const LAUNCHING: &str = "autoscaling:EC2_INSTANCE_LAUNCHING";
+/// The lifecycle state while a launch hook holds the instance.
+pub const PENDING_WAIT: &str = "Pending:Wait";
 /// How long "no active lifecycle action" is retried before it is taken as done, by default.
 pub const NOT_ACTIVE_GRACE: Duration = Duration::from_secs(15);
 
@@ -364,14 +368,14 @@ impl Lifecycle {
         }
     }
 
-    /// The group's terminate hook: `configured` if set (and present), else the only one.
-    pub async fn terminate_hook(
+    /// The group's hooks on `transition` (`TERMINATING`, `LAUNCHING`).
+    pub async fn hooks(
         &self,
         group: &str,
-        configured: Option<&str>,
+        transition: &str,
         instance_id: &str,
         until: Instant,
-    ) -> Result<Hook, LifecycleError> {
+    ) -> Result<Vec<Hook>, LifecycleError> {
         let mut attempt = 0;
         let out = loop {
             if attempt == 0 {
@@ -400,10 +404,10 @@ impl Lifecycle {
                 }
             }
         };
-        let hooks: Vec<Hook> = out
+        Ok(out
             .lifecycle_hooks()
             .iter()
-            .filter(|h| h.lifecycle_transition() == Some(TERMINATING))
+            .filter(|h| h.lifecycle_transition() == Some(transition))
             .map(|h| Hook {
                 name: h.lifecycle_hook_name().unwrap_or_default().to_owned(),
                 heartbeat_timeout: Duration::from_secs(
@@ -411,7 +415,18 @@ impl Lifecycle {
                 ),
                 default_result: h.default_result().unwrap_or("ABANDON").to_owned(),
             })
-            .collect();
+            .collect())
+    }
+
+    /// The group's terminate hook: `configured` if set (and present), else the only one.
+    pub async fn terminate_hook(
+        &self,
+        group: &str,
+        configured: Option<&str>,
+        instance_id: &str,
+        until: Instant,
+    ) -> Result<Hook, LifecycleError> {
+        let hooks = self.hooks(group, TERMINATING, instance_id, until).await?;
         match configured {
             Some(name) => hooks.into_iter().find(|h| h.name == name).ok_or_else(|| {
                 LifecycleError::UnknownHook {

@@ -20,6 +20,8 @@ POST /faults injects trouble, scoped so parallel tests do not disturb each other
       answer the next N calls of each operation on group G with Throttling ("Rate exceeded");
   {"bucket": B, "s3_part_delay_ms": D}   hold every UploadPart into bucket B for D ms.
 GET /throttled lists the throttled calls.
+A launch hook (EC2_INSTANCE_LAUNCHING) holds the instances a scale-out adds in Pending:Wait
+until their actions end (CONTINUE: InService; ABANDON or a timeout's ABANDON: terminated).
 POST /events {"group": G, "url": U} plays EventBridge for group G: each instance entering
 Terminating:Wait is announced to U as an `EC2 Instance-terminate Lifecycle Action` event.
 
@@ -53,6 +55,7 @@ from moto.core.responses import EmptyResult
 import ssm_agent
 
 TERMINATING = "autoscaling:EC2_INSTANCE_TERMINATING"
+LAUNCHING = "autoscaling:EC2_INSTANCE_LAUNCHING"
 LOCK = threading.RLock()
 ACTIONS = []  # dicts, see start_wait
 IMDS_URL = None
@@ -71,13 +74,42 @@ def now():
     return time.time()
 
 
-def terminate_hooks(group):
+def terminate_hooks(group, transition=TERMINATING):
     backend = group.autoscaling_backend
     return [
         h
         for h in backend.lifecycle_hooks.values()
-        if h.auto_scaling_group_name == group.name and h.lifecycle_transition == TERMINATING
+        if h.auto_scaling_group_name == group.name and h.lifecycle_transition == transition
     ]
+
+
+def start_launch_wait(group, state, hooks):
+    """A launch hook holds a new instance in Pending:Wait until its action ends (CONTINUE: it goes
+    in service; ABANDON or the timeout's ABANDON: it is terminated)."""
+    state.lifecycle_state = "Pending:Wait"
+    with LOCK:
+        for hook in hooks:
+            timeout = int(hook.heartbeat_timeout or 3600)
+            ACTIONS.append(
+                {
+                    "token": str(uuid.uuid4()),
+                    "transition": LAUNCHING,
+                    "instance_id": state.instance.id,
+                    "group": group.name,
+                    "hook": hook.name,
+                    "heartbeat_timeout": timeout,
+                    "default_result": hook.default_result or "ABANDON",
+                    "started": now(),
+                    "deadline": now() + timeout,
+                    "global_deadline": now() + min(172800, 100 * timeout),
+                    "result": None,
+                    "ended_by": None,
+                    "ended": None,
+                    "calls": [],
+                    "_state": state,
+                    "_group": group,
+                }
+            )
 
 
 def start_wait(group, state, hooks):
@@ -88,6 +120,7 @@ def start_wait(group, state, hooks):
             ACTIONS.append(
                 {
                     "token": str(uuid.uuid4()),
+                    "transition": TERMINATING,
                     "instance_id": state.instance.id,
                     "group": group.name,
                     "hook": hook.name,
@@ -158,6 +191,9 @@ def finish(action, result, ended_by):
     if others:
         return
     state, group = action["_state"], action["_group"]
+    if action.get("transition") == LAUNCHING and result == "CONTINUE":
+        state.lifecycle_state = "InService"
+        return
     state.lifecycle_state = "Terminated"
     if state in group.instance_states:
         group.instance_states.remove(state)
@@ -171,6 +207,15 @@ _orig_set_desired_capacity = asm.FakeAutoScalingGroup.set_desired_capacity
 
 
 def set_desired_capacity(self, new_capacity):
+    launch_hooks = terminate_hooks(self, LAUNCHING)
+    wanted = int((self.min_size if new_capacity is None else new_capacity) or 0)
+    if launch_hooks and wanted > len(self.instance_states):
+        before = set(id(s) for s in self.instance_states)
+        _orig_set_desired_capacity(self, new_capacity)
+        for state in self.instance_states:
+            if id(state) not in before:
+                start_launch_wait(self, state, launch_hooks)
+        return
     hooks = terminate_hooks(self)
     if hooks:
         target = self.min_size if new_capacity is None else new_capacity

@@ -172,3 +172,151 @@ fn a_tampered_archive_is_not_applied_and_the_launch_can_retry() {
     let again = on(&lb_b, &b, &["restore-on-launch"]);
     assert_eq!(again.code, Some(3), "{again:#?}");
 }
+
+/// A launch hook holds the new instance in Pending:Wait: the restore runs, the action is kept
+/// alive and completed CONTINUE once the data is in place; an archive that fails verification
+/// is not applied and the action is completed as `on_failure` says (ABANDON); with nothing to
+/// restore and `if_none = "abandon"` it is completed ABANDON.
+#[test]
+fn a_launch_hook_is_completed_continue_once_the_data_is_in_place() {
+    let server = moto();
+    let bucket = server.bucket("launch-hook");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let target = dir.path().join("target");
+    write(&data.join("app.db"), b"carried over");
+    // A group of one instance with a launch hook; that instance saves its data.
+    let (group, instances, _topic) = crate::support::group_of(server, "launch-hook", 1, 300);
+    let asg = server.autoscaling();
+    crate::support::rt()
+        .block_on(
+            asg.put_lifecycle_hook()
+                .auto_scaling_group_name(&group)
+                .lifecycle_hook_name("lifeboat-launch")
+                .lifecycle_transition("autoscaling:EC2_INSTANCE_LAUNCHING")
+                .heartbeat_timeout(60)
+                .default_result("ABANDON")
+                .send(),
+        )
+        .unwrap();
+    let a = Imds::start(&instances[0], &group);
+    let lb_a = instance(&dir.path().join("a"), server, &bucket, &data, &target, "");
+    let key = on(&lb_a, &a, &["backup"]).stored_key();
+    // Scale out: the new instance waits in Pending:Wait.
+    crate::support::rt()
+        .block_on(
+            asg.set_desired_capacity()
+                .auto_scaling_group_name(&group)
+                .desired_capacity(2)
+                .send(),
+        )
+        .unwrap();
+    let waiting = |state: &str| {
+        crate::support::rt()
+            .block_on(
+                asg.describe_auto_scaling_groups()
+                    .auto_scaling_group_names(&group)
+                    .send(),
+            )
+            .unwrap()
+            .auto_scaling_groups()[0]
+            .instances()
+            .iter()
+            .filter(|i| i.lifecycle_state().map(|s| s.as_str()) == Some(state))
+            .map(|i| i.instance_id().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    let new = waiting("Pending:Wait");
+    assert_eq!(new.len(), 1, "{new:?}");
+    let b = Imds::start(&new[0], &group);
+    let lb_b = instance(&dir.path().join("b"), server, &bucket, &data, &target, "");
+    let out = on(&lb_b, &b, &["restore-on-launch"]);
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert!(
+        out.stdout.contains(&key) && out.stdout.contains("CONTINUE"),
+        "{out:#?}"
+    );
+    let restored = target.join(data.strip_prefix("/").unwrap());
+    assert_eq!(
+        std::fs::read(restored.join("app.db")).unwrap(),
+        b"carried over"
+    );
+    let action = crate::support::finished_action(server, &new[0]);
+    assert_eq!(action["result"], "CONTINUE", "{action}");
+    assert_eq!(action["ended_by"], "completed", "{action}");
+    assert!(waiting("InService").contains(&new[0]));
+
+    // The archive is tampered with; the next launch does not apply it, and the action follows
+    // restore.on_failure (default "abandon").
+    let mut bytes = server.get(&bucket, &key);
+    bytes[100] ^= 0xff;
+    server.put(&bucket, &key, bytes);
+    crate::support::rt()
+        .block_on(
+            asg.set_desired_capacity()
+                .auto_scaling_group_name(&group)
+                .desired_capacity(3)
+                .send(),
+        )
+        .unwrap();
+    let third = waiting("Pending:Wait");
+    assert_eq!(third.len(), 1, "{third:?}");
+    let d = Imds::start(&third[0], &group);
+    let target_d = dir.path().join("target-d");
+    let lb_d = instance(&dir.path().join("d"), server, &bucket, &data, &target_d, "");
+    let out = on(&lb_d, &d, &["restore-on-launch"]);
+    assert_eq!(out.code, Some(3), "{out:#?}");
+    assert!(
+        !target_d
+            .join(data.strip_prefix("/").unwrap())
+            .join("app.db")
+            .exists()
+    );
+    let action = crate::support::finished_action(server, &third[0]);
+    assert_eq!(action["result"], "ABANDON", "{action}");
+
+    // Another launch into a group with nothing to restore and if_none = "abandon": ABANDON.
+    let (empty, _, _) = crate::support::group_of(server, "launch-empty", 0, 300);
+    crate::support::rt().block_on(async {
+        asg.put_lifecycle_hook()
+            .auto_scaling_group_name(&empty)
+            .lifecycle_hook_name("lifeboat-launch")
+            .lifecycle_transition("autoscaling:EC2_INSTANCE_LAUNCHING")
+            .heartbeat_timeout(60)
+            .default_result("CONTINUE")
+            .send()
+            .await
+            .unwrap();
+        asg.set_desired_capacity()
+            .auto_scaling_group_name(&empty)
+            .desired_capacity(1)
+            .send()
+            .await
+            .unwrap();
+    });
+    let fresh = crate::support::rt()
+        .block_on(
+            asg.describe_auto_scaling_groups()
+                .auto_scaling_group_names(&empty)
+                .send(),
+        )
+        .unwrap()
+        .auto_scaling_groups()[0]
+        .instances()[0]
+        .instance_id()
+        .unwrap()
+        .to_owned();
+    let c = Imds::start(&fresh, &empty);
+    let lb_c = instance(
+        &dir.path().join("c"),
+        server,
+        &bucket,
+        &data,
+        &dir.path().join("target-c"),
+        "if_none = \"abandon\"",
+    );
+    let out = on(&lb_c, &c, &["restore-on-launch"]);
+    assert_eq!(out.code, Some(1), "{out:#?}");
+    let action = crate::support::finished_action(server, &fresh);
+    assert_eq!(action["result"], "ABANDON", "{action}");
+}
