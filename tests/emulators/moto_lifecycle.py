@@ -83,60 +83,40 @@ def terminate_hooks(group, transition=TERMINATING):
     ]
 
 
+def new_action(group, state, hook, transition):
+    timeout = int(hook.heartbeat_timeout or 3600)
+    return {
+        "token": str(uuid.uuid4()),
+        "transition": transition,
+        "instance_id": state.instance.id,
+        "group": group.name,
+        "hook": hook.name,
+        "heartbeat_timeout": timeout,
+        "default_result": hook.default_result or "ABANDON",
+        "started": now(),
+        "deadline": now() + timeout,
+        "global_deadline": now() + min(172800, 100 * timeout),
+        "result": None,
+        "ended_by": None,
+        "ended": None,
+        "calls": [],
+        "_state": state,
+        "_group": group,
+    }
+
+
 def start_launch_wait(group, state, hooks):
     """A launch hook holds a new instance in Pending:Wait until its action ends (CONTINUE: it goes
     in service; ABANDON or the timeout's ABANDON: it is terminated)."""
     state.lifecycle_state = "Pending:Wait"
     with LOCK:
-        for hook in hooks:
-            timeout = int(hook.heartbeat_timeout or 3600)
-            ACTIONS.append(
-                {
-                    "token": str(uuid.uuid4()),
-                    "transition": LAUNCHING,
-                    "instance_id": state.instance.id,
-                    "group": group.name,
-                    "hook": hook.name,
-                    "heartbeat_timeout": timeout,
-                    "default_result": hook.default_result or "ABANDON",
-                    "started": now(),
-                    "deadline": now() + timeout,
-                    "global_deadline": now() + min(172800, 100 * timeout),
-                    "result": None,
-                    "ended_by": None,
-                    "ended": None,
-                    "calls": [],
-                    "_state": state,
-                    "_group": group,
-                }
-            )
+        ACTIONS.extend(new_action(group, state, hook, LAUNCHING) for hook in hooks)
 
 
 def start_wait(group, state, hooks):
     state.lifecycle_state = "Terminating:Wait"
     with LOCK:
-        for hook in hooks:
-            timeout = int(hook.heartbeat_timeout or 3600)
-            ACTIONS.append(
-                {
-                    "token": str(uuid.uuid4()),
-                    "transition": TERMINATING,
-                    "instance_id": state.instance.id,
-                    "group": group.name,
-                    "hook": hook.name,
-                    "heartbeat_timeout": timeout,
-                    "default_result": hook.default_result or "ABANDON",
-                    "started": now(),
-                    "deadline": now() + timeout,
-                    "global_deadline": now() + min(172800, 100 * timeout),
-                    "result": None,
-                    "ended_by": None,
-                    "ended": None,
-                    "calls": [],
-                    "_state": state,
-                    "_group": group,
-                }
-            )
+        ACTIONS.extend(new_action(group, state, hook, TERMINATING) for hook in hooks)
     with LOCK:
         target = EVENT_TARGETS.get(group.name)
         events = [lifecycle_event(a) for a in ACTIONS[-len(hooks):]] if target else []
