@@ -107,6 +107,16 @@ pub struct Config {
     pub watch: WatchConfig,
     /// What to bring back at launch.
     pub restore: RestoreConfig,
+    /// Snapshots between terminations.
+    pub schedule: ScheduleConfig,
+}
+
+/// `[schedule]`: snapshots between terminations, by the daemon.
+#[derive(Debug, Clone)]
+pub struct ScheduleConfig {
+    /// About how often; `None`: never. Each wait is drawn between three quarters of this and
+    /// all of it, so a fleet started together does not snapshot in step.
+    pub every: Option<Duration>,
 }
 
 /// Whose archives a launching instance restores.
@@ -302,6 +312,13 @@ struct RawConfig {
     lifecycle: RawLifecycle,
     watch: RawWatch,
     restore: RawRestore,
+    schedule: RawSchedule,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawSchedule {
+    every: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -548,6 +565,13 @@ impl Config {
                 hook_name: self.restore.hook_name.clone().unwrap_or_default(),
                 on_failure: self.restore.on_failure,
             },
+            schedule: RawSchedule {
+                every: self
+                    .schedule
+                    .every
+                    .map(|d| humantime::format_duration(d).to_string())
+                    .unwrap_or_default(),
+            },
         };
         toml::to_string(&raw).expect("the effective config serializes")
     }
@@ -591,6 +615,12 @@ impl Validator<'_> {
             lifecycle: self.lifecycle(raw.lifecycle)?,
             watch: self.watch(raw.watch)?,
             restore: self.restore(raw.restore)?,
+            schedule: ScheduleConfig {
+                every: match raw.schedule.every.trim() {
+                    "" => None,
+                    text => Some(self.duration("schedule.every", text)?).filter(|d| !d.is_zero()),
+                },
+            },
         };
         Ok(config)
     }
@@ -900,6 +930,16 @@ mod tests {
             e.contains("backup.memory_limit") && e.contains("s3.concurrency = 4"),
             "{e}"
         );
+        let e = parse("[s3]\nbucket = \"b-1\"\n[schedule]\nevery = \"often\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("schedule.every") && e.contains("often"), "{e}");
+        let c = parse("[s3]\nbucket = \"b-1\"\n[schedule]\nevery = \"6h\"\n").unwrap();
+        assert_eq!(c.schedule.every, Some(Duration::from_secs(6 * 3600)));
+        let e = parse("[s3]\nbucket = \"b-1\"\n[restore]\nto = \"relative\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("restore.to"), "{e}");
         let e = parse("[backup]\nworkers = \"many\"\n[s3]\nbucket = \"b-1\"\n")
             .unwrap_err()
             .to_string();

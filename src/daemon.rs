@@ -52,6 +52,47 @@ pub enum Reply {
     },
 }
 
+/// `[schedule] every`: a snapshot now and then (reason `scheduled`, nothing to complete), each
+/// wait drawn between three quarters of `every` and all of it so that a fleet started together
+/// does not snapshot in step. None while a backup runs (it would join it) or once this
+/// lifecycle's termination is backed up.
+async fn snapshots(
+    every: Duration,
+    tx: mpsc::Sender<WatchEvent>,
+    runner: Arc<Runner>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let wait = every.mul_f64(0.75 + 0.25 * fastrand::f64());
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+        if runner.terminated() {
+            tracing::debug!("no snapshot: this instance's termination is backed up");
+            continue;
+        }
+        if runner.progress().is_some() {
+            tracing::info!("snapshot skipped: a backup is running");
+            continue;
+        }
+        let notice = crate::watch::TerminationNotice {
+            source: crate::watch::NoticeSource::Scheduled,
+            reason: "scheduled".into(),
+            group: None,
+            hook: None,
+            token: None,
+            deadline: None,
+            complete_lifecycle: false,
+            action_began_after: None,
+            hook_heartbeat_timeout_s: None,
+        };
+        if tx.send(WatchEvent::Notice(notice)).await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -263,6 +304,12 @@ pub async fn run(
     if w.rebalance {
         sources.push("events/recommendations/rebalance".into());
     }
+    if let Some(every) = config.schedule.every {
+        sources.push(format!(
+            "schedule (every {})",
+            humantime::format_duration(every)
+        ));
+    }
     sources.push("control socket".into());
     let listener = bind(&crate::state::control_socket())?;
     let runner = Runner::new(
@@ -282,6 +329,14 @@ pub async fn run(
         state: "running".into(),
     });
     let (tx, mut rx) = mpsc::channel(8);
+    if let Some(every) = config.schedule.every {
+        tokio::spawn(snapshots(
+            every,
+            tx.clone(),
+            Arc::clone(&runner),
+            shutdown.clone(),
+        ));
+    }
     tokio::spawn(watcher.run(tx, shutdown.clone()));
     tokio::spawn(serve(
         listener,

@@ -441,6 +441,15 @@ impl Runner {
         self.hooks.reread();
     }
 
+    /// Whether this lifecycle's termination has been backed up (no snapshot after that).
+    pub fn terminated(&self) -> bool {
+        self.slots
+            .lock()
+            .expect("runner lock")
+            .termination_done
+            .is_some()
+    }
+
     /// Live counters of the running job, if any.
     pub fn progress(&self) -> Option<Arc<Counters>> {
         let slots = self.slots.lock().expect("runner lock");

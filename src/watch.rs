@@ -33,6 +33,8 @@ pub enum NoticeSource {
     Rebalance,
     /// `lifeboat backup` (an operator, or the SSM document with lifecycle details).
     Command,
+    /// `[schedule] every`: a snapshot between terminations (nothing to complete).
+    Scheduled,
 }
 
 /// One reason to back up now. Every source produces the same type; the job runner does not care

@@ -320,3 +320,54 @@ fn a_launch_hook_is_completed_continue_once_the_data_is_in_place() {
     let action = crate::support::finished_action(server, &fresh);
     assert_eq!(action["result"], "ABANDON", "{action}");
 }
+
+/// `[schedule] every`: the daemon snapshots between terminations; an instance that then dies
+/// without notice (kill -9, no termination) still hands its data to the replacement.
+#[test]
+fn a_scheduled_snapshot_survives_a_crash_and_a_launch_restores_it() {
+    let server = moto();
+    let (group, instance_id, topic) = crate::support::group_with_hook(server, "snapshot", 60);
+    let imds = Imds::start(&instance_id, &group);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let target = dir.path().join("target");
+    write(&data.join("app.db"), b"snapshotted between terminations");
+    let bucket = server.bucket("snapshot");
+    std::fs::create_dir_all(dir.path().join("a")).unwrap();
+    let lb = Lifeboat::new(
+        &dir.path().join("a"),
+        &server.endpoint,
+        &format!(
+            "{}[schedule]\nevery = \"1s\"\n",
+            crate::support::daemon_config(&bucket, &data, &topic, "")
+        ),
+    );
+    let mut daemon = crate::support::start_daemon(&lb, &imds, &[]);
+    // A complete snapshot: the archive and its manifest.
+    let key = crate::support::eventually("a scheduled snapshot", Duration::from_secs(60), || {
+        let keys = server.keys(&bucket);
+        keys.iter()
+            .find(|k| {
+                k.ends_with("-scheduled.tar") && keys.contains(&k.replace(".tar", ".manifest.json"))
+            })
+            .cloned()
+    });
+    // The instance dies without a notice.
+    daemon.child().kill().unwrap();
+    daemon.child().wait().unwrap();
+    drop(daemon);
+
+    let b = Imds::start("i-0000000000000bbb2", &group);
+    let lb_b = instance(&dir.path().join("b"), server, &bucket, &data, &target, "");
+    let out = on(&lb_b, &b, &["restore-on-launch"]);
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert!(
+        out.stdout.contains("-scheduled.tar"),
+        "{out:#?} (first snapshot {key})"
+    );
+    let restored = target.join(data.strip_prefix("/").unwrap());
+    assert_eq!(
+        std::fs::read(restored.join("app.db")).unwrap(),
+        b"snapshotted between terminations"
+    );
+}
