@@ -114,6 +114,20 @@ enum Command {
         #[arg(long)]
         limit: Option<usize>,
     },
+    /// Apply `[retention]` (keep_last, keep_within) to the archives, per instance: say what
+    /// would be deleted, or delete it (with its manifest) with --apply. Every instance's newest
+    /// complete archive is kept.
+    Prune {
+        /// Only this instance's backups.
+        #[arg(long)]
+        instance_id: Option<String>,
+        /// Only this Auto Scaling group's backups.
+        #[arg(long)]
+        group: Option<String>,
+        /// Delete (without it, prune only says what it would delete).
+        #[arg(long)]
+        apply: bool,
+    },
     /// Download and extract a backup into a directory (never writing outside it).
     Restore {
         /// The archive's key.
@@ -357,6 +371,18 @@ async fn dispatch(command: Command, config: Config) -> u8 {
             restore(&config, key, instance_id, to, flags).await
         }
         Command::RestoreOnLaunch => restore_on_launch(&config).await,
+        Command::Prune {
+            instance_id,
+            group,
+            apply,
+        } => {
+            let filter = catalog::ListFilter {
+                instance_id,
+                group,
+                ..catalog::ListFilter::default()
+            };
+            prune(&config, &filter, apply).await
+        }
         Command::Verify { key } => verify(&config, &key).await,
         Command::Config { .. } | Command::Manpage { .. } => {
             unreachable!("handled before the runtime starts")
@@ -729,6 +755,53 @@ async fn list(config: &Config, filter: &catalog::ListFilter) -> Result<u8, Failu
             e.key
         );
     }
+    Ok(EXIT_OK)
+}
+
+async fn prune(config: &Config, filter: &catalog::ListFilter, apply: bool) -> Result<u8, Failure> {
+    use crate::prune::{PruneError, Verdict};
+    let s3 = s3_client(config).await;
+    let plan = crate::prune::plan(&s3, &config.s3, &config.retention, filter, &config.source)
+        .await
+        .map_err(|e| Failure {
+            code: if matches!(e, PruneError::NoRules { .. }) {
+                EXIT_USAGE
+            } else {
+                EXIT_FAILED
+            },
+            error: e.into(),
+        })?;
+    let doomed: Vec<String> = plan
+        .iter()
+        .filter(|(_, v)| *v == Verdict::Delete)
+        .map(|(e, _)| e.key.clone())
+        .collect();
+    for (e, verdict) in &plan {
+        match verdict {
+            Verdict::Keep(why) => println!("keep    {:<12} {} ({why})", e.status.name(), e.key),
+            Verdict::Delete if apply => println!("delete  {:<12} {}", e.status.name(), e.key),
+            Verdict::Delete => println!("would delete  {:<12} {}", e.status.name(), e.key),
+        }
+    }
+    if !apply {
+        println!(
+            "{} of {} archives would be deleted (with their manifests); run with --apply to delete them",
+            doomed.len(),
+            plan.len()
+        );
+        return Ok(EXIT_OK);
+    }
+    crate::prune::delete(&s3, &config.s3, &doomed)
+        .await
+        .map_err(|e| Failure {
+            error: e.into(),
+            code: EXIT_FAILED,
+        })?;
+    println!(
+        "deleted {} of {} archives (with their manifests)",
+        doomed.len(),
+        plan.len()
+    );
     Ok(EXIT_OK)
 }
 

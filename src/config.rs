@@ -109,6 +109,18 @@ pub struct Config {
     pub restore: RestoreConfig,
     /// Snapshots between terminations.
     pub schedule: ScheduleConfig,
+    /// Which archives `lifeboat prune` keeps.
+    pub retention: RetentionConfig,
+}
+
+/// `[retention]`: which archives `lifeboat prune` keeps, per instance. The newest complete
+/// archive of every instance is kept whatever these say.
+#[derive(Debug, Clone, Default)]
+pub struct RetentionConfig {
+    /// Keep each instance's newest this many; `None`: no count rule.
+    pub keep_last: Option<usize>,
+    /// Keep what S3 stored within this long; `None`: no age rule.
+    pub keep_within: Option<Duration>,
 }
 
 /// `[schedule]`: snapshots between terminations, by the daemon.
@@ -313,6 +325,14 @@ struct RawConfig {
     watch: RawWatch,
     restore: RawRestore,
     schedule: RawSchedule,
+    retention: RawRetention,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawRetention {
+    keep_last: u64,
+    keep_within: String,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -565,6 +585,14 @@ impl Config {
                 hook_name: self.restore.hook_name.clone().unwrap_or_default(),
                 on_failure: self.restore.on_failure,
             },
+            retention: RawRetention {
+                keep_last: self.retention.keep_last.map_or(0, |n| n as u64),
+                keep_within: self
+                    .retention
+                    .keep_within
+                    .map(|d| humantime::format_duration(d).to_string())
+                    .unwrap_or_default(),
+            },
             schedule: RawSchedule {
                 every: self
                     .schedule
@@ -615,6 +643,15 @@ impl Validator<'_> {
             lifecycle: self.lifecycle(raw.lifecycle)?,
             watch: self.watch(raw.watch)?,
             restore: self.restore(raw.restore)?,
+            retention: RetentionConfig {
+                keep_last: usize::try_from(raw.retention.keep_last)
+                    .ok()
+                    .filter(|n| *n > 0),
+                keep_within: match raw.retention.keep_within.trim() {
+                    "" => None,
+                    text => Some(self.duration("retention.keep_within", text)?),
+                },
+            },
             schedule: ScheduleConfig {
                 every: match raw.schedule.every.trim() {
                     "" => None,

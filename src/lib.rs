@@ -27,6 +27,7 @@ pub mod manifest;
 pub mod memory;
 pub mod prefetch;
 pub mod progress;
+pub mod prune;
 pub mod restore;
 pub mod runner;
 pub mod state;

@@ -371,3 +371,82 @@ fn a_scheduled_snapshot_survives_a_crash_and_a_launch_restores_it() {
         b"snapshotted between terminations"
     );
 }
+
+/// `lifeboat prune` with `[retention] keep_last = 1`: a dry run deletes nothing; `--apply`
+/// deletes what the rules do not keep, with its manifest, and keeps the instance's newest
+/// complete archive even when a newer one has no manifest.
+#[test]
+fn prune_keeps_what_the_rules_and_the_newest_complete_archive_need() {
+    let server = moto();
+    let bucket = server.bucket("prune");
+    let group = group("prune");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write(&data.join("app.db"), b"x");
+    let a = Imds::start("i-0000000000000aaa3", &group);
+    let lb = instance(
+        &dir.path().join("a"),
+        server,
+        &bucket,
+        &data,
+        &dir.path().join("target"),
+        "",
+    );
+    // Three backups, each stored in a later second than the one before.
+    let mut keys: Vec<String> = Vec::new();
+    for _ in 0..3 {
+        if let Some(last) = keys.last() {
+            let t = s3_time(server, &bucket, last);
+            crate::support::eventually("the next second", Duration::from_secs(5), || {
+                (crate::support::unix_now() as i64 > t).then_some(())
+            });
+        }
+        keys.push(on(&lb, &a, &["backup"]).stored_key());
+    }
+    let manifest = |k: &str| k.rsplit_once(".tar").unwrap().0.to_owned() + ".manifest.json";
+    // The newest lost its manifest (a job that failed after its upload).
+    crate::support::rt()
+        .block_on(
+            server
+                .client()
+                .delete_object()
+                .bucket(&bucket)
+                .key(manifest(&keys[2]))
+                .send(),
+        )
+        .unwrap();
+    std::fs::create_dir_all(dir.path().join("operator")).unwrap();
+    let retained = Lifeboat::new(
+        &dir.path().join("operator"),
+        &server.endpoint,
+        &format!(
+            "{}[retention]\nkeep_last = 1\n",
+            config_for(&bucket, &[&data], "", "")
+        ),
+    );
+    let dry = on(&retained, &a, &["prune"]);
+    assert_eq!(dry.code, Some(0), "{dry:#?}");
+    assert!(
+        dry.stdout
+            .contains(&format!("would delete  complete     {}", keys[0])),
+        "{dry:#?}"
+    );
+    assert_eq!(server.keys(&bucket).len(), 5, "a dry run deletes nothing");
+
+    let out = on(&retained, &a, &["prune", "--apply"]);
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert!(
+        out.stdout.contains("(keep_last)") && out.stdout.contains("(newest complete)"),
+        "{out:#?}"
+    );
+    let mut left = server.keys(&bucket);
+    left.sort();
+    let mut want = vec![keys[1].clone(), manifest(&keys[1]), keys[2].clone()];
+    want.sort();
+    assert_eq!(left, want);
+
+    // Without a rule, prune refuses (exit 2) rather than keep only the newest.
+    let out = on(&lb, &a, &["prune"]);
+    assert_eq!(out.code, Some(2), "{out:#?}");
+    assert!(out.stderr.contains("retention.keep_last"), "{out:#?}");
+}
