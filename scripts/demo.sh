@@ -3,7 +3,9 @@
 # lifecycle actions, and an IMDSv2 emulator). Nothing leaves this machine.
 #   1. by hand: back up a sample tree, list, verify, restore, compare;
 #   2. the daemon: an Auto Scaling group with a terminate hook, `lifeboat run` watching instance
-#      metadata, a scale-in, the archive in S3, the SNS report, the action completed;
+#      metadata, a scale-in, the archive in S3, the SNS report, the action completed; then a
+#      scale-out with a launch hook: the new instance restores that archive (`restore-on-launch`)
+#      and its launch action is completed CONTINUE;
 #   3. Run Command: the lifecycle event to the companion Lambda (under a local Runtime API), the
 #      lifeboat-backup document run on the instance by the SSM agent stand-in, `lifeboat backup
 #      --complete-lifecycle`, the action completed; and an instance SSM cannot reach, completed by
@@ -139,6 +141,42 @@ echo; echo "== the SNS report"
 show_reports "$topic"
 echo; echo "== lifeboat status"; "$LIFEBOAT" status
 kill -TERM "$daemon_pid"; wait "$daemon_pid" || true; daemon_pid=
+
+echo; echo "######## 2b. scale out: the replacement restores its predecessor's data (launch hook)"
+new_instance=$("$PY" - "$group" <<'PY'
+import boto3, sys
+asg, group = boto3.client("autoscaling"), sys.argv[1]
+asg.put_lifecycle_hook(AutoScalingGroupName=group, LifecycleHookName="lifeboat-launch",
+                       LifecycleTransition="autoscaling:EC2_INSTANCE_LAUNCHING",
+                       HeartbeatTimeout=60, DefaultResult="ABANDON")
+asg.set_desired_capacity(AutoScalingGroupName=group, DesiredCapacity=1)
+for i in asg.describe_auto_scaling_groups(AutoScalingGroupNames=[group])["AutoScalingGroups"][0]["Instances"]:
+    if i["LifecycleState"] == "Pending:Wait":
+        print(i["InstanceId"])
+PY
+)
+echo "desired capacity 0 -> 1: instance $new_instance waits in Pending:Wait on launch hook lifeboat-launch"
+# This machine now plays the new instance.
+"$PY" -c "import json, sys, urllib.request as u; u.urlopen(u.Request(sys.argv[1], json.dumps({'instance_id': sys.argv[2], 'group': sys.argv[3], 'target_lifecycle_state': 'InService'}).encode(), method='POST'))" \
+  "http://127.0.0.1:$imds_port/_emulator/state" "$new_instance" "$group"
+cat >>"$work/lifeboat.toml" <<TOML
+
+[restore]
+on_launch = true
+to = "$work/replacement"
+TOML
+echo; echo "== lifeboat restore-on-launch (what lifeboat-restore.service runs at boot)"
+"$LIFEBOAT" restore-on-launch
+echo; echo "== the launch action"
+"$PY" - "$control" "$new_instance" <<'PY'
+import json, sys, urllib.request
+control, instance = sys.argv[1], sys.argv[2]
+for a in json.load(urllib.request.urlopen(f"http://127.0.0.1:{control}/actions")):
+    if a["instance_id"] == instance and a["result"]:
+        print(f"   {a['hook']}: {a['result']} ({a['ended_by']}) after {a['ended'] - a['started']:.1f} s")
+PY
+echo; echo "== compare with the tree the old instance had (the FIFO is skipped by design)"
+diff -r --no-dereference "$data" "$work/replacement$data" && echo "identical" || true
 
 echo; echo "######## 3. Run Command: EventBridge -> companion Lambda -> lifeboat-backup document -> lifeboat"
 lambda_port=$(free_port)
