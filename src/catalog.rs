@@ -44,8 +44,9 @@ pub enum CatalogError {
         "s3://{bucket}/{key} is in the {class} storage class: S3 must restore a copy before it \
          can be read. Start that with `aws s3api restore-object --bucket {bucket} --key {key} \
          --restore-request '{{\"Days\":1,\"GlacierJobParameters\":{{\"Tier\":\"Standard\"}}}}'` \
-         (hours; Bulk is cheaper, Expedited faster except in DEEP_ARCHIVE), and run this again \
-         once `aws s3api head-object` shows ongoing-request=\"false\""
+         (hours; Bulk is cheaper, Expedited faster except in DEEP_ARCHIVE), or with `lifeboat \
+         restore --request-restore`, and run this again once `aws s3api head-object` shows \
+         ongoing-request=\"false\""
     )]
     Archived {
         /// Bucket.
@@ -358,6 +359,46 @@ fn get_error(
             key: key.to_owned(),
             message: sdk_message(e),
         }
+    }
+}
+
+/// Asks S3 to restore a readable copy of an archive in an archive tier for a day (Standard
+/// tier): `true` when asked now, `false` when a restore was already in progress.
+pub async fn request_restore(
+    client: &Client,
+    s3: &S3Config,
+    key: &str,
+) -> Result<bool, CatalogError> {
+    use aws_sdk_s3::types::{GlacierJobParameters, RestoreRequest, Tier};
+    let job = GlacierJobParameters::builder()
+        .tier(Tier::Standard)
+        .build()
+        .map_err(|e| CatalogError::Get {
+            bucket: s3.bucket.clone(),
+            key: key.to_owned(),
+            message: e.to_string(),
+        })?;
+    let sent = client
+        .restore_object()
+        .bucket(&s3.bucket)
+        .key(key)
+        .set_expected_bucket_owner(owner(s3))
+        .restore_request(
+            RestoreRequest::builder()
+                .days(1)
+                .glacier_job_parameters(job)
+                .build(),
+        )
+        .send()
+        .await;
+    match sent {
+        Ok(_) => Ok(true),
+        Err(e) if e.code() == Some("RestoreAlreadyInProgress") => Ok(false),
+        Err(e) => Err(CatalogError::Get {
+            bucket: s3.bucket.clone(),
+            key: key.to_owned(),
+            message: format!("RestoreObject: {}", sdk_message(&e)),
+        }),
     }
 }
 

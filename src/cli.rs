@@ -157,6 +157,10 @@ enum Command {
         /// Restore an archive that cannot be checked against a manifest (none, or unreadable).
         #[arg(long)]
         force_unverified: bool,
+        /// An archive in GLACIER or DEEP_ARCHIVE: ask S3 to restore a readable copy for a day
+        /// (Standard tier), then exit 1; run the command again once the copy is ready.
+        #[arg(long)]
+        request_restore: bool,
     },
     /// At an instance's launch, restore the newest complete archive of its group (`[restore]`:
     /// `on_launch`, `from`, `if_none`, `max_age`, `to`), verified first; once per instance.
@@ -361,12 +365,14 @@ async fn dispatch(command: Command, config: Config) -> u8 {
             same_owner,
             overwrite,
             force_unverified,
+            request_restore,
         } => {
             let flags = RestoreFlags {
                 same_owner,
                 overwrite,
                 force_unverified,
                 chosen: false,
+                request_restore,
             };
             restore(&config, key, instance_id, to, flags).await
         }
@@ -843,6 +849,8 @@ struct RestoreFlags {
     /// Chosen from a listing (not named by an operator): a manifest that disagrees with the
     /// key's instance refuses the archive.
     chosen: bool,
+    /// Ask S3 to restore an archive that is in an archive tier.
+    request_restore: bool,
 }
 
 /// `restore-on-launch`: see [`crate::launch`].
@@ -995,6 +1003,7 @@ async fn launch_restore(
         overwrite: cfg.overwrite,
         force_unverified: false,
         chosen: true,
+        request_restore: false,
     };
     restore(
         config,
@@ -1078,7 +1087,24 @@ async fn restore(
             });
         }
     };
-    let (reader, _) = archive?;
+    let (reader, _) = match archive {
+        Err(e @ catalog::CatalogError::Archived { .. }) if flags.request_restore => {
+            let requested = catalog::request_restore(&s3, &config.s3, &key).await?;
+            return Err(Failure {
+                error: anyhow::anyhow!(
+                    "{} s3://{}/{key}: run this command again once it is ready ({e})",
+                    if requested {
+                        "asked S3 to restore a readable copy of"
+                    } else {
+                        "S3 is already restoring a readable copy of"
+                    },
+                    config.s3.bucket
+                ),
+                code: EXIT_FAILED,
+            });
+        }
+        other => other?,
+    };
     let target = to.clone();
     let opts = restore::RestoreOptions {
         same_owner: flags.same_owner,

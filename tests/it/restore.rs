@@ -751,4 +751,26 @@ fn a_glacier_archive_keeps_its_manifest_readable_and_restore_says_what_to_do() {
             "{args:?}: {out:#?}"
         );
     }
+    // --request-restore asks S3 for a readable copy (moto makes it at once); then it restores.
+    let target = dir.path().join("target");
+    let target = target.to_str().unwrap();
+    let out = lb.run(&[
+        "restore",
+        "--key",
+        &key,
+        "--to",
+        target,
+        "--request-restore",
+    ]);
+    assert_eq!(out.code, Some(1), "{out:#?}");
+    assert!(out.stderr.contains("asked S3 to restore"), "{out:#?}");
+    let out = lb.run(&["restore", "--key", &key, "--to", target]);
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    let back = std::fs::read(
+        Path::new(target)
+            .join(data.strip_prefix("/").unwrap())
+            .join("app.log"),
+    )
+    .unwrap();
+    assert_eq!(back, b"saved before the instance went\n");
 }
