@@ -898,58 +898,88 @@ async fn restore_on_launch(config: &Config) -> Result<u8, Failure> {
     if let Some(beat) = beating {
         beat.abort();
     }
-    let nothing = |what: &str| Failure {
-        error: anyhow::anyhow!("{what} (restore.if_none = \"abandon\")"),
-        code: EXIT_FAILED,
+    // The launch action, when a hook holds the instance: CONTINUE once the data is in place
+    // (or there was none to restore and that is fine), otherwise as if_none / on_failure say.
+    let abandon_or_continue = |choice: config::IfNone| match choice {
+        config::IfNone::Continue => LifecycleResult::Continue,
+        config::IfNone::Abandon => LifecycleResult::Abandon,
     };
-    let Some((action, hook)) = held else {
-        return match outcome? {
-            LaunchOutcome::NothingAbandon(what) => Err(nothing(&what)),
-            LaunchOutcome::Restored | LaunchOutcome::Nothing => Ok(EXIT_OK),
-        };
+    let result = match &outcome {
+        Ok(LaunchOutcome::Restored(_) | LaunchOutcome::Nothing) => LifecycleResult::Continue,
+        Ok(LaunchOutcome::NothingAbandon(_)) => LifecycleResult::Abandon,
+        Err(_) => abandon_or_continue(cfg.on_failure),
     };
-    let (result, code) = match &outcome {
-        Ok(LaunchOutcome::Restored | LaunchOutcome::Nothing) => {
-            (LifecycleResult::Continue, EXIT_OK)
-        }
-        Ok(LaunchOutcome::NothingAbandon(_)) => (LifecycleResult::Abandon, EXIT_FAILED),
-        Err(f) => {
+    let mut completion = Ok(());
+    if let Some((action, hook)) = &held {
+        if let Err(f) = &outcome {
             eprintln!("lifeboat: {:#}", f.error);
-            let result = match cfg.on_failure {
-                config::IfNone::Continue => LifecycleResult::Continue,
-                config::IfNone::Abandon => LifecycleResult::Abandon,
-            };
-            (result, f.code)
         }
-    };
-    let until = tokio::time::Instant::now()
-        + hook
-            .heartbeat_timeout
-            .min(std::time::Duration::from_secs(300));
-    services
-        .lifecycle
-        .complete(&action, result, until)
-        .await
-        .map_err(|e| Failure {
-            error: anyhow::Error::new(e).context("completing the launch lifecycle action"),
-            code: EXIT_NOT_COMPLETED,
-        })?;
-    println!(
-        "completed the launch action of {} on hook {}: {}",
-        action.instance_id,
-        action.hook,
-        result.as_str()
-    );
-    if let Ok(LaunchOutcome::NothingAbandon(what)) = outcome {
-        return Err(nothing(&what));
+        let until = tokio::time::Instant::now()
+            + hook
+                .heartbeat_timeout
+                .min(std::time::Duration::from_secs(300));
+        match services.lifecycle.complete(action, result, until).await {
+            Ok(_) => println!(
+                "completed the launch action of {} on hook {}: {}",
+                action.instance_id,
+                action.hook,
+                result.as_str()
+            ),
+            Err(e) => {
+                completion = Err(Failure {
+                    error: anyhow::Error::new(e).context("completing the launch lifecycle action"),
+                    code: EXIT_NOT_COMPLETED,
+                })
+            }
+        }
     }
-    Ok(code)
+    // The report says which archive went where, or why none did.
+    let (status, from, error) = match &outcome {
+        Ok(LaunchOutcome::Restored(None)) => ("", None, None),
+        Ok(LaunchOutcome::Restored(Some(url))) => ("restored", Some(url.clone()), None),
+        Ok(LaunchOutcome::Nothing) => ("nothing-to-restore", None, None),
+        Ok(LaunchOutcome::NothingAbandon(what)) => ("nothing-to-restore", None, Some(what.clone())),
+        Err(f) => ("restore-failed", None, Some(format!("{:#}", f.error))),
+    };
+    if let (false, Some(topic)) = (status.is_empty(), &config.sns.topic_arn) {
+        let report = crate::report::Report::restore(
+            status,
+            &identity.instance_id,
+            &identity.group,
+            from,
+            &cfg.to.display().to_string(),
+            error,
+            held.as_ref().map(|_| result.as_str().to_owned()),
+        );
+        let sent = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            crate::report::publish(&services.sns, topic, &report),
+        )
+        .await;
+        match sent {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => eprintln!("lifeboat: warning: {e}"),
+            Err(_) => eprintln!("lifeboat: warning: SNS did not take the report within 10 s"),
+        }
+    }
+    completion?;
+    match outcome {
+        Ok(LaunchOutcome::NothingAbandon(what)) => Err(Failure {
+            error: anyhow::anyhow!("{what} (restore.if_none = \"abandon\")"),
+            code: EXIT_FAILED,
+        }),
+        Ok(_) => Ok(EXIT_OK),
+        // With a hook the error was printed before completing; the code still says it failed.
+        Err(f) if held.is_some() => Ok(f.code),
+        Err(f) => Err(f),
+    }
 }
 
 /// How a launch restore ended, short of failing.
 enum LaunchOutcome {
-    /// The data is in place (now, or at an earlier run for this instance).
-    Restored,
+    /// The data is in place: now, from this archive (`s3://…`), or at an earlier run for this
+    /// instance (`None`).
+    Restored(Option<String>),
     /// Nothing to restore, and `if_none = "continue"`.
     Nothing,
     /// Nothing to restore (what was looked for), and `if_none = "abandon"`.
@@ -965,7 +995,7 @@ async fn launch_restore(
     let state_dir = state::state_dir();
     if let Some(done) = crate::launch::already_done(&state_dir, &identity.instance_id) {
         println!("already restored at this instance's launch ({done}): nothing to do");
-        return Ok(LaunchOutcome::Restored);
+        return Ok(LaunchOutcome::Restored(None));
     }
     let now = time::OffsetDateTime::now_utc();
     let record = |what: &str| {
@@ -1013,8 +1043,9 @@ async fn launch_restore(
         flags,
     )
     .await?;
-    record(&format!("s3://{}/{}", config.s3.bucket, chosen.key))?;
-    Ok(LaunchOutcome::Restored)
+    let url = format!("s3://{}/{}", config.s3.bucket, chosen.key);
+    record(&url)?;
+    Ok(LaunchOutcome::Restored(Some(url)))
 }
 
 async fn restore(

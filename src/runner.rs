@@ -682,6 +682,7 @@ impl Runner {
                 .as_ref()
                 .and_then(ActionOutcome::result_sent)
                 .map(|r| r.as_str().to_owned()),
+            restored_to: None,
         };
         // An interrupted process must end within seconds, even when SNS does not answer.
         let budget = if result.status == JobStatus::Interrupted {

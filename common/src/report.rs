@@ -11,7 +11,7 @@ use serde::Serialize;
 pub struct Report {
     /// `succeeded`, `partial`, `failed`, `interrupted` (the agent was stopped mid-backup and left
     /// the action pending for its next start), or `not-run` (the Lambda could not start the
-    /// backup).
+    /// backup); for a restore at launch, `restored`, `nothing-to-restore` or `restore-failed`.
     pub status: String,
     /// The instance.
     pub instance_id: String,
@@ -37,6 +37,9 @@ pub struct Report {
     pub error: Option<String>,
     /// The lifecycle result sent (`CONTINUE` or `ABANDON`), when an action was completed.
     pub lifecycle_result: Option<String>,
+    /// A restore at launch: where the archive (`object_url`) went.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restored_to: Option<String>,
 }
 
 impl Report {
@@ -63,6 +66,36 @@ impl Report {
             skipped: 0,
             error: Some(error),
             lifecycle_result,
+            restored_to: None,
+        }
+    }
+
+    /// A report of a restore at launch (`status`: `restored`, `nothing-to-restore` or
+    /// `restore-failed`): which archive went where, or why not.
+    pub fn restore(
+        status: &str,
+        instance_id: &str,
+        group: &str,
+        from: Option<String>,
+        to: &str,
+        error: Option<String>,
+        lifecycle_result: Option<String>,
+    ) -> Self {
+        Report {
+            status: status.into(),
+            instance_id: instance_id.into(),
+            group: group.into(),
+            reason: "launch".into(),
+            partial: false,
+            file_count: 0,
+            bytes_read: 0,
+            bytes_stored: 0,
+            duration_seconds: 0.0,
+            object_url: from,
+            skipped: 0,
+            error,
+            lifecycle_result,
+            restored_to: Some(to.into()),
         }
     }
 
@@ -73,6 +106,9 @@ impl Report {
             "partial" => "backup partial",
             "not-run" => "backup did not run",
             "interrupted" => "backup interrupted",
+            "restored" => "data restored at launch",
+            "nothing-to-restore" => "nothing to restore at launch",
+            "restore-failed" => "restore at launch failed",
             _ => "backup failed",
         };
         let s = format!("lifeboat: {verb} on {} ({})", self.instance_id, self.group);
@@ -150,6 +186,7 @@ mod tests {
             skipped: 0,
             error: None,
             lifecycle_result: None,
+            restored_to: None,
         }
     }
 

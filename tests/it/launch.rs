@@ -186,7 +186,7 @@ fn a_launch_hook_is_completed_continue_once_the_data_is_in_place() {
     let target = dir.path().join("target");
     write(&data.join("app.db"), b"carried over");
     // A group of one instance with a launch hook; that instance saves its data.
-    let (group, instances, _topic) = crate::support::group_of(server, "launch-hook", 1, 300);
+    let (group, instances, topic) = crate::support::group_of(server, "launch-hook", 1, 300);
     let asg = server.autoscaling();
     crate::support::rt()
         .block_on(
@@ -229,7 +229,14 @@ fn a_launch_hook_is_completed_continue_once_the_data_is_in_place() {
     let new = waiting("Pending:Wait");
     assert_eq!(new.len(), 1, "{new:?}");
     let b = Imds::start(&new[0], &group);
-    let lb_b = instance(&dir.path().join("b"), server, &bucket, &data, &target, "");
+    let lb_b = instance(
+        &dir.path().join("b"),
+        server,
+        &bucket,
+        &data,
+        &target,
+        &format!("\n[sns]\ntopic_arn = \"{topic}\""),
+    );
     let out = on(&lb_b, &b, &["restore-on-launch"]);
     assert_eq!(out.code, Some(0), "{out:#?}");
     assert!(
@@ -245,6 +252,25 @@ fn a_launch_hook_is_completed_continue_once_the_data_is_in_place() {
     assert_eq!(action["result"], "CONTINUE", "{action}");
     assert_eq!(action["ended_by"], "completed", "{action}");
     assert!(waiting("InService").contains(&new[0]));
+    // The report says which archive went where.
+    let reports = crate::support::notifications(server, &topic);
+    let (subject, message, _) = reports
+        .iter()
+        .find(|(_, m, _)| m["instance_id"] == new[0].as_str())
+        .expect("a report for the new instance");
+    assert!(subject.contains("data restored at launch"), "{subject}");
+    assert_eq!(message["status"], "restored", "{message}");
+    assert_eq!(
+        message["object_url"],
+        format!("s3://{bucket}/{key}"),
+        "{message}"
+    );
+    assert_eq!(
+        message["restored_to"],
+        target.display().to_string(),
+        "{message}"
+    );
+    assert_eq!(message["lifecycle_result"], "CONTINUE", "{message}");
 
     // The archive is tampered with; the next launch does not apply it, and the action follows
     // restore.on_failure (default "abandon").
@@ -449,4 +475,45 @@ fn prune_keeps_what_the_rules_and_the_newest_complete_archive_need() {
     let out = on(&lb, &a, &["prune"]);
     assert_eq!(out.code, Some(2), "{out:#?}");
     assert!(out.stderr.contains("retention.keep_last"), "{out:#?}");
+}
+
+/// Two replacements launched at once both restore: reading is shared, nothing is consumed.
+#[test]
+fn two_launches_at_once_both_restore() {
+    let server = moto();
+    let bucket = server.bucket("launch-twice");
+    let group = group("twice");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write(&data.join("app.db"), &crate::support::noise(3 << 20, 5));
+    let a = Imds::start("i-0000000000000aaa4", &group);
+    let lb_a = instance(
+        &dir.path().join("a"),
+        server,
+        &bucket,
+        &data,
+        &dir.path().join("t"),
+        "",
+    );
+    on(&lb_a, &a, &["backup"]).stored_key();
+    let launches: Vec<_> = ["i-0000000000000bbb4", "i-0000000000000ccc4"]
+        .into_iter()
+        .map(|id| {
+            let imds = Imds::start(id, &group);
+            let target = dir.path().join(format!("target-{id}"));
+            let lb = instance(&dir.path().join(id), server, &bucket, &data, &target, "");
+            let mut cmd = lb.command(&["restore-on-launch"]);
+            cmd.env("AWS_EC2_METADATA_SERVICE_ENDPOINT", &imds.endpoint);
+            (cmd.spawn().unwrap(), imds, target)
+        })
+        .collect();
+    for (child, _imds, target) in launches {
+        let out = wait_output(child, Duration::from_secs(120), &["restore-on-launch"]);
+        assert_eq!(out.code, Some(0), "{out:#?}");
+        let restored = target.join(data.strip_prefix("/").unwrap()).join("app.db");
+        assert_eq!(
+            std::fs::read(restored).unwrap(),
+            crate::support::noise(3 << 20, 5)
+        );
+    }
 }
