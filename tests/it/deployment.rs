@@ -387,3 +387,20 @@ fn the_lambda_policies_allow_every_call_the_lambda_makes() {
         }
     }
 }
+
+/// `LaunchHook=true` adds a launch hook for restore on launch; its default result is CONTINUE, so
+/// an instance whose restore unit never answers still goes in service (after the timeout)
+/// instead of every launch of the group failing.
+#[test]
+fn the_templates_launch_hook_is_optional_and_never_blocks_launches() {
+    let t = template();
+    let hook = &t["Resources"]["LaunchLifecycleHook"];
+    assert_eq!(hook["Condition"], "HasLaunchHook", "{hook}");
+    let p = &hook["Properties"];
+    assert_eq!(
+        p["LifecycleTransition"],
+        "autoscaling:EC2_INSTANCE_LAUNCHING"
+    );
+    assert_eq!(p["DefaultResult"], "CONTINUE");
+    assert_eq!(t["Parameters"]["LaunchHook"]["Default"], "false");
+}
