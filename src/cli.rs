@@ -1006,11 +1006,25 @@ async fn launch_restore(
             )
         })
     };
-    let Some(chosen) = crate::launch::choose(s3, &config.s3, identity, cfg, now).await? else {
-        let what = format!(
-            "no complete archive of group {} under s3://{}/{}",
-            identity.group, config.s3.bucket, config.s3.prefix
-        );
+    // Outside a group there is no predecessor: every such host files under "standalone", and
+    // another host's data is not this one's.
+    let chosen = if identity.group == crate::identity::STANDALONE {
+        None
+    } else {
+        crate::launch::choose(s3, &config.s3, identity, cfg, now).await?
+    };
+    let Some(chosen) = chosen else {
+        let what = if identity.group == crate::identity::STANDALONE {
+            format!(
+                "instance {} is not in an Auto Scaling group: no predecessor to restore from",
+                identity.instance_id
+            )
+        } else {
+            format!(
+                "no complete archive of group {} under s3://{}/{}",
+                identity.group, config.s3.bucket, config.s3.prefix
+            )
+        };
         return match cfg.if_none {
             config::IfNone::Continue => {
                 record("none")?;

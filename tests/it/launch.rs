@@ -142,6 +142,36 @@ fn a_fresh_group_starts_without_data_or_fails_as_configured() {
         "{out:#?}"
     );
     assert!(!target.exists(), "nothing was written");
+
+    // Outside any group there is no predecessor: another standalone host's data is not this
+    // one's, even when there is some.
+    let host = Imds::start("i-0000000000000sta0", "");
+    let lb_host = instance(
+        &dir.path().join("host"),
+        server,
+        &bucket,
+        &data,
+        &target,
+        "",
+    );
+    write(&data.join("app.db"), b"another host's");
+    on(&lb_host, &host, &["backup"]).stored_key();
+    let other = Imds::start("i-0000000000000sta1", "");
+    let lb = instance(
+        &dir.path().join("other"),
+        server,
+        &bucket,
+        &data,
+        &target,
+        "",
+    );
+    let out = on(&lb, &other, &["restore-on-launch"]);
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert!(
+        out.stdout.contains("not in an Auto Scaling group"),
+        "{out:#?}"
+    );
+    assert!(!target.exists(), "nothing was written");
 }
 
 #[test]
