@@ -238,12 +238,43 @@ fn no_instance_policy_grants_object_access_across_instances() {
     let mut on_instance_role = 0;
     for (name, r) in resources {
         let roles = r["Properties"]["Roles"].to_string();
-        if r["Type"] == "AWS::IAM::ManagedPolicy" && roles.contains("InstanceRoleName") {
+        if r["Type"] == "AWS::IAM::ManagedPolicy"
+            && roles.contains("InstanceRoleName")
+            && name != "GroupRestorePolicy"
+        {
             assert_own_objects_only(name, &r["Properties"]["PolicyDocument"]);
             on_instance_role += 1;
         }
     }
     assert_eq!(on_instance_role, 1, "one policy on the instance role");
+    // Restore on launch (opt-in): the instance role reads its own group's archives, and only
+    // reads them.
+    let group = &resources["GroupRestorePolicy"];
+    assert_eq!(group["Condition"], "HasRestoreOnLaunch");
+    for st in statements_of(&group["Properties"]["PolicyDocument"]) {
+        let actions = st["Action"].to_string();
+        assert!(
+            ["s3:GetObject", "s3:ListBucket", "kms:Decrypt"]
+                .iter()
+                .any(|a| actions == format!("\"{a}\"")),
+            "{st}"
+        );
+        for r in self::resources(&st) {
+            assert!(
+                r.ends_with("${ArchiveBucket.Arn}/${Prefix}${AutoScalingGroupName}/*")
+                    || !actions.contains("GetObject"),
+                "{st}"
+            );
+        }
+        if actions.contains("ListBucket") {
+            assert!(
+                st["Condition"]
+                    .to_string()
+                    .contains("${Prefix}${AutoScalingGroupName}/*"),
+                "{st}"
+            );
+        }
+    }
     // The cross-instance read is its own policy, attached only to the roles named for it.
     let restore = &resources["RestorePolicy"]["Properties"];
     assert!(!restore["Roles"].to_string().contains("InstanceRoleName"));
@@ -394,6 +425,7 @@ fn the_lambda_policies_allow_every_call_the_lambda_makes() {
 #[test]
 fn the_templates_launch_hook_is_optional_and_never_blocks_launches() {
     let t = template();
+    assert_eq!(t["Parameters"]["RestoreOnLaunch"]["Default"], "off");
     let hook = &t["Resources"]["LaunchLifecycleHook"];
     assert_eq!(hook["Condition"], "HasLaunchHook", "{hook}");
     let p = &hook["Properties"];
@@ -402,5 +434,4 @@ fn the_templates_launch_hook_is_optional_and_never_blocks_launches() {
         "autoscaling:EC2_INSTANCE_LAUNCHING"
     );
     assert_eq!(p["DefaultResult"], "CONTINUE");
-    assert_eq!(t["Parameters"]["LaunchHook"]["Default"], "false");
 }
