@@ -43,15 +43,42 @@ fn cfn_lint_passes_on_the_template() {
 }
 
 #[test]
-fn the_template_embeds_the_shipped_document() {
-    let shipped: Value = serde_json::from_str(
-        &std::fs::read_to_string(root().join("ssm-documents/lifeboat-backup.json")).unwrap(),
-    )
-    .unwrap();
+fn the_template_embeds_the_shipped_documents() {
+    let t = template();
+    for (resource, file) in [
+        ("BackupDocument", "lifeboat-backup.json"),
+        ("SnapshotDocument", "lifeboat-snapshot.json"),
+    ] {
+        let shipped: Value = serde_json::from_str(
+            &std::fs::read_to_string(root().join("ssm-documents").join(file)).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            t["Resources"][resource]["Properties"]["Content"], shipped,
+            "{file}"
+        );
+    }
+}
+
+/// `SnapshotSchedule` (optional): State Manager runs the snapshot document on the group's
+/// instances, by the group's tag, with reason `scheduled`, a tenth at a time.
+#[test]
+fn the_templates_snapshot_association_targets_the_group() {
+    let t = template();
+    assert_eq!(t["Parameters"]["SnapshotSchedule"]["Default"], "");
+    let a = &t["Resources"]["SnapshotAssociation"];
+    assert_eq!(a["Condition"], "HasSnapshotSchedule");
     assert_eq!(
-        template()["Resources"]["BackupDocument"]["Properties"]["Content"],
-        shipped
+        t["Resources"]["SnapshotDocument"]["Condition"],
+        "HasSnapshotSchedule"
     );
+    let p = &a["Properties"];
+    assert_eq!(p["Name"]["Ref"], "SnapshotDocument");
+    assert_eq!(p["ScheduleExpression"]["Ref"], "SnapshotSchedule");
+    assert_eq!(p["Targets"][0]["Key"], "tag:aws:autoscaling:groupName");
+    assert_eq!(p["Targets"][0]["Values"][0]["Ref"], "AutoScalingGroupName");
+    assert_eq!(p["Parameters"]["Reason"][0], "scheduled");
+    assert_eq!(p["MaxConcurrency"], "10%");
 }
 
 /// Every Allow statement of every policy document in `docs`: (policy, Sid, statement).
