@@ -660,16 +660,7 @@ impl<W: TarSink> TarWriter<'_, W> {
     fn add_file(&mut self, path: &Path, name: PathBuf) -> Result<(), ArchiveError> {
         // O_NOFOLLOW: the path was a regular file when walked; if it was swapped for a symlink
         // since, refuse rather than archive whatever the link points at.
-        let file = match std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(
-                (rustix::fs::OFlags::NOFOLLOW
-                    | rustix::fs::OFlags::NOCTTY
-                    | rustix::fs::OFlags::NONBLOCK)
-                    .bits() as i32,
-            )
-            .open(path)
-        {
+        let file = match open_walked(path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 self.skip(path, "vanished before it was read");
@@ -794,6 +785,20 @@ impl<W: TarSink> TarWriter<'_, W> {
         self.record(path, EntryKind::File, declared, &meta);
         Ok(())
     }
+}
+
+/// Opens a file the walk found for reading: never following a symlink swapped in since, never
+/// taking a terminal, never blocking on a FIFO.
+pub(crate) fn open_walked(path: &Path) -> io::Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(
+            (rustix::fs::OFlags::NOFOLLOW
+                | rustix::fs::OFlags::NOCTTY
+                | rustix::fs::OFlags::NONBLOCK)
+                .bits() as i32,
+        )
+        .open(path)
 }
 
 /// A GNU header with the entry's type, size, owner, mtime and permission bits (without the file

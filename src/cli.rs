@@ -374,7 +374,8 @@ async fn dispatch(command: Command, config: Config) -> u8 {
                 chosen: false,
                 request_restore,
             };
-            restore(&config, key, instance_id, to, flags).await
+            let s3 = s3_client(&config).await;
+            restore(&config, &s3, key, instance_id, to, flags).await
         }
         Command::RestoreOnLaunch => restore_on_launch(&config).await,
         Command::Prune {
@@ -1051,6 +1052,7 @@ async fn launch_restore(
     };
     restore(
         config,
+        s3,
         Some(chosen.key.clone()),
         None,
         cfg.to.clone(),
@@ -1064,16 +1066,16 @@ async fn launch_restore(
 
 async fn restore(
     config: &Config,
+    s3: &aws_sdk_s3::Client,
     key: Option<String>,
     instance_id: Option<String>,
     to: PathBuf,
     flags: RestoreFlags,
 ) -> Result<u8, Failure> {
-    let s3 = s3_client(config).await;
     let named = key.is_some() && !flags.chosen;
     let key = match (key, instance_id) {
         (Some(k), _) => k,
-        (None, Some(id)) => catalog::latest(&s3, &config.s3, &id).await?.key,
+        (None, Some(id)) => catalog::latest(s3, &config.s3, &id).await?.key,
         (None, None) => return Err(Failure::usage("give --key or --instance-id")),
     };
     let compression = manifest::compression_of(&key)
@@ -1081,8 +1083,8 @@ async fn restore(
     // Prove before trusting: the manifest says what the archive must be. The archive's download
     // starts meanwhile (nothing is read from it before the manifest is checked).
     let (summary, archive) = tokio::join!(
-        catalog::manifest::<manifest::Summary>(&s3, &config.s3, &key),
-        catalog::open_archive(&s3, &config.s3, &key),
+        catalog::manifest::<manifest::Summary>(s3, &config.s3, &key),
+        catalog::open_archive(s3, &config.s3, &key),
     );
     let expected = match summary {
         Ok(m) => {
@@ -1134,7 +1136,7 @@ async fn restore(
     };
     let (reader, _) = match archive {
         Err(e @ catalog::CatalogError::Archived { .. }) if flags.request_restore => {
-            let requested = catalog::request_restore(&s3, &config.s3, &key).await?;
+            let requested = catalog::request_restore(s3, &config.s3, &key).await?;
             return Err(Failure {
                 error: anyhow::anyhow!(
                     "{} s3://{}/{key}: run this command again once it is ready ({e})",

@@ -76,17 +76,10 @@ async fn snapshots(
             tracing::info!("snapshot skipped: a backup is running");
             continue;
         }
-        let notice = crate::watch::TerminationNotice {
-            source: crate::watch::NoticeSource::Scheduled,
-            reason: "scheduled".into(),
-            group: None,
-            hook: None,
-            token: None,
-            deadline: None,
-            complete_lifecycle: false,
-            action_began_after: None,
-            hook_heartbeat_timeout_s: None,
-        };
+        let notice = crate::watch::TerminationNotice::without_lifecycle(
+            crate::watch::NoticeSource::Scheduled,
+            "scheduled",
+        );
         if tx.send(WatchEvent::Notice(notice)).await.is_err() {
             return;
         }

@@ -26,7 +26,6 @@
 //! benchmarks).
 
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -215,16 +214,7 @@ pub fn start_with(
 /// in memory (never following a symlink, never blocking on a FIFO swapped in); says whether it
 /// was not. Errors are ignored: the archive thread meets them itself.
 pub fn hint(path: &Path) -> bool {
-    let Ok(file) = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(
-            (rustix::fs::OFlags::NOFOLLOW
-                | rustix::fs::OFlags::NOCTTY
-                | rustix::fs::OFlags::NONBLOCK)
-                .bits() as i32,
-        )
-        .open(path)
-    else {
+    let Ok(file) = crate::archive::open_walked(path) else {
         return false;
     };
     let Ok(meta) = file.metadata() else {

@@ -457,18 +457,7 @@ impl ObjectWriter {
         let size = self.part_limit() as u64;
         let wanted = u32::try_from(size.div_ceil(MEMORY_UNIT)).unwrap_or(u32::MAX);
         let units = wanted.min(self.memory_units);
-        let memory = Arc::clone(&self.memory);
-        let cancel = self.cancel.clone();
-        let permit = self.runtime.block_on(async move {
-            tokio::select! {
-                permit = memory.acquire_many_owned(units) => permit.ok(),
-                () = cancel.cancelled() => None,
-            }
-        });
-        let Some(permit) = permit else {
-            return Err(io::Error::other(UploadError::Cancelled));
-        };
-        self.held = Some(permit);
+        self.held = Some(self.acquire(&self.memory, units)?);
         self.buf = Vec::with_capacity(self.part_limit());
         Ok(())
     }
@@ -493,31 +482,37 @@ impl ObjectWriter {
         if let Some(id) = self.upload_id.get() {
             return Ok(id.clone());
         }
-        let id = self
-            .runtime
-            .block_on(cancellable(
-                &self.cancel,
-                create_upload(&self.client, &self.dest),
-            ))
-            .map_err(io::Error::other)?;
-        tracing::debug!(upload_id = %id, key = %self.dest.key, "multipart upload started");
+        let id = self.create(&self.dest)?;
         let _ = self.upload_id.set(id.clone());
         Ok(id)
     }
 
+    /// Starts a multipart upload of `dest` (blocking, cancellable).
+    fn create(&self, dest: &Destination) -> io::Result<String> {
+        let id = self
+            .runtime
+            .block_on(cancellable(&self.cancel, create_upload(&self.client, dest)))
+            .map_err(io::Error::other)?;
+        tracing::debug!(upload_id = %id, key = %dest.key, "multipart upload started");
+        Ok(id)
+    }
+
+    /// `n` permits of `pool` (blocking until they are free), unless cancelled first.
+    fn acquire(&self, pool: &Arc<Semaphore>, n: u32) -> io::Result<OwnedSemaphorePermit> {
+        let (pool, cancel) = (Arc::clone(pool), self.cancel.clone());
+        self.runtime
+            .block_on(async move {
+                tokio::select! {
+                    permit = pool.acquire_many_owned(n) => permit.ok(),
+                    () = cancel.cancelled() => None,
+                }
+            })
+            .ok_or_else(|| io::Error::other(UploadError::Cancelled))
+    }
+
     /// An upload slot (blocking until one is free), then failures reaped again.
     fn slot(&mut self) -> io::Result<OwnedSemaphorePermit> {
-        let slots = Arc::clone(&self.slots);
-        let cancel = self.cancel.clone();
-        let permit = self.runtime.block_on(async move {
-            tokio::select! {
-                permit = slots.acquire_owned() => permit.ok(),
-                () = cancel.cancelled() => None,
-            }
-        });
-        let Some(permit) = permit else {
-            return Err(io::Error::other(UploadError::Cancelled));
-        };
+        let permit = self.acquire(&self.slots, 1)?;
         self.reap();
         self.check()?;
         Ok(permit)
@@ -529,19 +524,16 @@ impl ObjectWriter {
         self.reap();
         self.check()?;
         let archive_upload = self.ensure_upload()?;
-        let st = self.staging.as_mut().expect("staging");
-        let staged_upload = match &st.upload_id {
-            Some(id) => id.clone(),
+        let (dest, started) = {
+            let st = self.staging.as_ref().expect("staging");
+            (Arc::clone(&st.dest), st.upload_id.clone())
+        };
+        let staged_upload = match started {
+            Some(id) => id,
             None => {
-                let id = self
-                    .runtime
-                    .block_on(cancellable(
-                        &self.cancel,
-                        create_upload(&self.client, &st.dest),
-                    ))
-                    .map_err(io::Error::other)?;
-                self.registry.started(&st.dest.key, &id);
-                st.upload_id = Some(id.clone());
+                let id = self.create(&dest)?;
+                self.registry.started(&dest.key, &id);
+                self.staging.as_mut().expect("staging").upload_id = Some(id.clone());
                 id
             }
         };

@@ -67,6 +67,24 @@ pub struct TerminationNotice {
     pub hook_heartbeat_timeout_s: Option<u64>,
 }
 
+impl TerminationNotice {
+    /// A notice from `source` with nothing to complete and no deadline (a rebalance
+    /// recommendation, a scheduled snapshot).
+    pub fn without_lifecycle(source: NoticeSource, reason: &str) -> Self {
+        Self {
+            source,
+            reason: reason.into(),
+            group: None,
+            hook: None,
+            token: None,
+            deadline: None,
+            complete_lifecycle: false,
+            action_began_after: None,
+            hook_heartbeat_timeout_s: None,
+        }
+    }
+}
+
 /// What the watcher reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WatchEvent {
@@ -219,17 +237,10 @@ impl ImdsWatcher {
                 .is_some()
         {
             seen.rebalance = true;
-            out.push(WatchEvent::Notice(TerminationNotice {
-                source: NoticeSource::Rebalance,
-                reason: "rebalance-recommendation".into(),
-                group: None,
-                hook: None,
-                token: None,
-                deadline: None,
-                complete_lifecycle: false,
-                action_began_after: None,
-                hook_heartbeat_timeout_s: None,
-            }));
+            out.push(WatchEvent::Notice(TerminationNotice::without_lifecycle(
+                NoticeSource::Rebalance,
+                "rebalance-recommendation",
+            )));
         }
         Ok(out)
     }
