@@ -164,8 +164,15 @@ enum Command {
     },
     /// At an instance's launch, restore the newest complete archive of its group (`[restore]`:
     /// `on_launch`, `from`, `if_none`, `max_age`, `to`), verified first; once per instance.
-    /// `lifeboat-restore.service` runs it at boot, before the units that need the data.
-    RestoreOnLaunch,
+    /// `lifeboat-restore.service` runs it at boot, before the units that need the data; the
+    /// `lifeboat-restore` document runs it through Run Command on a launch event.
+    RestoreOnLaunch {
+        /// The launch hook whose action to complete (default: `restore.hook_name`, or the
+        /// group's only launch hook). Given (as the document does), the action is completed
+        /// even when `restore.on_launch` is off: CONTINUE, with nothing restored.
+        #[arg(long, value_name = "NAME")]
+        hook: Option<String>,
+    },
     /// Check an archive against its manifest (SHA-256 and file list).
     Verify {
         /// The archive's key.
@@ -369,6 +376,8 @@ async fn dispatch(command: Command, config: Config) -> u8 {
         } => {
             let flags = RestoreFlags {
                 same_owner,
+                keep_set_id: same_owner,
+                routes: None,
                 overwrite,
                 force_unverified,
                 chosen: false,
@@ -377,7 +386,7 @@ async fn dispatch(command: Command, config: Config) -> u8 {
             let s3 = s3_client(&config).await;
             restore(&config, &s3, key, instance_id, to, flags).await
         }
-        Command::RestoreOnLaunch => restore_on_launch(&config).await,
+        Command::RestoreOnLaunch { hook } => restore_on_launch(&config, hook).await,
         Command::Prune {
             instance_id,
             group,
@@ -845,6 +854,10 @@ async fn verify(config: &Config, key: &str) -> Result<u8, Failure> {
 /// `restore`'s switches.
 struct RestoreFlags {
     same_owner: bool,
+    /// Setuid and setgid bits as archived (with `same_owner`).
+    keep_set_id: bool,
+    /// Restore only these archived paths, each to its place; `None`: everything into `to`.
+    routes: Option<Vec<restore::Route>>,
     overwrite: bool,
     force_unverified: bool,
     /// Chosen from a listing (not named by an operator): a manifest that disagrees with the
@@ -855,15 +868,18 @@ struct RestoreFlags {
 }
 
 /// `restore-on-launch`: see [`crate::launch`].
-async fn restore_on_launch(config: &Config) -> Result<u8, Failure> {
+async fn restore_on_launch(config: &Config, hook: Option<String>) -> Result<u8, Failure> {
     use crate::lifecycle::LifecycleResult;
     let cfg = &config.restore;
     if !cfg.on_launch {
         println!(
-            "restore.on_launch is off in {}: nothing to do",
+            "restore.on_launch is off in {}: nothing to restore",
             config.source.display()
         );
-        return Ok(EXIT_OK);
+        // Asked for a hook (the Run Command path): its action must not wait for a timeout.
+        if hook.is_none() {
+            return Ok(EXIT_OK);
+        }
     }
     let cancel = CancellationToken::new();
     cancel_on_signals(cancel.clone());
@@ -881,7 +897,7 @@ async fn restore_on_launch(config: &Config) -> Result<u8, Failure> {
     let held = crate::launch::held_by_hook(
         &services.lifecycle,
         &identity.instance_id,
-        cfg.hook_name.as_deref(),
+        hook.as_deref().or(cfg.hook_name.as_deref()),
     )
     .await
     .map_err(|e| Failure {
@@ -895,7 +911,11 @@ async fn restore_on_launch(config: &Config) -> Result<u8, Failure> {
         );
         crate::launch::keep_alive(services.lifecycle.clone(), action.clone(), hook)
     });
-    let outcome = launch_restore(config, &identity, &services.s3).await;
+    let outcome = if cfg.on_launch {
+        launch_restore(config, &identity, &services.s3).await
+    } else {
+        Ok(LaunchOutcome::Off)
+    };
     if let Some(beat) = beating {
         beat.abort();
     }
@@ -906,7 +926,9 @@ async fn restore_on_launch(config: &Config) -> Result<u8, Failure> {
         config::IfNone::Abandon => LifecycleResult::Abandon,
     };
     let result = match &outcome {
-        Ok(LaunchOutcome::Restored(_) | LaunchOutcome::Nothing) => LifecycleResult::Continue,
+        Ok(LaunchOutcome::Restored(_) | LaunchOutcome::Nothing | LaunchOutcome::Off) => {
+            LifecycleResult::Continue
+        }
         Ok(LaunchOutcome::NothingAbandon(_)) => LifecycleResult::Abandon,
         Err(_) => abandon_or_continue(cfg.on_failure),
     };
@@ -936,7 +958,7 @@ async fn restore_on_launch(config: &Config) -> Result<u8, Failure> {
     }
     // The report says which archive went where, or why none did.
     let (status, from, error) = match &outcome {
-        Ok(LaunchOutcome::Restored(None)) => ("", None, None),
+        Ok(LaunchOutcome::Restored(None) | LaunchOutcome::Off) => ("", None, None),
         Ok(LaunchOutcome::Restored(Some(url))) => ("restored", Some(url.clone()), None),
         Ok(LaunchOutcome::Nothing) => ("nothing-to-restore", None, None),
         Ok(LaunchOutcome::NothingAbandon(what)) => ("nothing-to-restore", None, Some(what.clone())),
@@ -948,7 +970,7 @@ async fn restore_on_launch(config: &Config) -> Result<u8, Failure> {
             &identity.instance_id,
             &identity.group,
             from,
-            &cfg.to.display().to_string(),
+            &restored_to(cfg),
             error,
             held.as_ref().map(|_| result.as_str().to_owned()),
         );
@@ -976,6 +998,21 @@ async fn restore_on_launch(config: &Config) -> Result<u8, Failure> {
     }
 }
 
+/// Where a launch restore puts the data, as the report says it: `restore.to`, and the paths
+/// `[restore.paths]` puts elsewhere.
+fn restored_to(cfg: &config::RestoreConfig) -> String {
+    let to = cfg.to.display().to_string();
+    if cfg.paths.is_empty() {
+        return to;
+    }
+    let moved: Vec<String> = cfg
+        .paths
+        .iter()
+        .map(|(from, at)| format!("{} at {}", from.display(), at.display()))
+        .collect();
+    format!("{to} ({})", moved.join(", "))
+}
+
 /// How a launch restore ended, short of failing.
 enum LaunchOutcome {
     /// The data is in place: now, from this archive (`s3://…`), or at an earlier run for this
@@ -985,6 +1022,8 @@ enum LaunchOutcome {
     Nothing,
     /// Nothing to restore (what was looked for), and `if_none = "abandon"`.
     NothingAbandon(String),
+    /// `restore.on_launch` is off: nothing was looked for.
+    Off,
 }
 
 async fn launch_restore(
@@ -1043,8 +1082,12 @@ async fn launch_restore(
         cfg.to.display()
     );
     let flags = RestoreFlags {
-        // Owners and set-id bits as archived when run as root (at boot, by systemd).
+        // Owners as archived when run as root (at boot, by systemd), so the application keeps
+        // its files. A member of the group wrote the archive, and what it wrote is confined:
+        // no set-id bits, and only the paths this instance backs up itself.
         same_owner: rustix::process::geteuid().is_root(),
+        keep_set_id: false,
+        routes: Some(cfg.routes(&config.backup.paths)),
         overwrite: cfg.overwrite,
         force_unverified: false,
         chosen: true,
@@ -1155,13 +1198,17 @@ async fn restore(
     let target = to.clone();
     let opts = restore::RestoreOptions {
         same_owner: flags.same_owner,
+        keep_set_id: flags.keep_set_id,
         overwrite: flags.overwrite,
         expected,
     };
-    let restored =
-        tokio::task::spawn_blocking(move || restore::restore(reader, compression, &target, &opts))
-            .await
-            .context("the restore thread failed")?;
+    let routes = flags.routes.clone();
+    let restored = tokio::task::spawn_blocking(move || match routes {
+        Some(routes) => restore::restore_routed(reader, compression, &routes, &opts),
+        None => restore::restore(reader, compression, &target, &opts),
+    })
+    .await
+    .context("the restore thread failed")?;
     let report = match restored {
         Ok(r) => r,
         Err(restore::RestoreError::Refused { first, refused }) => {
@@ -1190,6 +1237,21 @@ async fn restore(
         }
         Err(e) => return Err(e.into()),
     };
+    if !report.outside.is_empty() {
+        const SHOWN: usize = 5;
+        let more = report.outside.len().saturating_sub(SHOWN);
+        eprintln!(
+            "lifeboat: warning: {} entries of s3://{}/{key} are not in backup.paths and were not restored: {}{}",
+            report.outside.len(),
+            config.s3.bucket,
+            report.outside[..report.outside.len().min(SHOWN)].join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            },
+        );
+    }
     println!(
         "restored {} entries ({}) from s3://{}/{} into {}",
         report.entries,

@@ -166,6 +166,9 @@ pub struct RestoreConfig {
     pub max_age: Option<Duration>,
     /// Where the archived paths go: `/` puts each back where it was archived from.
     pub to: PathBuf,
+    /// Archived paths restored somewhere else than under `to` (`[restore.paths]`): each key
+    /// is one of `backup.paths`.
+    pub paths: Vec<(PathBuf, PathBuf)>,
     /// Replace files the image already has.
     pub overwrite: bool,
     /// Also take partial archives (cut short by their deadline).
@@ -175,6 +178,23 @@ pub struct RestoreConfig {
     /// A restore that fails (S3 unreachable, an archive that fails verification): the launch
     /// goes on without the data, or fails.
     pub on_failure: IfNone,
+}
+
+impl RestoreConfig {
+    /// Where a launch restores each of `backed_up` (this instance's `backup.paths`): as
+    /// `[restore.paths]` says, otherwise beneath `to` where it was archived from.
+    pub fn routes(&self, backed_up: &[PathBuf]) -> Vec<crate::restore::Route> {
+        backed_up
+            .iter()
+            .map(|p| crate::restore::Route {
+                archived: p.clone(),
+                to: self.paths.iter().find(|(from, _)| from == p).map_or_else(
+                    || self.to.join(p.strip_prefix("/").unwrap_or(p)),
+                    |(_, to)| to.clone(),
+                ),
+            })
+            .collect()
+    }
 }
 
 /// `[backup]`.
@@ -353,6 +373,7 @@ struct RawRestore {
     partial: bool,
     hook_name: String,
     on_failure: IfNone,
+    paths: std::collections::BTreeMap<PathBuf, PathBuf>,
 }
 
 impl Default for RawRestore {
@@ -367,6 +388,7 @@ impl Default for RawRestore {
             partial: false,
             hook_name: String::new(),
             on_failure: IfNone::Abandon,
+            paths: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -584,6 +606,7 @@ impl Config {
                 partial: self.restore.partial,
                 hook_name: self.restore.hook_name.clone().unwrap_or_default(),
                 on_failure: self.restore.on_failure,
+                paths: self.restore.paths.iter().cloned().collect(),
             },
             retention: RawRetention {
                 keep_last: self.retention.keep_last.map_or(0, |n| n as u64),
@@ -635,14 +658,16 @@ impl Validator<'_> {
     }
 
     fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let backup = self.backup(raw.backup)?;
+        let restore = self.restore(raw.restore, &backup.paths)?;
         let config = Config {
             source: self.path.to_owned(),
-            backup: self.backup(raw.backup)?,
+            backup,
             s3: self.s3(raw.s3)?,
             sns: self.sns(raw.sns)?,
             lifecycle: self.lifecycle(raw.lifecycle)?,
             watch: self.watch(raw.watch)?,
-            restore: self.restore(raw.restore)?,
+            restore,
             retention: RetentionConfig {
                 keep_last: usize::try_from(raw.retention.keep_last)
                     .ok()
@@ -844,12 +869,31 @@ impl Validator<'_> {
         })
     }
 
-    fn restore(&self, raw: RawRestore) -> Result<RestoreConfig, ConfigError> {
+    fn restore(
+        &self,
+        raw: RawRestore,
+        backed_up: &[PathBuf],
+    ) -> Result<RestoreConfig, ConfigError> {
         if !raw.to.is_absolute() {
             return Err(self.invalid(
                 "restore.to",
                 format!("{:?} is not an absolute path", raw.to),
             ));
+        }
+        let mut paths = Vec::with_capacity(raw.paths.len());
+        for (from, to) in &raw.paths {
+            let key = format!("restore.paths.{:?}", from.display().to_string());
+            let from = normalise(from);
+            if !backed_up.contains(&from) {
+                return Err(self.invalid(
+                    key,
+                    "is not one of backup.paths: a launch restores only what this instance backs up",
+                ));
+            }
+            if !to.is_absolute() {
+                return Err(self.invalid(key, format!("{to:?} is not an absolute path")));
+            }
+            paths.push((from, normalise(to)));
         }
         let max_age = match raw.max_age.trim() {
             "" => None,
@@ -861,6 +905,7 @@ impl Validator<'_> {
             if_none: raw.if_none,
             max_age,
             to: normalise(&raw.to),
+            paths,
             overwrite: raw.overwrite,
             partial: raw.partial,
             hook_name: (!raw.hook_name.is_empty()).then_some(raw.hook_name),

@@ -10,6 +10,11 @@
 //! target; devices and FIFOs are refused. An archive lifeboat cannot restore exactly (an entry
 //! refused, an unknown entry type, a truncated stream, data after the end) is refused as a whole:
 //! nothing reaches the target. Long runs of zeros are written as holes.
+//!
+//! [`restore_routed`] restores chosen archived paths, each to a place of its own ([`Route`]):
+//! entries outside every route are left out and listed, and each destination is staged inside
+//! itself, so a destination on another file system (a data volume mounted at
+//! `/var/lib/app`) is filled by renames on that file system.
 
 use std::ffi::OsStr;
 use std::fs::File;
@@ -103,8 +108,10 @@ pub struct Expected {
 /// How to restore.
 #[derive(Debug, Clone, Default)]
 pub struct RestoreOptions {
-    /// Apply the archive's owners and set-id bits (GNU tar's `--same-owner`).
+    /// Apply the archive's owners (GNU tar's `--same-owner`).
     pub same_owner: bool,
+    /// Also apply its setuid and setgid bits (only with `same_owner`).
+    pub keep_set_id: bool,
     /// Replace existing files in the target (directories are merged either way).
     pub overwrite: bool,
     /// Check the stream against this before anything is moved into the target; `None` restores
@@ -130,6 +137,18 @@ pub struct RestoreReport {
     pub bytes: u64,
     /// Entries refused.
     pub refused: Vec<Refusal>,
+    /// Entries left out because no route takes them (names, lossy).
+    pub outside: Vec<String>,
+}
+
+/// Where an archived path is restored: the entry archived as `archived` (an absolute path, as
+/// in `backup.paths`) and everything below it go to `to` (`archived/x` becomes `to/x`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The path as archived.
+    pub archived: PathBuf,
+    /// Where it is restored.
+    pub to: PathBuf,
 }
 
 /// Restores the archive read from `raw` into `target`, proving it first: the stream is extracted
@@ -144,14 +163,29 @@ pub fn restore(
     target: &Path,
     opts: &RestoreOptions,
 ) -> Result<RestoreReport, RestoreError> {
-    let root = open_target(target)?;
-    let staging = Staging::create(&root, target)?;
+    let everything = Route {
+        archived: PathBuf::from("/"),
+        to: target.to_owned(),
+    };
+    restore_routed(raw, compression, &[everything], opts)
+}
+
+/// [`restore`] of the paths `routes` name, each to its own place; the rest of the archive is
+/// read and verified but not written (listed in the report's `outside`). Each destination is
+/// staged inside itself, and nothing moves into any of them before the whole stream is proven.
+pub fn restore_routed(
+    raw: impl Read + Send,
+    compression: CompressionKind,
+    routes: &[Route],
+    opts: &RestoreOptions,
+) -> Result<RestoreReport, RestoreError> {
+    let mut places = Routes::new(routes);
     let mut hashing = HashingReader {
         inner: raw,
         sha: sha2::Sha256::default(),
         len: 0,
     };
-    let report = extract_into(&mut hashing, compression, &staging.dir, opts.same_owner);
+    let report = extract_into(&mut hashing, compression, &mut places, opts);
     // Whatever follows the compressed stream is part of the stored object too.
     io::copy(&mut hashing, &mut io::sink()).map_err(|source| RestoreError::Read { source })?;
     if let Some(want) = &opts.expected {
@@ -175,15 +209,138 @@ pub fn restore(
             refused: report.refused,
         });
     }
-    if !opts.overwrite
-        && let Some(path) = first_conflict(&staging.dir, &root, Path::new(""))?
-    {
-        return Err(RestoreError::Conflict {
-            path: target.join(path),
-        });
+    if !opts.overwrite {
+        for root in &places.roots {
+            if let Some(path) = first_conflict(&root.staging.dir, &root.dest, Path::new(""))? {
+                return Err(RestoreError::Conflict {
+                    path: root.target.join(path),
+                });
+            }
+        }
     }
-    move_into(&staging.dir, &root, Path::new(""), &mut |_| {})?;
+    for root in &places.roots {
+        move_into(&root.staging.dir, &root.dest, Path::new(""), &mut |_| {})?;
+    }
     Ok(report)
+}
+
+/// Where extraction writes an entry: which directory, and its components there.
+trait Place {
+    /// The place of the entry named `comps`; `is_dir` when it is a directory.
+    fn place(&mut self, comps: &[Vec<u8>], is_dir: bool) -> Result<Placed, RestoreError>;
+    /// The directory of place `index`.
+    fn root(&self, index: usize) -> &Dir;
+}
+
+/// Where an entry goes.
+enum Placed {
+    /// Into root `.0`, as `.1` (empty: the root itself).
+    In(usize, Vec<Vec<u8>>),
+    /// Nowhere, and rightly so: a directory above a restored path.
+    Skip,
+    /// Nowhere: no route takes it.
+    Outside,
+}
+
+/// Every entry into one directory.
+#[cfg(test)]
+struct One<'a>(&'a Dir);
+
+#[cfg(test)]
+impl Place for One<'_> {
+    fn place(&mut self, comps: &[Vec<u8>], _: bool) -> Result<Placed, RestoreError> {
+        Ok(Placed::In(0, comps.to_vec()))
+    }
+    fn root(&self, _: usize) -> &Dir {
+        self.0
+    }
+}
+
+/// The routes of a restore, and the destinations opened so far, each with its staging
+/// directory.
+struct Routes {
+    /// Each route's archived path as components, and its destination; longest first, so the
+    /// most specific route takes an entry.
+    routes: Vec<(Vec<Vec<u8>>, PathBuf)>,
+    roots: Vec<Root>,
+}
+
+/// A destination directory and the staging directory inside it.
+struct Root {
+    target: PathBuf,
+    dest: Dir,
+    staging: Staging,
+}
+
+impl Routes {
+    fn new(routes: &[Route]) -> Self {
+        let mut routes: Vec<_> = routes
+            .iter()
+            .map(|r| {
+                let comps = r
+                    .archived
+                    .components()
+                    .filter_map(|c| match c {
+                        std::path::Component::Normal(n) => Some(n.as_bytes().to_vec()),
+                        _ => None,
+                    })
+                    .collect::<Vec<_>>();
+                (comps, r.to.clone())
+            })
+            .collect();
+        routes.sort_by_key(|(comps, _)| std::cmp::Reverse(comps.len()));
+        Self {
+            routes,
+            roots: Vec::new(),
+        }
+    }
+
+    /// The index of destination `target`, created, opened and staged the first time.
+    fn root_for(&mut self, target: &Path) -> Result<usize, RestoreError> {
+        if let Some(i) = self.roots.iter().position(|r| r.target == target) {
+            return Ok(i);
+        }
+        let dest = open_target(target)?;
+        let staging = Staging::create(&dest, target)?;
+        self.roots.push(Root {
+            target: target.to_owned(),
+            dest,
+            staging,
+        });
+        Ok(self.roots.len() - 1)
+    }
+}
+
+impl Place for Routes {
+    fn place(&mut self, comps: &[Vec<u8>], is_dir: bool) -> Result<Placed, RestoreError> {
+        let Some((prefix, to)) = self.routes.iter().find(|(p, _)| comps.starts_with(p)) else {
+            let above =
+                |(p, _): &(Vec<Vec<u8>>, PathBuf)| p.len() > comps.len() && p.starts_with(comps);
+            return Ok(if is_dir && self.routes.iter().any(above) {
+                Placed::Skip
+            } else {
+                Placed::Outside
+            });
+        };
+        let rel = comps[prefix.len()..].to_vec();
+        let to = to.clone();
+        if rel.is_empty() && !is_dir && !prefix.is_empty() {
+            // A file archived as itself: it becomes `to`, staged beside it.
+            let (Some(parent), Some(name)) = (to.parent(), to.file_name()) else {
+                return Err(RestoreError::Target {
+                    path: to.clone(),
+                    source: io::Error::other("a file cannot be restored as the root directory"),
+                });
+            };
+            let name = name.as_bytes().to_vec();
+            return Ok(Placed::In(self.root_for(parent)?, vec![name]));
+        }
+        Ok(Placed::In(self.root_for(&to)?, rel))
+    }
+
+    fn root(&self, index: usize) -> &Dir {
+        &self.roots[index].staging.dir
+    }
 }
 
 /// Creates `target` if needed and opens it (the one path lifeboat follows: the operator's).
@@ -197,14 +354,14 @@ fn open_target(target: &Path) -> Result<Dir, RestoreError> {
 }
 
 /// A private directory inside the target, removed (with whatever is left in it) when dropped.
-struct Staging<'a> {
-    parent: &'a Dir,
+struct Staging {
+    parent: Dir,
     name: String,
     dir: Dir,
 }
 
-impl<'a> Staging<'a> {
-    fn create(parent: &'a Dir, target: &Path) -> Result<Self, RestoreError> {
+impl Staging {
+    fn create(parent: &Dir, target: &Path) -> Result<Self, RestoreError> {
         loop {
             let name = format!(".lifeboat-restore-{:016x}", fastrand::u64(..));
             let failed = |source| RestoreError::Target {
@@ -217,6 +374,7 @@ impl<'a> Staging<'a> {
                     rustix::fs::fchmod(&handle, Mode::from_raw_mode(0o700))
                         .map_err(|e| failed(e.into()))?;
                     let dir = parent.open_dir_nofollow(&name).map_err(failed)?;
+                    let parent = parent.try_clone().map_err(failed)?;
                     return Ok(Self { parent, name, dir });
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
@@ -226,7 +384,7 @@ impl<'a> Staging<'a> {
     }
 }
 
-impl Drop for Staging<'_> {
+impl Drop for Staging {
     fn drop(&mut self) {
         if let Err(e) = self.parent.remove_dir_all(&self.name) {
             tracing::warn!(dir = %self.name, error = %e, "could not remove the staging directory");
@@ -562,27 +720,33 @@ fn kind_of(entry: &mut tar::Entry<'_, impl Read>, name: &[u8]) -> Result<Kind, S
 /// Owners and set-id bits are the archive's word, and an archive is only as trustworthy as
 /// whoever could write it: they are applied only with `same_owner` (GNU tar's `--same-owner`).
 /// Without it the files belong to the restoring user and setuid/setgid bits are dropped, even as
-/// root.
+/// root; with it, set-id bits only with `keep_set_id`. Each entry goes where `places` says.
 fn extract_into(
     raw: impl Read + Send,
     compression: CompressionKind,
-    root: &Dir,
-    same_owner: bool,
+    places: &mut dyn Place,
+    opts: &RestoreOptions,
 ) -> Result<RestoreReport, RestoreError> {
     crate::decompress::decode(
         compression,
         raw,
         crate::decompress::default_threads(),
-        |reader| extract_from(reader, root, same_owner),
+        |reader| extract_from(reader, places, opts),
     )
 }
 
 /// [`extract_into`], from the decompressed tar stream.
 fn extract_from(
     reader: &mut dyn Read,
-    root: &Dir,
-    same_owner: bool,
+    places: &mut dyn Place,
+    opts: &RestoreOptions,
 ) -> Result<RestoreReport, RestoreError> {
+    let same_owner = opts.same_owner;
+    let set_id_mask = if same_owner && opts.keep_set_id {
+        0o7777
+    } else {
+        0o7777 & !SET_ID_BITS
+    };
     let reader = without_volume_label(reader).map_err(|source| RestoreError::Read { source })?;
     let mut watched = EofWatch {
         inner: reader,
@@ -592,8 +756,10 @@ fn extract_from(
     let mut report = RestoreReport::default();
     // Directory modes and times are applied last, deepest first, so a read-only directory does
     // not block its own contents.
-    let mut dirs: Vec<(Vec<Vec<u8>>, Meta)> = Vec::new();
+    let mut dirs: Vec<(usize, Vec<Vec<u8>>, Meta)> = Vec::new();
     let mut parents = Parents::default();
+    // The root the cached parents belong to.
+    let mut parents_of = 0;
     let umask = current_umask();
     // One copy buffer for every file (allocating and zeroing one per file cost more than the
     // copying, for small files).
@@ -611,7 +777,8 @@ fn extract_from(
                 return Ok(false);
             }
             let pax = pax_of(&mut entry).map_err(Outcome::Refused)?;
-            let meta = meta_of(entry.header(), &pax, same_owner).map_err(Outcome::Refused)?;
+            let mut meta = meta_of(entry.header(), &pax, same_owner).map_err(Outcome::Refused)?;
+            meta.mode &= set_id_mask;
             let mut real_name = name_bytes.clone();
             if let Some(sparse) = &pax.sparse
                 && let Some(n) = &sparse.name
@@ -620,6 +787,16 @@ fn extract_from(
                 name = String::from_utf8_lossy(n).into_owned();
             }
             let comps = safe_components(&real_name).map_err(Outcome::Refused)?;
+            let (at, comps) = match places.place(&comps, matches!(kind, Kind::Dir))? {
+                Placed::In(at, comps) => (at, comps),
+                Placed::Skip => return Ok(false),
+                Placed::Outside => return Err(Outcome::Outside),
+            };
+            if at != parents_of {
+                parents = Parents::default();
+                parents_of = at;
+            }
+            let root = places.root(at);
             let Some((last, dir_comps)) = comps.split_last() else {
                 // `./`: the target itself, which restore does not change.
                 return match kind {
@@ -632,7 +809,7 @@ fn extract_from(
             match kind {
                 Kind::Dir => {
                     parents.get(root, &comps)?;
-                    dirs.push((comps.clone(), meta));
+                    dirs.push((at, comps.clone(), meta));
                 }
                 Kind::File => {
                     let parent = parents.get(root, dir_comps)?;
@@ -676,16 +853,22 @@ fn extract_from(
                         .into_owned();
                     let tcomps = safe_components(&link)
                         .map_err(|r| Outcome::Refused(format!("hard link target: {r}")))?;
-                    let (tlast, tparents) = tcomps
-                        .split_last()
-                        .ok_or_else(|| Outcome::Refused("hard link to the target itself".into()))?;
-                    let tlast = OsStr::from_bytes(tlast);
                     let not_restored = || {
                         Outcome::Refused(format!(
                             "hard link target {} is not a file restored in the target",
                             String::from_utf8_lossy(&link)
                         ))
                     };
+                    // The target must have been restored to the same place.
+                    let tcomps = match places.place(&tcomps, false)? {
+                        Placed::In(t, tcomps) if t == at => tcomps,
+                        _ => return Err(not_restored()),
+                    };
+                    let root = places.root(at);
+                    let (tlast, tparents) = tcomps
+                        .split_last()
+                        .ok_or_else(|| Outcome::Refused("hard link to the target itself".into()))?;
+                    let tlast = OsStr::from_bytes(tlast);
                     let source = existing_dir(root, tparents).ok_or_else(not_restored)?;
                     match source.symlink_metadata(tlast) {
                         Ok(m) if m.is_file() => {}
@@ -711,6 +894,7 @@ fn extract_from(
                 tracing::warn!(entry = %name, %reason, "refused");
                 report.refused.push(Refusal { name, reason });
             }
+            Err(Outcome::Outside) => report.outside.push(name),
             Err(Outcome::Failed(e)) => return Err(e),
         }
     }
@@ -734,16 +918,23 @@ fn extract_from(
             });
         }
     }
-    dirs.sort_by(|a, b| b.0.cmp(&a.0));
+    dirs.sort_by(|a, b| (b.0, &b.1).cmp(&(a.0, &a.1)));
     // Deepest first, siblings together: the walk keeps the shared parents open.
     let mut walk = Parents::default();
-    for (comps, meta) in dirs {
+    let mut walk_of = None;
+    for (at, comps, meta) in dirs {
         let rel = rel_path(&comps);
         let (last, parent_comps) = comps.split_last().expect("directories have a name");
+        if walk_of != Some(at) {
+            walk = Parents::default();
+            walk_of = Some(at);
+        }
+        let root = places.root(at);
         let parent = match walk.get(root, parent_comps) {
             Ok(parent) => parent,
             Err(Outcome::Failed(e)) => return Err(e),
             Err(Outcome::Refused(reason)) => return Err(write_err(&rel)(io::Error::other(reason))),
+            Err(Outcome::Outside) => unreachable!("directories are placed when they are read"),
         };
         let dir = open_for_metadata(parent, OsStr::from_bytes(last)).map_err(write_err(&rel))?;
         apply_to_fd(&dir, &meta, same_owner, None).map_err(write_err(&rel))?;
@@ -781,6 +972,8 @@ fn without_volume_label(mut r: impl Read) -> io::Result<impl Read> {
 
 enum Outcome {
     Refused(String),
+    /// No route takes the entry.
+    Outside,
     Failed(RestoreError),
 }
 
@@ -1139,7 +1332,13 @@ mod tests {
             ("hard", tar::EntryType::Link, b"", Some("../outside")),
         ]);
         let root = open_target(&target).unwrap();
-        let report = extract_into(&archive[..], CompressionKind::None, &root, false).unwrap();
+        let report = extract_into(
+            &archive[..],
+            CompressionKind::None,
+            &mut One(&root),
+            &RestoreOptions::default(),
+        )
+        .unwrap();
         let reasons: Vec<_> = report.refused.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(
             reasons,
@@ -1183,7 +1382,13 @@ mod tests {
         ]);
         let root = open_target(&target).unwrap();
         let staging = Staging::create(&root, &target).unwrap();
-        extract_into(&archive[..], CompressionKind::None, &staging.dir, false).unwrap();
+        extract_into(
+            &archive[..],
+            CompressionKind::None,
+            &mut One(&staging.dir),
+            &RestoreOptions::default(),
+        )
+        .unwrap();
         move_into(&staging.dir, &root, Path::new(""), &mut |at| {
             assert_eq!(at, Path::new("etc"));
             fs::rename(target.join("etc"), outer.path().join("moved-away")).unwrap();
@@ -1219,5 +1424,101 @@ mod tests {
             assert!(matches!(err, RestoreError::Corrupt { .. }), "{what}: {err}");
             assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0, "{what}");
         }
+    }
+
+    /// Routes take what they name, each to its place: a directory's contents, a file as
+    /// itself; directories above a route are passed over, anything else is listed as outside;
+    /// a hard link may not reach into another route's place.
+    #[test]
+    fn routes_restore_only_what_they_name_each_to_its_place() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let t = dir.path();
+        let mut archive = tar_with(&[
+            ("var/", tar::EntryType::Directory, b"", None),
+            ("var/lib/app/", tar::EntryType::Directory, b"", None),
+            ("var/lib/app/db", tar::EntryType::Regular, b"state", None),
+            (
+                "var/lib/app/again",
+                tar::EntryType::Link,
+                b"",
+                Some("var/lib/app/db"),
+            ),
+            ("etc/app.conf", tar::EntryType::Regular, b"conf", None),
+            ("etc/cron.d/job", tar::EntryType::Regular, b"evil", None),
+            ("var/log/x", tar::EntryType::Regular, b"log", None),
+        ]);
+        // A setuid file within a route, whose bits are dropped without keep_set_id.
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o4755);
+        h.set_size(2);
+        h.set_cksum();
+        b.append_data(&mut h, "var/lib/app/tool", &b"#!"[..])
+            .unwrap();
+        let end = archive.len() - 1024;
+        archive.truncate(end);
+        archive.extend(b.into_inner().unwrap());
+        let routes = [
+            Route {
+                archived: "/var/lib/app".into(),
+                to: t.join("volume"),
+            },
+            Route {
+                archived: "/etc/app.conf".into(),
+                to: t.join("conf/app.conf"),
+            },
+        ];
+        let report = restore_routed(
+            &archive[..],
+            CompressionKind::None,
+            &routes,
+            &RestoreOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(report.outside, vec!["etc/cron.d/job", "var/log/x"]);
+        assert_eq!(fs::read(t.join("volume/db")).unwrap(), b"state");
+        assert_eq!(fs::read(t.join("volume/again")).unwrap(), b"state");
+        assert_eq!(fs::read(t.join("conf/app.conf")).unwrap(), b"conf");
+        let mode = fs::metadata(t.join("volume/tool"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o7000, 0, "{mode:o}");
+        let mut names: Vec<_> = fs::read_dir(t)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["conf", "volume"],
+            "nothing else, and no staging left"
+        );
+
+        // A hard link from one place into another is refused, and nothing is restored.
+        let linked = tar_with(&[
+            ("etc/app.conf", tar::EntryType::Regular, b"conf", None),
+            (
+                "var/lib/app/conf",
+                tar::EntryType::Link,
+                b"",
+                Some("etc/app.conf"),
+            ),
+        ]);
+        let other = tempfile::tempdir().unwrap();
+        let routes = routes.map(|r| Route {
+            to: other.path().join(r.to.strip_prefix(t).unwrap()),
+            ..r
+        });
+        let err = restore_routed(
+            &linked[..],
+            CompressionKind::None,
+            &routes,
+            &RestoreOptions::default(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, RestoreError::Refused { .. }), "{err}");
+        assert!(!other.path().join("conf/app.conf").exists());
     }
 }

@@ -8,6 +8,13 @@ use serde::{Deserialize, Serialize};
 
 /// `detail-type` of the lifecycle event.
 pub const LIFECYCLE_ACTION: &str = "EC2 Instance-terminate Lifecycle Action";
+/// `detail-type` of the launch lifecycle event.
+pub const LAUNCH_ACTION: &str = "EC2 Instance-launch Lifecycle Action";
+
+/// Whether `detail_type` is a lifecycle event's (terminate or launch).
+pub fn is_lifecycle_action(detail_type: &str) -> bool {
+    detail_type == LIFECYCLE_ACTION || detail_type == LAUNCH_ACTION
+}
 /// `detail-type` of Run Command's per-command status change.
 pub const COMMAND_STATUS: &str = "EC2 Command Status-change Notification";
 /// `detail-type` of Run Command's per-instance status change (no parameters in it).

@@ -426,7 +426,20 @@ impl Lifecycle {
         instance_id: &str,
         until: Instant,
     ) -> Result<Hook, LifecycleError> {
-        let hooks = self.hooks(group, TERMINATING, instance_id, until).await?;
+        self.hook_for(group, TERMINATING, configured, instance_id, until)
+            .await
+    }
+
+    /// The group's hook for `transition`: `configured` if set (and present), else the only one.
+    pub async fn hook_for(
+        &self,
+        group: &str,
+        transition: &str,
+        configured: Option<&str>,
+        instance_id: &str,
+        until: Instant,
+    ) -> Result<Hook, LifecycleError> {
+        let hooks = self.hooks(group, transition, instance_id, until).await?;
         match configured {
             Some(name) => hooks.into_iter().find(|h| h.name == name).ok_or_else(|| {
                 LifecycleError::UnknownHook {

@@ -41,6 +41,13 @@ pub enum Output {
 pub struct Config {
     /// `LIFEBOAT_DOCUMENT`: the SSM document to run (default `lifeboat-backup`).
     pub document: String,
+    /// `LIFEBOAT_RESTORE_DOCUMENT`: the SSM document launch events run (`lifeboat-restore`);
+    /// unset: launch events are ignored.
+    pub restore_document: Option<String>,
+    /// `LIFEBOAT_LAUNCH_ON_FAILURE`: the result of a launch action the Lambda completes
+    /// because the restore command failed (default ABANDON: the instance is replaced rather
+    /// than put in service without its data).
+    pub launch_on_failure: LifecycleResult,
     /// `LIFEBOAT_SNS_TOPIC_ARN`: where reports go; empty for none.
     pub topic_arn: Option<String>,
     /// `LIFEBOAT_ON_FAILURE`: the result when the backup cannot run or fails (default CONTINUE).
@@ -68,17 +75,34 @@ impl Config {
                 .map(|v| v.trim().to_owned())
                 .filter(|v| !v.is_empty())
         };
-        let document = get("LIFEBOAT_DOCUMENT").unwrap_or_else(|| DEFAULT_DOCUMENT.into());
-        if document.len() > 128
-            || !document
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "_.-:/".contains(c))
-        {
-            return Err(ConfigError {
-                var: "LIFEBOAT_DOCUMENT",
-                problem: format!("{document:?} is not an SSM document name or ARN"),
-            });
-        }
+        let document_name = |var: &'static str, document: String| {
+            if document.len() > 128
+                || !document
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_.-:/".contains(c))
+            {
+                return Err(ConfigError {
+                    var,
+                    problem: format!("{document:?} is not an SSM document name or ARN"),
+                });
+            }
+            Ok(document)
+        };
+        let document = document_name(
+            "LIFEBOAT_DOCUMENT",
+            get("LIFEBOAT_DOCUMENT").unwrap_or_else(|| DEFAULT_DOCUMENT.into()),
+        )?;
+        let restore_document = get("LIFEBOAT_RESTORE_DOCUMENT")
+            .map(|d| document_name("LIFEBOAT_RESTORE_DOCUMENT", d))
+            .transpose()?;
+        let result = |var: &'static str, default| match get(var) {
+            None => Ok(default),
+            Some(v) => v
+                .to_ascii_uppercase()
+                .parse()
+                .map_err(|problem| ConfigError { var, problem }),
+        };
+        let launch_on_failure = result("LIFEBOAT_LAUNCH_ON_FAILURE", LifecycleResult::Abandon)?;
         let topic_arn = get("LIFEBOAT_SNS_TOPIC_ARN");
         if let Some(arn) = &topic_arn
             && !(arn.starts_with("arn:") && arn.split(':').count() == 6)
@@ -90,16 +114,7 @@ impl Config {
                 ),
             });
         }
-        let on_failure = match get("LIFEBOAT_ON_FAILURE") {
-            None => LifecycleResult::Continue,
-            Some(v) => v
-                .to_ascii_uppercase()
-                .parse()
-                .map_err(|problem| ConfigError {
-                    var: "LIFEBOAT_ON_FAILURE",
-                    problem,
-                })?,
-        };
+        let on_failure = result("LIFEBOAT_ON_FAILURE", LifecycleResult::Continue)?;
         let output = match (get("LIFEBOAT_OUTPUT_BUCKET"), get("LIFEBOAT_LOG_GROUP")) {
             (Some(_), Some(_)) => {
                 return Err(ConfigError {
@@ -141,12 +156,36 @@ impl Config {
         };
         Ok(Config {
             document,
+            restore_document,
+            launch_on_failure,
             topic_arn,
             on_failure,
             output,
             delivery_timeout,
             heartbeat_timeout,
         })
+    }
+}
+
+/// The reason a launch event's command carries.
+pub const LAUNCH: &str = "launch";
+
+impl Config {
+    /// The document a command for `reason` runs: the restore document for launches.
+    pub fn document_for(&self, reason: &str) -> &str {
+        match (&self.restore_document, reason) {
+            (Some(restore), LAUNCH) => restore,
+            _ => &self.document,
+        }
+    }
+
+    /// The result the Lambda completes an action with when its command could not run or failed.
+    pub fn on_failure_for(&self, reason: &str) -> LifecycleResult {
+        if reason == LAUNCH {
+            self.launch_on_failure
+        } else {
+            self.on_failure
+        }
     }
 }
 
@@ -169,6 +208,26 @@ mod tests {
         assert_eq!(c.on_failure, LifecycleResult::Continue);
         assert_eq!(c.output, Output::None);
         assert_eq!(c.topic_arn, None);
+        assert_eq!(c.restore_document, None);
+        assert_eq!(c.document_for(LAUNCH), "lifeboat-backup");
+        assert_eq!(c.on_failure_for(LAUNCH), LifecycleResult::Abandon);
+    }
+
+    #[test]
+    fn launches_run_the_restore_document() {
+        let c = config(&[
+            ("LIFEBOAT_RESTORE_DOCUMENT", "lifeboat-restore"),
+            ("LIFEBOAT_LAUNCH_ON_FAILURE", "continue"),
+        ])
+        .unwrap();
+        assert_eq!(c.document_for(LAUNCH), "lifeboat-restore");
+        assert_eq!(c.document_for("scale-in"), "lifeboat-backup");
+        assert_eq!(c.on_failure_for(LAUNCH), LifecycleResult::Continue);
+        assert_eq!(c.on_failure_for("scale-in"), LifecycleResult::Continue);
+        let e = config(&[("LIFEBOAT_RESTORE_DOCUMENT", "a;b")]).unwrap_err();
+        assert_eq!(e.var, "LIFEBOAT_RESTORE_DOCUMENT");
+        let e = config(&[("LIFEBOAT_LAUNCH_ON_FAILURE", "later")]).unwrap_err();
+        assert_eq!(e.var, "LIFEBOAT_LAUNCH_ON_FAILURE");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! One event in, one outcome out: the lifecycle event becomes a Run Command, a failed command (or
 //! a command Run Command would not take) becomes a completed lifecycle action and a report.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
@@ -11,15 +11,15 @@ use aws_config::timeout::TimeoutConfig;
 use aws_lambda_events::event::eventbridge::EventBridgeEvent;
 use lifeboat_common::document::{BackupParams, TOKEN, is_instance_id};
 use lifeboat_common::event::{
-    COMMAND_STATUS, CommandStatus, INVOCATION_STATUS, InvocationStatus, LIFECYCLE_ACTION,
-    LifecycleAction, TEST_NOTIFICATION,
+    COMMAND_STATUS, CommandStatus, INVOCATION_STATUS, InvocationStatus, LifecycleAction,
+    TEST_NOTIFICATION,
 };
-use lifeboat_common::lifecycle::{ActionRef, Completed, Lifecycle, TERMINATING};
+use lifeboat_common::lifecycle::{ActionRef, Completed, LAUNCHING, Lifecycle, TERMINATING};
 use lifeboat_common::report::{self, Report};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use crate::config::Config;
+use crate::config::{Config, LAUNCH};
 use crate::queue;
 use crate::ssm::{Ssm, SsmError};
 
@@ -84,9 +84,9 @@ impl Pending {
         if d.event.as_deref() == Some(TEST_NOTIFICATION) {
             return Err(ignored("Auto Scaling test notification"));
         }
-        if d.lifecycle_transition != TERMINATING {
+        if d.lifecycle_transition != TERMINATING && d.lifecycle_transition != LAUNCHING {
             return Err(ignored(format!(
-                "transition {:?} is not {TERMINATING}",
+                "transition {:?} is neither {TERMINATING} nor {LAUNCHING}",
                 d.lifecycle_transition
             )));
         }
@@ -96,7 +96,9 @@ impl Pending {
                 d.ec2_instance_id
             )));
         }
-        let reason = if d.destination.as_deref() == Some("WarmPool") {
+        let reason = if d.lifecycle_transition == LAUNCHING {
+            LAUNCH
+        } else if d.destination.as_deref() == Some("WarmPool") {
             "warm-pool"
         } else {
             "scale-in"
@@ -266,7 +268,7 @@ impl Handler {
             Ok(e) => e,
             Err(e) => return Ok(ignored(format!("not an EventBridge event: {e}"))),
         };
-        if event.detail_type == LIFECYCLE_ACTION {
+        if lifeboat_common::event::is_lifecycle_action(&event.detail_type) {
             let pending = match Pending::of(event) {
                 Ok(p) => p,
                 Err(ignore) => return Ok(ignore),
@@ -324,7 +326,12 @@ impl Handler {
         let mut live = Vec::new();
         let mut seen = HashSet::new();
         for (i, p) in events.iter().enumerate() {
-            if let Err(refused) = p.params.validate() {
+            if p.params.reason == LAUNCH && self.config.restore_document.is_none() {
+                fates[i] = Some(Fate::Done(ignored(
+                    "a launch event, and LIFEBOAT_RESTORE_DOCUMENT is not set: restores at \
+                     launch are not run through Run Command",
+                )));
+            } else if let Err(refused) = p.params.validate() {
                 let fate = self.fail_over(&p.params, refused.to_string(), until).await;
                 fates[i] = Some(fate.into());
             } else if !seen.insert(p.params.instance_id.as_str()) {
@@ -361,17 +368,21 @@ impl Handler {
             }
             sendable.push(i);
         }
-        if !sendable.is_empty() {
-            let document_until = send_until.min(Instant::now() + DOCUMENT_BUDGET);
-            match self
-                .ssm
-                .check_document(&self.config.document, document_until)
-                .await
-            {
+        let documents: BTreeSet<&str> = sendable
+            .iter()
+            .map(|&i| self.config.document_for(&events[i].params.reason))
+            .collect();
+        let document_until = send_until.min(Instant::now() + DOCUMENT_BUDGET);
+        for document in documents {
+            match self.ssm.check_document(document, document_until).await {
                 Ok(()) => {}
                 Err(e) if e.retryable() => tracing::warn!("document check skipped: {e}"),
                 Err(e) => {
-                    for i in sendable.drain(..) {
+                    let (missing, rest) = sendable.into_iter().partition(|&i| {
+                        self.config.document_for(&events[i].params.reason) == document
+                    });
+                    sendable = rest;
+                    for i in missing {
                         let fate = self
                             .fail_over(&events[i].params, e.to_string(), until)
                             .await;
@@ -393,9 +404,17 @@ impl Handler {
         // not each describe the hook (one Auto Scaling call each, from the shared bucket): one
         // read per group (cached while warm); when it fails, the agents read it.
         let hook_until = send_until.min(Instant::now() + HOOK_BUDGET);
-        for ((group, hook, _), members) in &groups {
+        for ((group, hook, reason), members) in &groups {
             let first = &events[members[0]].params.instance_id;
-            if let Some(secs) = self.hook_timeout(group, hook, first, hook_until).await {
+            let transition = if reason == LAUNCH {
+                LAUNCHING
+            } else {
+                TERMINATING
+            };
+            if let Some(secs) = self
+                .hook_timeout(group, hook, transition, first, hook_until)
+                .await
+            {
                 for &i in members {
                     events[i].params.heartbeat_timeout = secs.to_string();
                 }
@@ -431,6 +450,7 @@ impl Handler {
         send_until: Instant,
     ) {
         let first = &events[chunk[0]].params;
+        let document = self.config.document_for(&first.reason);
         let began_after = chunk
             .iter()
             .map(|&i| events[i].age)
@@ -439,7 +459,7 @@ impl Handler {
             .unwrap_or_default();
         let mut params = if chunk.len() == 1 {
             // A dedupe, never at the send's expense: one attempt, and on any error none.
-            match self.ssm.already_sent(&self.config.document, first).await {
+            match self.ssm.already_sent(document, first).await {
                 Ok(Some(id)) => {
                     fates[chunk[0]] = Some(Fate::Done(outcome(
                         "duplicate",
@@ -464,7 +484,11 @@ impl Handler {
             .iter()
             .map(|&i| events[i].params.instance_id.clone())
             .collect();
-        match self.ssm.send(&self.config, &params, &ids, send_until).await {
+        match self
+            .ssm
+            .send(&self.config, document, &params, &ids, send_until)
+            .await
+        {
             Ok(id) => {
                 if chunk.len() > 1 {
                     tracing::info!(command_id = %id, instances = ids.len(), group = %params.group, "one command for many instances");
@@ -495,7 +519,17 @@ impl Handler {
                         "instance {} is not managed by SSM ({message})",
                         p.instance_id
                     );
-                    fates[i] = Some(self.fail_over(p, why, until).await.into());
+                    fates[i] = Some(if p.reason == LAUNCH {
+                        // A launching instance's SSM Agent registers a little after boot: the
+                        // event is retried while the hook holds the instance.
+                        let e = SsmError::Refused {
+                            operation: "SendCommand",
+                            message: format!("{why}: not yet, at launch"),
+                        };
+                        self.leave_for_retry(&events[i], &e, until).await
+                    } else {
+                        self.fail_over(p, why, until).await.into()
+                    });
                 }
                 if !rest.is_empty() {
                     work.push_back(rest);
@@ -547,6 +581,7 @@ impl Handler {
         &self,
         group: &str,
         hook: &str,
+        transition: &str,
         for_instance: &str,
         until: Instant,
     ) -> Option<u64> {
@@ -558,7 +593,7 @@ impl Handler {
         }
         match self
             .lifecycle
-            .terminate_hook(group, Some(hook), for_instance, until)
+            .hook_for(group, transition, Some(hook), for_instance, until)
             .await
         {
             Ok(h) => {
@@ -606,8 +641,13 @@ impl Handler {
 
     /// The outcome for a status change of another document's command, or `None` for lifeboat's.
     fn not_ours(&self, document: &str) -> Option<Value> {
-        (document != document_name(&self.config.document))
-            .then(|| ignored(format!("document {document:?} is not lifeboat's")))
+        let ours = document == document_name(&self.config.document)
+            || self
+                .config
+                .restore_document
+                .as_deref()
+                .is_some_and(|d| document == document_name(d));
+        (!ours).then(|| ignored(format!("document {document:?} is not lifeboat's")))
     }
 
     /// A command's status: a failed command sent to one instance completes that instance's
@@ -704,7 +744,7 @@ impl Handler {
         why: String,
         until: Instant,
     ) -> Result<Value, lambda_runtime::Error> {
-        let result = self.config.on_failure;
+        let result = self.config.on_failure_for(&params.reason);
         tracing::warn!(instance_id = %params.instance_id, %why, "completing the lifecycle action");
         let action = Self::action(params);
         match self.lifecycle.complete(&action, result, until).await {
@@ -739,14 +779,26 @@ impl Handler {
         let Some(topic) = &self.config.topic_arn else {
             return;
         };
-        let report = Report::without_backup(
-            "not-run",
-            &params.instance_id,
-            &params.group,
-            &params.reason,
-            format!("the backup did not run or did not finish: {why}"),
-            result.map(str::to_owned),
-        );
+        let report = if params.reason == LAUNCH {
+            Report::restore(
+                "restore-failed",
+                &params.instance_id,
+                &params.group,
+                None,
+                "",
+                Some(format!("the restore did not run or did not finish: {why}")),
+                result.map(str::to_owned),
+            )
+        } else {
+            Report::without_backup(
+                "not-run",
+                &params.instance_id,
+                &params.group,
+                &params.reason,
+                format!("the backup did not run or did not finish: {why}"),
+                result.map(str::to_owned),
+            )
+        };
         if let Err(e) = report::publish(&self.sns, topic, &report).await {
             tracing::warn!("SNS report not sent: {e}");
         }

@@ -10,7 +10,7 @@
 //! dead-letter queue. Every other message is done (sent, completed, or ignored) and deleted.
 
 use aws_lambda_events::event::eventbridge::EventBridgeEvent;
-use lifeboat_common::event::LIFECYCLE_ACTION;
+use lifeboat_common::event::is_lifecycle_action;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
@@ -56,7 +56,7 @@ enum Ask {
 fn ask(body: &str) -> Result<Ask, Value> {
     let event: EventBridgeEvent<Value> = serde_json::from_str(body)
         .map_err(|e| ignored(format!("message is not an EventBridge event: {e}")))?;
-    if event.detail_type == LIFECYCLE_ACTION {
+    if is_lifecycle_action(&event.detail_type) {
         Pending::of(event).map(Ask::Lifecycle)
     } else {
         Ok(Ask::Other(event))

@@ -102,8 +102,8 @@ fn throttle_pause(level: u32) -> Duration {
 #[derive(Debug)]
 pub struct Ssm {
     client: Client,
-    /// When the document was last seen active.
-    document_seen: Mutex<Option<Instant>>,
+    /// When each document was last seen active.
+    document_seen: Mutex<std::collections::HashMap<String, Instant>>,
     /// The throttling this warm function's SSM calls have seen: up one per throttle, down one
     /// per success. Every call starts after a pause that grows with it, so the concurrent
     /// invocations of a mass scale-in settle near one throttled call per command sent instead
@@ -116,7 +116,7 @@ impl Ssm {
     pub fn new(client: Client) -> Self {
         Ssm {
             client,
-            document_seen: Mutex::new(None),
+            document_seen: Mutex::new(std::collections::HashMap::new()),
             level: ThrottleLevel::default(),
         }
     }
@@ -174,6 +174,7 @@ impl Ssm {
             .document_seen
             .lock()
             .expect("not poisoned")
+            .get(document)
             .is_some_and(|seen| seen.elapsed() < DOCUMENT_TTL);
         if fresh {
             return Ok(());
@@ -200,7 +201,10 @@ impl Ssm {
                 message: format!("status {status}"),
             });
         }
-        *self.document_seen.lock().expect("not poisoned") = Some(Instant::now());
+        self.document_seen
+            .lock()
+            .expect("not poisoned")
+            .insert(document.to_owned(), Instant::now());
         Ok(())
     }
 
@@ -306,11 +310,12 @@ impl Ssm {
             .and_then(|c| c.command_id().map(str::to_owned))
     }
 
-    /// Sends the document with `params` to `instance_ids` (at most 50: one SendCommand);
+    /// Sends `document` with `params` to `instance_ids` (at most 50: one SendCommand);
     /// returns the command id.
     pub async fn send(
         &self,
         config: &Config,
+        document: &str,
         params: &BackupParams,
         instance_ids: &[String],
         until: Instant,
@@ -324,7 +329,12 @@ impl Ssm {
         // out, connection lost), the command it may have created is looked for before sending
         // again, so the instances do not run the backup twice.
         let mark = format!("#{:08x}", fastrand::u32(..));
-        let comment: String = format!("lifeboat backup of {whom} ({})", params.reason)
+        let what = if document == config.document {
+            "backup"
+        } else {
+            "restore"
+        };
+        let comment: String = format!("lifeboat {what} of {whom} ({})", params.reason)
             .chars()
             .take(90)
             .chain(format!(" {mark}").chars())
@@ -336,7 +346,7 @@ impl Ssm {
                 until,
                 || async {
                     if unsure.get()
-                        && let Some(id) = self.find_sent(&config.document, &instance_ids[0], &mark).await
+                        && let Some(id) = self.find_sent(document, &instance_ids[0], &mark).await
                     {
                         tracing::info!(command_id = %id, "the attempt that timed out had sent the command");
                         return Ok(SendCommandOutput::builder()
@@ -346,7 +356,7 @@ impl Ssm {
                     let mut req = self
                         .client
                         .send_command()
-                        .document_name(&config.document)
+                        .document_name(document)
                         .set_instance_ids(Some(instance_ids.to_vec()))
                         .set_parameters(Some(params.to_parameters()))
                         .timeout_seconds(timeout)
@@ -380,7 +390,7 @@ impl Ssm {
                         message: sdk_message(e),
                     },
                     Some("InvalidDocument" | "InvalidDocumentVersion") => SsmError::NoDocument {
-                        document: config.document.clone(),
+                        document: document.to_owned(),
                         message: sdk_message(e),
                     },
                     _ => SsmError::Refused {

@@ -23,7 +23,8 @@ GET /throttled lists the throttled calls.
 A launch hook (EC2_INSTANCE_LAUNCHING) holds the instances a scale-out adds in Pending:Wait
 until their actions end (CONTINUE: InService; ABANDON or a timeout's ABANDON: terminated).
 POST /events {"group": G, "url": U} plays EventBridge for group G: each instance entering
-Terminating:Wait is announced to U as an `EC2 Instance-terminate Lifecycle Action` event.
+Terminating:Wait is announced to U as an `EC2 Instance-terminate Lifecycle Action` event, each
+entering Pending:Wait as an `EC2 Instance-launch Lifecycle Action` event.
 
 It also carries the SSM agent stand-in (tests/emulators/ssm_agent.py), controlled under /ssm/.
 
@@ -111,6 +112,10 @@ def start_launch_wait(group, state, hooks):
     state.lifecycle_state = "Pending:Wait"
     with LOCK:
         ACTIONS.extend(new_action(group, state, hook, LAUNCHING) for hook in hooks)
+        target = EVENT_TARGETS.get(group.name)
+        events = [lifecycle_event(a) for a in ACTIONS[-len(hooks):]] if target else []
+    for event in events:
+        threading.Thread(target=ssm_agent.post_to, args=(target, event), daemon=True).start()
 
 
 def start_wait(group, state, hooks):
@@ -138,7 +143,8 @@ def lifecycle_event(action):
     return {
         "version": "0",
         "id": str(uuid.uuid4()),
-        "detail-type": "EC2 Instance-terminate Lifecycle Action",
+        "detail-type": "EC2 Instance-%s Lifecycle Action"
+        % ("launch" if action["transition"] == LAUNCHING else "terminate"),
         "source": "aws.autoscaling",
         "account": "123456789012",
         "time": ssm_agent.iso(),
@@ -152,9 +158,9 @@ def lifecycle_event(action):
             "AutoScalingGroupName": action["group"],
             "LifecycleHookName": action["hook"],
             "EC2InstanceId": action["instance_id"],
-            "LifecycleTransition": TERMINATING,
-            "Origin": "AutoScalingGroup",
-            "Destination": "EC2",
+            "LifecycleTransition": action["transition"],
+            "Origin": "EC2" if action["transition"] == LAUNCHING else "AutoScalingGroup",
+            "Destination": "AutoScalingGroup" if action["transition"] == LAUNCHING else "EC2",
         },
     }
 

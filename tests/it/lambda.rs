@@ -727,31 +727,21 @@ fn a_batch_from_the_queue_is_one_command_and_an_unmanaged_instance_is_completed_
             &daemon_config(&bucket, &data, &topic, "on_failure = \"ABANDON\""),
         );
         let metadata = Imds::start(instance, &group);
-        let mut env: serde_json::Map<String, Value> = lb
-            .env()
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), Value::String(v)))
-            .collect();
-        env.insert(
-            "AWS_EC2_METADATA_SERVICE_ENDPOINT".into(),
-            Value::String(metadata.endpoint.clone()),
-        );
-        imds.push(metadata);
         // The third has no lifeboat installed: its invocation fails.
         let path = if k < 2 {
             Bench::path_with_lifeboat()
         } else {
             "/usr/bin:/bin".to_owned()
         };
-        let agent = json!({
-            "instance_id": instance,
-            "env": env,
-            "path": path,
-            "cwd": dir.path(),
-            "events_url": lambda.events_url(),
-            "event_statuses": ["Failed", "TimedOut", "Cancelled", "Undeliverable"],
-        });
-        control(server, "/ssm/agents", &agent);
+        register_agent(
+            &lb,
+            &metadata,
+            instance,
+            &path,
+            &lambda,
+            json!({ "event_statuses": ["Failed", "TimedOut", "Cancelled", "Undeliverable"] }),
+        );
+        imds.push(metadata);
     }
     control(
         server,
@@ -890,4 +880,242 @@ fn a_send_that_timed_out_after_sending_is_found_not_sent_twice() {
         .filter(|k| k.ends_with("-scale-in.tar"))
         .collect();
     assert_eq!(archives.len(), 1, "{archives:?}");
+}
+
+/// Registers `instance` with the SSM agent stand-in: it runs commands as that instance (its own
+/// instance metadata, config and state) with `path` as PATH.
+/// `extra` adds to the registration (`event_statuses`).
+fn register_agent(
+    lb: &Lifeboat,
+    imds: &Imds,
+    instance: &str,
+    path: &str,
+    lambda: &LambdaRuntime,
+    extra: Value,
+) {
+    let mut env: serde_json::Map<String, Value> = lb
+        .env()
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), Value::String(v)))
+        .collect();
+    env.insert(
+        "AWS_EC2_METADATA_SERVICE_ENDPOINT".into(),
+        Value::String(imds.endpoint.clone()),
+    );
+    let mut agent = json!({
+        "instance_id": instance,
+        "env": env,
+        "path": path,
+        "cwd": lb.dir,
+        "events_url": lambda.events_url(),
+    });
+    agent
+        .as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    control(moto(), "/ssm/agents", &agent);
+}
+
+/// The Run Command path of a launch: the group's launch hook holds a new instance in
+/// Pending:Wait, and EventBridge hands the launch event to the Lambda, which runs the
+/// `lifeboat-restore` document on it. At first the instance's SSM Agent has not registered
+/// (as at every boot): the event is left for Lambda's retry, not completed. The retry sends the
+/// document; lifeboat restores the archive the group's other instance saved and completes the
+/// action CONTINUE. A second launch whose command fails (lifeboat not installed) is completed
+/// by the Lambda with `LIFEBOAT_LAUNCH_ON_FAILURE` (ABANDON), and reported.
+#[test]
+fn a_launch_event_runs_the_restore_document_and_the_instance_goes_in_service_with_its_data() {
+    let server = moto();
+    let (group, instances, topic) = group_of(server, "lambda-launch", 1, 300);
+    let asg = server.autoscaling();
+    rt().block_on(
+        asg.put_lifecycle_hook()
+            .auto_scaling_group_name(&group)
+            .lifecycle_hook_name("lifeboat-launch")
+            .lifecycle_transition("autoscaling:EC2_INSTANCE_LAUNCHING")
+            .heartbeat_timeout(300)
+            .default_result("CONTINUE")
+            .send(),
+    )
+    .unwrap();
+    let bucket = server.bucket("lambda-launch");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let target = dir.path().join("target");
+    write(&data.join("app.db"), b"carried over by Run Command");
+    let config = format!(
+        "{}[restore]\non_launch = true\nto = {:?}\n[sns]\ntopic_arn = \"{topic}\"\n",
+        crate::support::config_for(&bucket, &[&data], "", ""),
+        target.display().to_string()
+    );
+    let instance = |name: &str| {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        Lifeboat::new(&d, &server.endpoint, &config)
+    };
+    // The group's instance saves its data.
+    let a_imds = Imds::start(&instances[0], &group);
+    let a = instance("a");
+    let mut cmd = a.command(&["backup"]);
+    cmd.env("AWS_EC2_METADATA_SERVICE_ENDPOINT", &a_imds.endpoint);
+    let key =
+        crate::support::wait_output(cmd.spawn().unwrap(), Duration::from_secs(120), &["backup"])
+            .stored_key();
+
+    let document = crate::support::bucket_name("doc-lambda-launch");
+    let content =
+        std::fs::read_to_string(root().join("ssm-documents/lifeboat-restore.json")).unwrap();
+    rt().block_on(
+        server
+            .ssm()
+            .create_document()
+            .name(&document)
+            .content(content)
+            .document_type(aws_sdk_ssm::types::DocumentType::Command)
+            .document_format(aws_sdk_ssm::types::DocumentFormat::Json)
+            .send(),
+    )
+    .unwrap();
+    let lambda = LambdaRuntime::start_with_timeout(
+        server,
+        &[
+            ("LIFEBOAT_RESTORE_DOCUMENT", document.as_str()),
+            ("LIFEBOAT_SNS_TOPIC_ARN", topic.as_str()),
+        ],
+        30,
+    );
+    control(
+        server,
+        "/events",
+        &json!({ "group": group, "url": lambda.events_url() }),
+    );
+    let scale_out = |to: i32| {
+        let before: Vec<String> = waiting(&asg, &group, None);
+        rt().block_on(
+            asg.set_desired_capacity()
+                .auto_scaling_group_name(&group)
+                .desired_capacity(to)
+                .send(),
+        )
+        .unwrap();
+        let new: Vec<String> = waiting(&asg, &group, Some("Pending:Wait"))
+            .into_iter()
+            .filter(|i| !before.contains(i))
+            .collect();
+        assert_eq!(new.len(), 1, "{new:?}");
+        new[0].clone()
+    };
+
+    // Scale out: the launch event reaches the Lambda before the instance's agent registers.
+    let b = scale_out(2);
+    let failed = eventually(
+        "the launch event to be left for retry",
+        Duration::from_secs(60),
+        || lambda.invocations().into_iter().find(|i| i["ok"] == false),
+    );
+    assert!(
+        failed["error"]
+            .to_string()
+            .contains("left for Lambda's retry")
+            && failed["error"].to_string().contains(&b),
+        "{failed:#}"
+    );
+    let b_imds = Imds::start(&b, &group);
+    let lb_b = instance("b");
+    register_agent(
+        &lb_b,
+        &b_imds,
+        &b,
+        &Bench::path_with_lifeboat(),
+        &lambda,
+        json!({}),
+    );
+    // Lambda's retry of the event.
+    let (status, _) = http("POST", &lambda.events_url(), &failed["event"].to_string());
+    assert_eq!(status, 202);
+    let action = finished_action(server, &b);
+    assert_eq!(action["result"], "CONTINUE", "{action:#}");
+    assert_eq!(action["ended_by"], "completed", "{action:#}");
+    assert_eq!(
+        std::fs::read(target.join(data.strip_prefix("/").unwrap()).join("app.db")).unwrap(),
+        b"carried over by Run Command"
+    );
+    let sent = eventually(
+        "the command the retry sent",
+        Duration::from_secs(30),
+        || {
+            ssm_commands(server)
+                .into_iter()
+                .find(|c| c["instance_id"] == b.as_str())
+        },
+    );
+    assert_eq!(sent["document_name"], document.as_str(), "{sent:#}");
+    assert_eq!(sent["parameters"]["Reason"], json!(["launch"]), "{sent:#}");
+    assert_eq!(
+        sent["parameters"]["LifecycleHookName"],
+        json!(["lifeboat-launch"]),
+        "{sent:#}"
+    );
+    let reports = notifications(server, &topic);
+    let restored = reports
+        .iter()
+        .find(|(_, m, _)| m["instance_id"] == b.as_str())
+        .map(|(_, m, _)| m.clone())
+        .expect("a report for the launched instance");
+    assert_eq!(restored["status"], "restored", "{restored:#}");
+    assert_eq!(restored["object_url"], format!("s3://{bucket}/{key}"));
+
+    // A launch whose command fails: the Lambda completes the action ABANDON and reports it.
+    let c = scale_out(3);
+    let c_imds = Imds::start(&c, &group);
+    let lb_c = instance("c");
+    register_agent(&lb_c, &c_imds, &c, "/usr/bin:/bin", &lambda, json!({}));
+    let retry = eventually("the second launch event", Duration::from_secs(60), || {
+        lambda
+            .invocations()
+            .into_iter()
+            .find(|i| i["ok"] == false && i["error"].to_string().contains(&c))
+            .map(|i| i["event"].clone())
+            .or_else(|| {
+                // The agent registered before the event was handled: sent at once.
+                ssm_commands(server)
+                    .iter()
+                    .any(|x| x["instance_id"] == c.as_str())
+                    .then_some(Value::Null)
+            })
+    });
+    if !retry.is_null() {
+        let (status, _) = http("POST", &lambda.events_url(), &retry.to_string());
+        assert_eq!(status, 202);
+    }
+    let action = finished_action(server, &c);
+    assert_eq!(action["result"], "ABANDON", "{action:#}");
+    assert_eq!(action["ended_by"], "completed", "{action:#}");
+    let report = eventually(
+        "the failed launch's report",
+        Duration::from_secs(30),
+        || {
+            notifications(server, &topic)
+                .into_iter()
+                .find(|(_, m, _)| m["instance_id"] == c.as_str())
+        },
+    );
+    assert_eq!(report.1["status"], "restore-failed", "{:#}", report.1);
+    assert_eq!(report.1["lifecycle_result"], "ABANDON", "{:#}", report.1);
+}
+
+/// The instances of `group` (in `state`, or all).
+fn waiting(asg: &aws_sdk_autoscaling::Client, group: &str, state: Option<&str>) -> Vec<String> {
+    rt().block_on(
+        asg.describe_auto_scaling_groups()
+            .auto_scaling_group_names(group)
+            .send(),
+    )
+    .unwrap()
+    .auto_scaling_groups()[0]
+        .instances()
+        .iter()
+        .filter(|i| state.is_none_or(|s| i.lifecycle_state().map(|x| x.as_str()) == Some(s)))
+        .map(|i| i.instance_id().unwrap().to_owned())
+        .collect()
 }

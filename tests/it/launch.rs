@@ -547,3 +547,136 @@ fn two_launches_at_once_both_restore() {
         );
     }
 }
+
+/// A member of the group writes what replacements restore, so a launch restores only what the
+/// launching instance itself backs up (`backup.paths`, a file as well as a directory): whatever
+/// else the archive holds is left out and named, and set-id bits are dropped even as root.
+#[test]
+fn a_launch_restores_only_its_own_paths_and_no_set_id_bits() {
+    use std::os::unix::fs::PermissionsExt;
+    let server = moto();
+    let bucket = server.bucket("launch-confined");
+    let group = group("confined");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let settings = dir.path().join("settings.conf");
+    let elsewhere = dir.path().join("cron.d");
+    let target = dir.path().join("target");
+    write(&data.join("app.db"), b"state");
+    write(&data.join("tool"), b"#!/bin/sh\n");
+    std::fs::set_permissions(data.join("tool"), std::fs::Permissions::from_mode(0o4755)).unwrap();
+    write(&settings, b"mode = fast\n");
+    write(&elsewhere.join("job"), b"* * * * * root sh -c 'anything'\n");
+    // A compromised member archives more than the group's paths.
+    let a = Imds::start("i-0000000000000aaa4", &group);
+    let a_dir = dir.path().join("a");
+    std::fs::create_dir_all(&a_dir).unwrap();
+    let lb_a = Lifeboat::new(
+        &a_dir,
+        &server.endpoint,
+        &config_for(&bucket, &[&data, &settings, &elsewhere], "", ""),
+    );
+    on(&lb_a, &a, &["backup"]).stored_key();
+
+    let b = Imds::start("i-0000000000000bbb4", &group);
+    let b_dir = dir.path().join("b");
+    std::fs::create_dir_all(&b_dir).unwrap();
+    let lb_b = Lifeboat::new(
+        &b_dir,
+        &server.endpoint,
+        &format!(
+            "{}[restore]\non_launch = true\nto = {:?}\n",
+            config_for(&bucket, &[&data, &settings], "", ""),
+            target.display().to_string()
+        ),
+    );
+    let out = on(&lb_b, &b, &["restore-on-launch"]);
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    let under = |p: &Path| target.join(p.strip_prefix("/").unwrap());
+    assert_eq!(
+        std::fs::read(under(&data).join("app.db")).unwrap(),
+        b"state"
+    );
+    assert_eq!(std::fs::read(under(&settings)).unwrap(), b"mode = fast\n");
+    assert!(!under(&elsewhere).exists(), "{out:#?}");
+    let name = elsewhere.strip_prefix("/").unwrap().display().to_string();
+    assert!(
+        out.stderr.contains("not in backup.paths") && out.stderr.contains(&name),
+        "{out:#?}"
+    );
+    let mode = std::fs::metadata(under(&data).join("tool"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o7777, 0o755, "set-id bits dropped: {mode:o}");
+}
+
+/// `[restore.paths]` puts an archived path somewhere else (a bigger volume, a scratch copy);
+/// the other paths go where `to` says.
+#[test]
+fn restore_paths_put_an_archived_path_where_configured() {
+    let server = moto();
+    let bucket = server.bucket("launch-mapped");
+    let group = group("mapped");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let logs = dir.path().join("logs");
+    let mapped = dir.path().join("volume/app");
+    let target = dir.path().join("target");
+    write(&data.join("app.db"), b"state");
+    write(&data.join("nested/deep.bin"), b"deep");
+    write(&logs.join("app.log"), b"log line\n");
+    let config = |restore: &str| {
+        format!(
+            "{}[restore]\non_launch = true\nto = {:?}\n{restore}",
+            config_for(&bucket, &[&data, &logs], "", ""),
+            target.display().to_string()
+        )
+    };
+    let a = Imds::start("i-0000000000000aaa5", &group);
+    let a_dir = dir.path().join("a");
+    std::fs::create_dir_all(&a_dir).unwrap();
+    let lb_a = Lifeboat::new(&a_dir, &server.endpoint, &config(""));
+    on(&lb_a, &a, &["backup"]).stored_key();
+
+    let b = Imds::start("i-0000000000000bbb5", &group);
+    let b_dir = dir.path().join("b");
+    std::fs::create_dir_all(&b_dir).unwrap();
+    let lb_b = Lifeboat::new(
+        &b_dir,
+        &server.endpoint,
+        &config(&format!(
+            "\n[restore.paths]\n{:?} = {:?}\n",
+            data.display().to_string(),
+            mapped.display().to_string()
+        )),
+    );
+    let out = on(&lb_b, &b, &["restore-on-launch"]);
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert_eq!(std::fs::read(mapped.join("app.db")).unwrap(), b"state");
+    assert_eq!(
+        std::fs::read(mapped.join("nested/deep.bin")).unwrap(),
+        b"deep"
+    );
+    let under = |p: &Path| target.join(p.strip_prefix("/").unwrap());
+    assert!(!under(&data).exists(), "{out:#?}");
+    assert_eq!(
+        std::fs::read(under(&logs).join("app.log")).unwrap(),
+        b"log line\n"
+    );
+
+    // A mapping for a path the instance does not back up is a configuration error that names it.
+    let c_dir = dir.path().join("c");
+    std::fs::create_dir_all(&c_dir).unwrap();
+    let lb_c = Lifeboat::new(
+        &c_dir,
+        &server.endpoint,
+        &config("\n[restore.paths]\n\"/not/backed/up\" = \"/somewhere\"\n"),
+    );
+    let out = on(&lb_c, &b, &["config", "check"]);
+    assert_eq!(out.code, Some(2), "{out:#?}");
+    assert!(
+        out.stderr.contains("restore.paths") && out.stderr.contains("/not/backed/up"),
+        "{out:#?}"
+    );
+}
