@@ -1033,6 +1033,9 @@ async fn launch_restore(
 ) -> Result<LaunchOutcome, Failure> {
     let cfg = &config.restore;
     let state_dir = state::state_dir();
+    let _lock = crate::launch::lock(&state_dir)
+        .await
+        .with_context(|| format!("taking the launch restore lock in {}", state_dir.display()))?;
     if let Some(done) = crate::launch::already_done(&state_dir, &identity.instance_id) {
         println!("already restored at this instance's launch ({done}): nothing to do");
         return Ok(LaunchOutcome::Restored(None));

@@ -163,6 +163,29 @@ pub async fn choose(
     Ok(None)
 }
 
+/// Takes the launch restore's lock (`state_dir/restore-on-launch.lock`), waiting while another
+/// run holds it: the boot unit and the Run Command path may both start one, and the second
+/// must find the first's record instead of restoring the same data again beside it.
+pub async fn lock(state_dir: &Path) -> std::io::Result<std::fs::File> {
+    use rustix::fs::{FlockOperation, flock};
+    std::fs::create_dir_all(state_dir)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(state_dir.join("restore-on-launch.lock"))?;
+    if flock(&file, FlockOperation::NonBlockingLockExclusive).is_ok() {
+        return Ok(file);
+    }
+    println!("another launch restore is running on this instance: waiting for it");
+    tokio::task::spawn_blocking(move || {
+        flock(&file, FlockOperation::LockExclusive)?;
+        Ok(file)
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
 /// Where the record of a launch's restore is kept.
 pub fn marker(state_dir: &Path) -> PathBuf {
     state_dir.join("restored-on-launch")

@@ -6,7 +6,7 @@
 
 use std::process::Command;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::support::{Lifeboat, root};
 
@@ -48,6 +48,7 @@ fn the_template_embeds_the_shipped_documents() {
     for (resource, file) in [
         ("BackupDocument", "lifeboat-backup.json"),
         ("SnapshotDocument", "lifeboat-snapshot.json"),
+        ("RestoreDocument", "lifeboat-restore.json"),
     ] {
         let shipped: Value = serde_json::from_str(
             &std::fs::read_to_string(root().join("ssm-documents").join(file)).unwrap(),
@@ -384,7 +385,7 @@ fn lambda_actions() -> Vec<String> {
                 "heartbeat" => "autoscaling:RecordLifecycleActionHeartbeat",
                 "complete" => "autoscaling:CompleteLifecycleAction",
                 "describe_instance" => "autoscaling:DescribeAutoScalingInstances",
-                "terminate_hook" => "autoscaling:DescribeLifecycleHooks",
+                "terminate_hook" | "hook_for" => "autoscaling:DescribeLifecycleHooks",
                 other => panic!("the Lambda calls Lifecycle::{other}: add its IAM action here"),
             }
             .to_owned(),
@@ -461,4 +462,50 @@ fn the_templates_launch_hook_is_optional_and_never_blocks_launches() {
         "autoscaling:EC2_INSTANCE_LAUNCHING"
     );
     assert_eq!(p["DefaultResult"], "CONTINUE");
+}
+
+/// `RestoreOnLaunch=launch-hook`: launch events of the group reach the Lambda, which may send
+/// the restore document (and only it, besides the backup document) and hears of its failures.
+#[test]
+fn with_a_launch_hook_the_lambda_runs_the_restore_document_on_launch_events() {
+    let t = template();
+    let r = &t["Resources"];
+    assert_eq!(r["RestoreDocument"]["Condition"], "HasLaunchHook");
+    let types = &r["LifecycleRule"]["Properties"]["EventPattern"]["detail-type"]["Fn::If"];
+    assert_eq!(types[0], "HasLaunchHook");
+    assert_eq!(
+        types[1],
+        json!([
+            "EC2 Instance-terminate Lifecycle Action",
+            "EC2 Instance-launch Lifecycle Action"
+        ])
+    );
+    assert_eq!(types[2], json!(["EC2 Instance-terminate Lifecycle Action"]));
+    assert_eq!(
+        r["Function"]["Properties"]["Environment"]["Variables"]["LIFEBOAT_RESTORE_DOCUMENT"],
+        json!({ "Fn::If": ["HasLaunchHook", { "Ref": "RestoreDocument" }, ""] })
+    );
+    let names = &r["CommandRule"]["Properties"]["EventPattern"]["detail"]["document-name"];
+    assert_eq!(
+        names[1],
+        json!({ "Fn::If": ["HasLaunchHook", { "Ref": "RestoreDocument" }, { "Ref": "AWS::NoValue" }] })
+    );
+    let statements = r["FunctionRole"]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"]
+        .as_array()
+        .unwrap();
+    let restore = statements
+        .iter()
+        .find_map(|s| {
+            let s = &s["Fn::If"];
+            (s[0] == "HasLaunchHook").then(|| s[1].clone())
+        })
+        .expect("a statement for the restore document");
+    assert_eq!(restore["Sid"], "SendTheRestoreDocumentOnLaunch");
+    assert!(
+        restore["Resource"]["Fn::Sub"]
+            .as_str()
+            .unwrap()
+            .ends_with(":document/${RestoreDocument}"),
+        "{restore}"
+    );
 }

@@ -680,3 +680,42 @@ fn restore_paths_put_an_archived_path_where_configured() {
         "{out:#?}"
     );
 }
+
+/// The boot unit and the Run Command path may start a launch restore at the same moment on
+/// one instance: one restores, the other waits for it and finds it done.
+#[test]
+fn two_restores_on_one_instance_restore_once() {
+    let server = moto();
+    let bucket = server.bucket("launch-once");
+    let group = group("once");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let target = dir.path().join("target");
+    write(&data.join("app.db"), &crate::support::noise(8 << 20, 7));
+    let a = Imds::start("i-0000000000000aaa6", &group);
+    let lb_a = instance(&dir.path().join("a"), server, &bucket, &data, &target, "");
+    on(&lb_a, &a, &["backup"]).stored_key();
+
+    let b = Imds::start("i-0000000000000bbb6", &group);
+    let lb_b = instance(&dir.path().join("b"), server, &bucket, &data, &target, "");
+    let spawn = || {
+        let mut cmd = lb_b.command(&["restore-on-launch"]);
+        cmd.env("AWS_EC2_METADATA_SERVICE_ENDPOINT", &b.endpoint);
+        cmd.spawn().unwrap()
+    };
+    let (first, second) = (spawn(), spawn());
+    let outs =
+        [first, second].map(|c| wait_output(c, Duration::from_secs(120), &["restore-on-launch"]));
+    for out in &outs {
+        assert_eq!(out.code, Some(0), "{out:#?}");
+    }
+    let restored = outs
+        .iter()
+        .filter(|o| o.stdout.contains("restoring s3://"))
+        .count();
+    let found_done = outs
+        .iter()
+        .filter(|o| o.stdout.contains("already restored"))
+        .count();
+    assert_eq!((restored, found_done), (1, 1), "{outs:#?}");
+}

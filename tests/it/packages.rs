@@ -56,6 +56,10 @@ fn expected_files() -> BTreeMap<&'static str, u32> {
             0o644,
         ),
         (
+            "/usr/share/lifeboat/ssm-documents/lifeboat-restore.json",
+            0o644,
+        ),
+        (
             "/usr/share/lifeboat/ssm-documents/lifeboat-status.json",
             0o644,
         ),
