@@ -121,6 +121,9 @@ pub struct RetentionConfig {
     pub keep_last: Option<usize>,
     /// Keep what S3 stored within this long; `None`: no age rule.
     pub keep_within: Option<Duration>,
+    /// After each successful backup, prune this instance's own archives (needs
+    /// `s3:DeleteObject` on them).
+    pub after_backup: bool,
 }
 
 /// `[schedule]`: snapshots between terminations, by the daemon.
@@ -353,6 +356,7 @@ struct RawConfig {
 struct RawRetention {
     keep_last: u64,
     keep_within: String,
+    after_backup: bool,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -615,6 +619,7 @@ impl Config {
                     .keep_within
                     .map(|d| humantime::format_duration(d).to_string())
                     .unwrap_or_default(),
+                after_backup: self.retention.after_backup,
             },
             schedule: RawSchedule {
                 every: self
@@ -676,6 +681,7 @@ impl Validator<'_> {
                     "" => None,
                     text => Some(self.duration("retention.keep_within", text)?),
                 },
+                after_backup: raw.retention.after_backup,
             },
             schedule: ScheduleConfig {
                 every: match raw.schedule.every.trim() {
@@ -684,6 +690,13 @@ impl Validator<'_> {
                 },
             },
         };
+        let r = &config.retention;
+        if r.after_backup && r.keep_last.is_none() && r.keep_within.is_none() {
+            return Err(self.invalid(
+                "retention.after_backup",
+                "is true but no rule is set: set retention.keep_last or retention.keep_within",
+            ));
+        }
         Ok(config)
     }
 

@@ -208,6 +208,7 @@ mod tests {
         let cfg = RetentionConfig {
             keep_last: Some(1),
             keep_within: None,
+            after_backup: false,
         };
         assert_eq!(
             verdicts(&decide(entries.clone(), &cfg, 1000)),
@@ -223,6 +224,7 @@ mod tests {
         let cfg = RetentionConfig {
             keep_last: None,
             keep_within: Some(Duration::from_secs(850)),
+            after_backup: false,
         };
         assert_eq!(
             verdicts(&decide(entries, &cfg, 1000)),

@@ -161,6 +161,12 @@ pub trait BackupApi: Send + Sync + 'static {
     fn backup(&self, run: BackupRun) -> BoxFuture<'static, Result<Stored, JobError>>;
     /// Publishes a report; its message id.
     fn publish<'a>(&'a self, report: &'a Report) -> BoxFuture<'a, Result<String, ReportError>>;
+    /// After a successful backup, once its action is completed and its report sent: applies
+    /// `[retention]` to this instance's own archives when `retention.after_backup` says so.
+    /// Failures are logged; the job's result stands.
+    fn prune_own(&self) -> BoxFuture<'static, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// The clients a job needs.
@@ -227,7 +233,57 @@ impl BackupApi for Pipeline {
             }
         })
     }
+
+    fn prune_own(&self) -> BoxFuture<'static, ()> {
+        let (config, identity, s3) = (
+            Arc::clone(&self.config),
+            self.identity.clone(),
+            self.s3.clone(),
+        );
+        Box::pin(async move {
+            if !config.retention.after_backup {
+                return;
+            }
+            let filter = crate::catalog::ListFilter {
+                instance_id: Some(identity.instance_id.clone()),
+                group: Some(identity.group.clone()),
+                ..Default::default()
+            };
+            let pruned = async {
+                let plan =
+                    crate::prune::plan(&s3, &config.s3, &config.retention, &filter, &config.source)
+                        .await?;
+                let doomed: Vec<String> = plan
+                    .into_iter()
+                    .filter(|(_, v)| *v == crate::prune::Verdict::Delete)
+                    .map(|(e, _)| e.key)
+                    .collect();
+                if doomed.is_empty() {
+                    return Ok(0);
+                }
+                crate::prune::delete(&s3, &config.s3, &doomed).await?;
+                Ok::<_, crate::prune::PruneError>(doomed.len())
+            };
+            match tokio::time::timeout(PRUNE_BUDGET, pruned).await {
+                Ok(Ok(0)) => tracing::debug!("retention: nothing to prune"),
+                Ok(Ok(n)) => tracing::info!(
+                    archives = n,
+                    "retention: pruned this instance's older archives"
+                ),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "retention: pruning after the backup failed")
+                }
+                Err(_) => tracing::warn!(
+                    budget_s = PRUNE_BUDGET.as_secs(),
+                    "retention: pruning after the backup took too long; the next backup tries again"
+                ),
+            }
+        })
+    }
 }
+
+/// How long pruning after a backup may take.
+const PRUNE_BUDGET: Duration = Duration::from_secs(120);
 
 /// What the notices of one job asked for, merged.
 #[derive(Debug, Default, Clone)]
@@ -653,6 +709,10 @@ impl Runner {
         let result = story.result(&notice, started_at, status, stored, error, lifecycle);
         self.publish_report(&result, &story.hints).await;
         tracing::info!(status = ?result.status, lifecycle = ?result.lifecycle, "job finished");
+        // 6. Retention, last: never before the action is completed or the report sent.
+        if status == JobStatus::Succeeded {
+            self.pipeline.prune_own().await;
+        }
         result
     }
 

@@ -235,7 +235,13 @@ fn assert_own_objects_only(name: &str, doc: &Value) {
                     .any(|o| r.ends_with(o) || r.ends_with(&format!("{o}.staging/*"))),
                 "{name}/{sid}: {actions:?} on {r} reaches other instances' archives"
             );
-            // Deleting reaches staged parts only (src/upload/staged.rs), never an archive.
+            // Deleting reaches staged parts only (src/upload/staged.rs), never an archive;
+            // except the opt-in retention grant (PruneOnInstances), which may place delete
+            // markers on its own archives but never delete a version.
+            if sid == "PruneOwnArchivesOnly" {
+                assert_eq!(actions, ["s3:DeleteObject"], "{name}/{sid}");
+                continue;
+            }
             if actions
                 .iter()
                 .any(|a| a == "*" || a.contains("Delete") || a == "s3:*")
@@ -508,4 +514,27 @@ fn with_a_launch_hook_the_lambda_runs_the_restore_document_on_launch_events() {
             .ends_with(":document/${RestoreDocument}"),
         "{restore}"
     );
+}
+
+/// `PruneOnInstances` (off by default) lets an instance delete its own archives for
+/// `retention.after_backup`: delete markers only, in the versioned bucket.
+#[test]
+fn pruning_by_instances_is_opt_in_and_leaves_versions() {
+    let t = template();
+    assert_eq!(t["Parameters"]["PruneOnInstances"]["Default"], "false");
+    let policy = &t["Resources"]["InstancePolicy"]["Properties"]["PolicyDocument"];
+    let grant = policy["Statement"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|st| {
+            let b = st.get("Fn::If")?;
+            (b[0] == "HasPruneOnInstances").then(|| b.clone())
+        })
+        .expect("an opt-in statement");
+    assert_eq!(grant[1]["Sid"], "PruneOwnArchivesOnly");
+    assert_eq!(grant[1]["Action"], "s3:DeleteObject");
+    assert_eq!(grant[2], json!({ "Ref": "AWS::NoValue" }));
+    let versioning = &t["Resources"]["ArchiveBucket"]["Properties"]["VersioningConfiguration"];
+    assert_eq!(versioning["Status"], "Enabled");
 }

@@ -719,3 +719,74 @@ fn two_restores_on_one_instance_restore_once() {
         .count();
     assert_eq!((restored, found_done), (1, 1), "{outs:#?}");
 }
+
+/// `retention.after_backup`: each successful backup, once done, prunes its own instance's older
+/// archives by the rules, and nobody else's.
+#[test]
+fn a_backup_prunes_its_own_older_archives_when_configured() {
+    let server = moto();
+    let bucket = server.bucket("prune-after");
+    let group = group("prune-after");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write(&data.join("app.db"), b"x");
+    // Another instance of the group, which does not prune.
+    let other = Imds::start("i-0000000000000ccc7", &group);
+    let lb_other = instance(
+        &dir.path().join("other"),
+        server,
+        &bucket,
+        &data,
+        &dir.path().join("t"),
+        "",
+    );
+    let other_key = on(&lb_other, &other, &["backup"]).stored_key();
+    let other_time = s3_time(server, &bucket, &other_key);
+
+    let a = Imds::start("i-0000000000000aaa7", &group);
+    let a_dir = dir.path().join("a");
+    std::fs::create_dir_all(&a_dir).unwrap();
+    let lb = Lifeboat::new(
+        &a_dir,
+        &server.endpoint,
+        &format!(
+            "{}[retention]\nkeep_last = 1\nafter_backup = true\n",
+            config_for(&bucket, &[&data], "", "")
+        ),
+    );
+    let mut keys: Vec<String> = Vec::new();
+    let mut last_time = other_time;
+    for _ in 0..3 {
+        crate::support::eventually("the next second", Duration::from_secs(5), || {
+            (crate::support::unix_now() as i64 > last_time).then_some(())
+        });
+        let out = on(&lb, &a, &["backup"]);
+        assert_eq!(out.code, Some(0), "{out:#?}");
+        keys.push(out.stored_key());
+        last_time = s3_time(server, &bucket, keys.last().unwrap());
+    }
+    let manifest = |k: &str| k.rsplit_once(".tar").unwrap().0.to_owned() + ".manifest.json";
+    let mut left = server.keys(&bucket);
+    left.sort();
+    let mut want = vec![
+        other_key.clone(),
+        manifest(&other_key),
+        keys[2].clone(),
+        manifest(&keys[2]),
+    ];
+    want.sort();
+    assert_eq!(left, want);
+
+    // Without a rule, after_backup is a configuration error that names the key.
+    let bad = Lifeboat::new(
+        &a_dir,
+        &server.endpoint,
+        &format!(
+            "{}[retention]\nafter_backup = true\n",
+            config_for(&bucket, &[&data], "", "")
+        ),
+    );
+    let out = on(&bad, &a, &["config", "check"]);
+    assert_eq!(out.code, Some(2), "{out:#?}");
+    assert!(out.stderr.contains("retention.after_backup"), "{out:#?}");
+}
