@@ -644,6 +644,9 @@ async fn backup(
     }
     let region = identity.on_ec2.then_some(identity.region.as_str());
     let services = Services::connect(&config, region).await;
+    identity
+        .find_group(&services.lifecycle, notice.group.as_deref())
+        .await;
     let state_file = Arc::new(StateFile::open(&state::state_dir()));
     let runner = Runner::new(Arc::new(config), identity, services, state_file, cancel);
     let progress = {
@@ -885,7 +888,7 @@ async fn restore_on_launch(config: &Config, hook: Option<String>) -> Result<u8, 
     cancel_on_signals(cancel.clone());
     // The group and zone come from instance metadata: wait for it (a blip at boot) rather than
     // restore nothing, or another group's data.
-    let identity = InstanceIdentity::wait_for(config.watch.metadata_wait, &cancel, |_| {})
+    let mut identity = InstanceIdentity::wait_for(config.watch.metadata_wait, &cancel, |_| {})
         .await
         .map_err(|e| Failure {
             error: anyhow::Error::new(e)
@@ -893,6 +896,7 @@ async fn restore_on_launch(config: &Config, hook: Option<String>) -> Result<u8, 
             code: EXIT_NO_METADATA,
         })?;
     let services = Services::connect(config, Some(&identity.region)).await;
+    identity.find_group(&services.lifecycle, None).await;
     // A launch hook holds the instance in Pending:Wait while the data comes back.
     let held = crate::launch::held_by_hook(
         &services.lifecycle,

@@ -289,6 +289,8 @@ pub async fn run(
     let region =
         (identity.region != crate::identity::STANDALONE).then_some(identity.region.as_str());
     let services = crate::runner::Services::connect(&config, region).await;
+    let mut identity = identity;
+    identity.find_group(&services.lifecycle, None).await;
     let state = Arc::new(StateFile::open(&crate::state::state_dir()));
     let mut sources = vec!["autoscaling/target-lifecycle-state".to_owned()];
     if w.spot {

@@ -226,6 +226,46 @@ impl InstanceIdentity {
     }
 }
 
+/// How long asking Auto Scaling for the group may take.
+const GROUP_BUDGET: Duration = Duration::from_secs(10);
+
+impl InstanceIdentity {
+    /// The group, when instance metadata did not say it: instance metadata tags are off by
+    /// default on EC2, and without them an instance of a group would file its archives under
+    /// `standalone/`, where no replacement looks. `hint` is the group a caller was told (the
+    /// Run Command document's `--asg`), taken without a call; otherwise Auto Scaling is asked
+    /// (DescribeAutoScalingInstances). Off EC2, or when metadata named the group, nothing
+    /// changes; when Auto Scaling cannot answer, the instance stays `standalone` and says so.
+    pub async fn find_group(
+        &mut self,
+        lifecycle: &crate::lifecycle::Lifecycle,
+        hint: Option<&str>,
+    ) {
+        if !self.on_ec2 || self.group != STANDALONE || !self.instance_id.starts_with("i-") {
+            return;
+        }
+        if let Some(group) = hint.filter(|g| !g.is_empty()) {
+            self.group = group.to_owned();
+            return;
+        }
+        match lifecycle
+            .describe_instance(&self.instance_id, Instant::now() + GROUP_BUDGET)
+            .await
+        {
+            Ok(Some((group, _))) => {
+                tracing::info!(%group, "the Auto Scaling group, from Auto Scaling (instance metadata tags are off)");
+                self.group = group;
+            }
+            Ok(None) => tracing::debug!("not in an Auto Scaling group"),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "instance metadata does not name the Auto Scaling group (tags off) and Auto Scaling \
+                 did not answer: archives are filed under standalone/"
+            ),
+        }
+    }
+}
+
 /// A metadata client that gives up fast: callers decide whether to try again.
 fn client() -> ImdsClient {
     ImdsClient::builder()

@@ -790,3 +790,36 @@ fn a_backup_prunes_its_own_older_archives_when_configured() {
     assert_eq!(out.code, Some(2), "{out:#?}");
     assert!(out.stderr.contains("retention.after_backup"), "{out:#?}");
 }
+
+/// Instance metadata tags are off by default on EC2: the group then comes from Auto Scaling
+/// (DescribeAutoScalingInstances), so an instance's archives are filed under its group, not
+/// `standalone/`, and a replacement finds them.
+#[test]
+fn with_metadata_tags_off_archives_are_filed_and_found_under_the_group() {
+    let server = moto();
+    let bucket = server.bucket("launch-notags");
+    let (group, instances, _topic) = crate::support::group_of(server, "launch-notags", 2, 300);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let target = dir.path().join("target");
+    write(&data.join("app.db"), b"filed by group");
+    let a = Imds::start(&instances[0], &group);
+    a.set(r#"{"tags_enabled": false}"#);
+    let lb_a = instance(&dir.path().join("a"), server, &bucket, &data, &target, "");
+    let key = on(&lb_a, &a, &["backup"]).stored_key();
+    assert!(
+        key.starts_with(&format!("backups/{group}/")),
+        "{key} is not under the group"
+    );
+
+    let b = Imds::start(&instances[1], &group);
+    b.set(r#"{"tags_enabled": false}"#);
+    let lb_b = instance(&dir.path().join("b"), server, &bucket, &data, &target, "");
+    let out = on(&lb_b, &b, &["restore-on-launch"]);
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert!(out.stdout.contains(&key), "{out:#?}");
+    assert_eq!(
+        std::fs::read(target.join(data.strip_prefix("/").unwrap()).join("app.db")).unwrap(),
+        b"filed by group"
+    );
+}
