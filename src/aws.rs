@@ -12,6 +12,26 @@ use aws_runtime::auth::PayloadSigningOverride;
 use aws_sdk_s3::config::interceptors::BeforeSerializationInterceptorContextRef;
 use aws_sdk_s3::config::{ConfigBag, Intercept};
 
+/// Why the SDK could not make an HTTPS client, if so: it reads the root certificates as
+/// `rustls-native-certs` does (`SSL_CERT_FILE` / `SSL_CERT_DIR`, else the system's store) and
+/// panics when there are none (a minimal root without `ca-certificates`), even for a plain-HTTP
+/// endpoint. Checked before any client is built, so that lifeboat says what to install instead.
+pub fn missing_trust_store() -> Option<String> {
+    let found = rustls_native_certs::load_native_certs();
+    if !found.certs.is_empty() {
+        return None;
+    }
+    let why = found
+        .errors
+        .first()
+        .map_or_else(|| "none found".to_owned(), ToString::to_string);
+    Some(format!(
+        "no root CA certificates ({why}): HTTPS to AWS cannot be checked, so no AWS call can be \
+         made; install the ca-certificates package (the lifeboat packages depend on it), or point \
+         SSL_CERT_FILE at a PEM bundle"
+    ))
+}
+
 /// Loads the SDK configuration. The region: the environment, the profile, `region_hint` (the
 /// instance identity, already read from metadata), then instance metadata itself.
 pub async fn sdk_config(region_hint: Option<&str>) -> SdkConfig {

@@ -260,6 +260,16 @@ pub fn main() -> ExitCode {
         print!("{}", config.to_toml());
         return ExitCode::from(EXIT_OK);
     }
+    // Every command from here on may build an AWS client, which the SDK cannot do without root
+    // certificates (it panics): say what to install instead. Doctor reports it as a check.
+    let needs_aws = !matches!(
+        cli.command,
+        Command::Doctor | Command::Status | Command::Backup { dry_run: true, .. }
+    );
+    if needs_aws && let Some(why) = crate::aws::missing_trust_store() {
+        eprintln!("lifeboat: {why}");
+        return ExitCode::from(EXIT_FAILED);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("lifeboat")

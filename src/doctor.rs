@@ -36,6 +36,20 @@ pub struct Check {
     pub outcome: Outcome,
 }
 
+/// The root certificates HTTPS to AWS is checked against ([`crate::aws::missing_trust_store`]).
+fn trust_store() -> Check {
+    Check {
+        name: "trust store",
+        outcome: match crate::aws::missing_trust_store() {
+            None => Outcome::Ok("root CA certificates found".into()),
+            Some(why) => {
+                let (what, fix) = why.split_once("; ").unwrap_or((&why, ""));
+                Outcome::Fail(what.to_owned(), fix.to_owned())
+            }
+        },
+    }
+}
+
 /// A conservative archive rate per compression on a small instance, for the time estimate.
 fn assumed_rate(kind: CompressionKind) -> u64 {
     match kind {
@@ -47,6 +61,14 @@ fn assumed_rate(kind: CompressionKind) -> u64 {
 /// Runs every check.
 pub async fn run(config: &Config) -> Vec<Check> {
     let mut checks = Vec::new();
+    let trust = trust_store();
+    if matches!(trust.outcome, Outcome::Fail(..)) {
+        // The SDK cannot build a client without roots, not even instance metadata's: nothing
+        // else can be checked.
+        checks.push(trust);
+        return checks;
+    }
+    checks.push(trust);
     let identity = InstanceIdentity::discover().await;
     let endpoint = std::env::var("AWS_EC2_METADATA_SERVICE_ENDPOINT")
         .unwrap_or_else(|_| "http://169.254.169.254".into());

@@ -1,8 +1,5 @@
-# lifeboat (RPM %post): create the service user; on first install apply the preset (the package's
-# preset enables lifeboat.service; a distribution or site preset may say otherwise).
-getent group lifeboat >/dev/null || groupadd -r lifeboat
-getent passwd lifeboat >/dev/null || useradd -r -g lifeboat -d /var/lib/lifeboat -M \
-    -s /sbin/nologin -c "lifeboat backup agent" lifeboat
+# lifeboat (RPM %post): on first install apply the preset (the package's preset enables
+# lifeboat.service; a distribution or site preset may say otherwise). The user comes from %pre.
 if [ -d /run/systemd/system ]; then
     systemctl daemon-reload >/dev/null 2>&1 || :
 fi

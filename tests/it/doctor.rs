@@ -38,6 +38,7 @@ fn doctor_is_all_ok_on_a_protected_instance() {
         "credentials",
         "bucket writable under the prefix",
         "report topic",
+        "trust store",
         "group and terminate hook",
         "time for the data",
         "memory budget",
@@ -101,4 +102,45 @@ fn doctor_names_each_failure_with_its_fix() {
         "{text}"
     );
     assert!(text.contains("  ok    credentials"), "{text}");
+}
+
+/// A root without CA certificates (a minimal image without `ca-certificates`): doctor says
+/// so, and how to fix it, instead of every AWS call failing later.
+#[test]
+fn doctor_names_a_missing_trust_store() {
+    let server = moto();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write(&data.join("app.log"), b"x");
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "").unwrap();
+    let lb = Lifeboat::new(
+        dir.path(),
+        &server.endpoint,
+        &format!(
+            "[backup]\npaths = [{:?}]\n[s3]\nbucket = \"no-such-bucket-for-doctor\"\n",
+            data.display().to_string()
+        ),
+    );
+    let mut cmd = lb.command(&["doctor"]);
+    cmd.env("SSL_CERT_FILE", &empty);
+    let out = wait_output(cmd.spawn().unwrap(), Duration::from_secs(120), &["doctor"]);
+    assert_eq!(out.code, Some(3), "{out:#?}");
+    assert!(
+        out.stdout
+            .contains("  FAIL  trust store: no root CA certificates")
+            && out.stdout.contains("install the ca-certificates package"),
+        "{out:#?}"
+    );
+    // A backup says the same and exits 1 (the SDK used to panic building its client).
+    let mut cmd = lb.command(&["backup"]);
+    cmd.env("SSL_CERT_FILE", &empty);
+    let out = wait_output(cmd.spawn().unwrap(), Duration::from_secs(120), &["backup"]);
+    assert_eq!(out.code, Some(1), "{out:#?}");
+    assert!(
+        out.stderr.contains("no root CA certificates")
+            && out.stderr.contains("install the ca-certificates package")
+            && !out.stderr.contains("panicked"),
+        "{out:#?}"
+    );
 }

@@ -59,6 +59,7 @@ fn expected_files() -> BTreeMap<&'static str, u32> {
             "/usr/share/lifeboat/ssm-documents/lifeboat-restore.json",
             0o644,
         ),
+        ("/usr/lib/sysusers.d/lifeboat.conf", 0o644),
         (
             "/usr/share/lifeboat/ssm-documents/lifeboat-status.json",
             0o644,
@@ -113,8 +114,12 @@ fn deb_ships_the_files_with_their_modes_and_the_config_as_a_conffile() {
         .args(["-f"])
         .arg(&deb)
         .arg("Depends")));
+    // The user comes from sysusers.d; HTTPS to AWS needs the trust store.
     assert!(
-        depends.contains("libc6") && depends.contains("adduser"),
+        depends.contains("libc6")
+            && depends.contains("systemd-sysusers")
+            && depends.contains("ca-certificates")
+            && !depends.contains("adduser"),
         "{depends}"
     );
 }
@@ -169,7 +174,31 @@ fn rpm_ships_the_files_with_their_modes_and_the_config_as_noreplace() {
     let scripts = text(&run(Command::new("rpm")
         .args(["-qp", "--scripts"])
         .arg(&rpm)));
-    assert!(scripts.contains("useradd -r") && scripts.contains("preset lifeboat.service"));
+    // The user from the sysusers.d line, in %pre (before the files are installed), not useradd.
+    let line = std::fs::read_to_string(root().join("packaging/lifeboat.sysusers"))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("u "))
+        .unwrap()
+        .to_owned();
+    let pre = scripts
+        .split("postinstall scriptlet")
+        .next()
+        .unwrap()
+        .split("preinstall scriptlet")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no %pre:\n{scripts}"));
+    assert!(
+        pre.contains("systemd-sysusers --replace=/usr/lib/sysusers.d/lifeboat.conf")
+            && pre.contains(&line),
+        "{scripts}"
+    );
+    assert!(!scripts.contains("useradd"), "{scripts}");
+    assert!(scripts.contains("preset lifeboat.service"));
+    let requires = text(&run(Command::new("rpm")
+        .args(["-qp", "--requires"])
+        .arg(&rpm)));
+    assert!(requires.contains("ca-certificates"), "{requires}");
 }
 
 #[test]
@@ -285,10 +314,19 @@ fn deb_installs_upgrades_removes_and_purges_in_a_scratch_root() {
     s.dpkg(&["-i", deb]);
     assert!(s.root.join("usr/bin/lifeboat").exists());
     let calls = s.calls();
-    assert!(
-        calls.contains("adduser --system --group --home /var/lib/lifeboat"),
-        "{calls}"
-    );
+    // The real systemd-sysusers applied the packaged sysusers.d file inside the scratch root.
+    let users = |root: &std::path::Path| -> Vec<String> {
+        std::fs::read_to_string(root.join("etc/passwd"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("lifeboat:"))
+            .map(str::to_owned)
+            .collect()
+    };
+    let user = users(&s.root);
+    assert_eq!(user.len(), 1, "{user:?}");
+    assert!(user[0].contains(":/var/lib/lifeboat:"), "{user:?}");
+    assert!(!calls.contains("adduser"), "{calls}");
     assert!(
         calls.contains("deb-systemd-helper enable lifeboat.service"),
         "{calls}"
@@ -304,10 +342,10 @@ fn deb_installs_upgrades_removes_and_purges_in_a_scratch_root() {
             .unwrap()
             .contains("operators-bucket")
     );
-    assert!(
-        !s.calls().contains("adduser"),
-        "user created twice: {}",
-        s.calls()
+    assert_eq!(
+        users(&s.root),
+        user,
+        "the user is the same after the upgrade"
     );
 
     // Remove: the binary goes, the configuration stays.
@@ -332,7 +370,7 @@ fn deb_installs_upgrades_removes_and_purges_in_a_scratch_root() {
         calls.contains("deb-systemd-helper purge lifeboat.service"),
         "{calls}"
     );
-    assert!(calls.contains("deluser --system lifeboat"), "{calls}");
+    assert!(!calls.contains("deluser"), "{calls}");
 }
 
 #[test]
