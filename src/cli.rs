@@ -129,19 +129,21 @@ enum Command {
         apply: bool,
     },
     /// Download and extract a backup into a directory (never writing outside it).
+    #[command(group(
+        clap::ArgGroup::new("which")
+            .required(true)
+            .args(["key", "instance_id"])
+    ))]
     Restore {
         /// The archive's key.
-        #[arg(
-            long,
-            conflicts_with = "instance_id",
-            required_unless_present = "instance_id"
-        )]
+        #[arg(long)]
         key: Option<String>,
-        /// Restore this instance's backup.
+        /// Restore this instance's newest complete backup.
         #[arg(long)]
         instance_id: Option<String>,
-        /// With --instance-id: the newest backup (the default).
-        #[arg(long, requires = "instance_id")]
+        /// Accepted for scripts written against earlier versions; the newest is what
+        /// --instance-id restores anyway.
+        #[arg(long, requires = "instance_id", hide = true)]
         latest: bool,
         /// Target directory.
         #[arg(long)]
@@ -232,6 +234,26 @@ pub fn main() -> ExitCode {
         return manpage(dir);
     }
     init_logging(matches!(cli.command, Command::Run));
+    // `status` reads the daemon's socket or its state file, not the configuration: it answers
+    // on an instance whose configuration is incomplete or broken, where it is most wanted.
+    if matches!(cli.command, Command::Status) {
+        return match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => ExitCode::from(match rt.block_on(status()) {
+                Ok(code) => code,
+                Err(f) => {
+                    eprintln!("lifeboat: {:#}", f.error);
+                    f.code
+                }
+            }),
+            Err(e) => {
+                eprintln!("lifeboat: cannot start the async runtime: {e}");
+                ExitCode::from(EXIT_FAILED)
+            }
+        };
+    }
     let config = match Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
@@ -256,6 +278,16 @@ pub fn main() -> ExitCode {
                 outer.display(),
                 outer.display()
             );
+        }
+        // A path that is not there yet may appear later (an application's data directory
+        // created at its first start): a word, not a refusal.
+        for p in &config.backup.paths {
+            if std::fs::symlink_metadata(p).is_err() {
+                eprintln!(
+                    "lifeboat: warning: backup.paths: {} does not exist (now): nothing is archived from it until it does",
+                    p.display()
+                );
+            }
         }
         print!("{}", config.to_toml());
         return ExitCode::from(EXIT_OK);

@@ -284,6 +284,45 @@ pub struct WatchConfig {
 
 /// `path` without `.`, `..` and trailing `/`, lexically (as tar names it; symlinks are not
 /// resolved: a configured path that is a symlink is archived as the link).
+/// What is wrong with `name` as a general purpose bucket's name, by S3's naming rules (S3 User
+/// Guide, "General purpose bucket naming rules"); `None` when it is a valid name.
+pub fn bucket_name_problem(name: &str) -> Option<String> {
+    if !(3..=63).contains(&name.len()) {
+        return Some(format!("{} characters (3 to 63)", name.len()));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-' || *c == '.'))
+    {
+        return Some(format!(
+            "{c:?} is not allowed (lowercase letters, digits, '-' and '.' only)"
+        ));
+    }
+    let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if !edge(name.chars().next()) || !edge(name.chars().last()) {
+        return Some("it must begin and end with a letter or digit".into());
+    }
+    if name.contains("..") {
+        return Some("two periods in a row".into());
+    }
+    if name.split('.').count() == 4 && name.split('.').all(|p| p.parse::<u8>().is_ok()) {
+        return Some("it is formatted as an IP address".into());
+    }
+    if let Some(p) = ["xn--", "sthree-", "amzn-s3-demo-"]
+        .iter()
+        .find(|p| name.starts_with(*p))
+    {
+        return Some(format!("names beginning {p:?} are reserved"));
+    }
+    if let Some(s) = ["-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3"]
+        .iter()
+        .find(|s| name.ends_with(*s))
+    {
+        return Some(format!("names ending {s:?} are reserved"));
+    }
+    None
+}
+
 fn normalise(path: &Path) -> PathBuf {
     use std::path::Component;
     let mut out = PathBuf::new();
@@ -762,19 +801,10 @@ impl Validator<'_> {
         if raw.bucket.is_empty() {
             return Err(self.invalid("s3.bucket", "is missing: name the bucket backups go to"));
         }
-        if raw.bucket.len() < 3
-            || raw.bucket.len() > 63
-            || !raw
-                .bucket
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b))
-        {
+        if let Some(problem) = bucket_name_problem(&raw.bucket) {
             return Err(self.invalid(
                 "s3.bucket",
-                format!(
-                    "{:?} is not a valid bucket name (3-63 characters: a-z, 0-9, '-', '.')",
-                    raw.bucket
-                ),
+                format!("{:?} is not a name S3 accepts: {problem}", raw.bucket),
             ));
         }
         let mut prefix = raw.prefix.trim_start_matches('/').to_owned();
@@ -991,6 +1021,45 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("/etc/lifeboat/lifeboat.toml"), text)
+    }
+
+    /// S3's naming rules in full: a name S3 would refuse is refused here, naming the rule,
+    /// instead of at the first upload (at a termination).
+    #[test]
+    fn bucket_names_follow_s3s_rules() {
+        for ok in [
+            "my-backups",
+            "a.b.c",
+            "abc",
+            "backups-2026",
+            &"a".repeat(63),
+        ] {
+            assert_eq!(bucket_name_problem(ok), None, "{ok}");
+        }
+        for (bad, why) in [
+            ("-my..backups-", "begin and end"),
+            ("my..backups", "two periods"),
+            ("ab", "3 to 63"),
+            ("My-Backups", "not allowed"),
+            ("my_backups", "not allowed"),
+            ("192.168.5.4", "IP address"),
+            ("xn--backups", "reserved"),
+            ("sthree-backups", "reserved"),
+            ("backups-s3alias", "reserved"),
+            ("backups--ol-s3", "reserved"),
+            ("backups.mrap", "reserved"),
+            ("backups--x-s3", "reserved"),
+        ] {
+            let problem = bucket_name_problem(bad).unwrap_or_else(|| panic!("{bad} accepted"));
+            assert!(problem.contains(why), "{bad}: {problem}");
+        }
+        let e = parse("[s3]\nbucket = \"-my..backups-\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("s3.bucket") && e.contains("begin and end"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -41,6 +41,31 @@ fn config_check_normalises_paths_and_says_what_overlaps() {
     );
 }
 
+/// A backup path that does not exist (yet) is worth a word, not a refusal: it may appear later
+/// (an application's data directory created at its first start).
+#[test]
+fn config_check_warns_about_paths_that_do_not_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("not-yet");
+    let lb = Lifeboat::new(
+        dir.path(),
+        "http://127.0.0.1:9",
+        &config_for("b-1", &[dir.path(), &missing], "", ""),
+    );
+    let out = lb.run(&["config", "check"]);
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    let warning = format!(
+        "lifeboat: warning: backup.paths: {} does not exist",
+        missing.display()
+    );
+    assert!(out.stderr.contains(&warning), "{out:#?}");
+    assert!(
+        !out.stderr
+            .contains(&format!("{} does not exist", dir.path().display())),
+        "{out:#?}"
+    );
+}
+
 #[test]
 fn config_errors_name_file_key_and_problem_with_exit_2() {
     let dir = tempfile::tempdir().unwrap();
@@ -59,6 +84,8 @@ fn config_errors_name_file_key_and_problem_with_exit_2() {
             "watch.poll_interval",
         ),
         ("[backup]\npaths = [\"/x\"]\n", "s3.bucket"),
+        // A name S3 would refuse (at the first upload: a termination) is refused here.
+        ("[s3]\nbucket = \"-my..backups-\"\n", "s3.bucket"),
         // Parts that cannot fit the memory budget: every key involved is named.
         (
             "[s3]\nbucket = \"b-1\"\npart_size = \"64MiB\"\nconcurrency = 4\n",
@@ -153,4 +180,22 @@ fn parts_that_do_not_fit_the_budget_are_capped_by_a_backup_not_refused() {
         .ok();
     let back = std::fs::read(restored.join(data.strip_prefix("/").unwrap()).join("a.log")).unwrap();
     assert_eq!(back, crate::support::noise(3 << 20, 7));
+}
+
+/// First contact: `status` answers without a configuration (it reads only the daemon's
+/// state), and `restore`'s usage says that it needs --key or --instance-id.
+#[test]
+fn status_needs_no_config_and_restore_says_what_it_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    let lb = Lifeboat::new(dir.path(), "http://127.0.0.1:9", "");
+    let out = lb.run(&["--config", "/nonexistent/lifeboat.toml", "status"]);
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert!(out.stdout.contains("daemon: not running"), "{out:#?}");
+
+    let out = lb.run(&["restore", "--to", "/tmp/x"]);
+    assert_eq!(out.code, Some(2), "{out:#?}");
+    assert!(
+        out.stderr.contains("<--key <KEY>|--instance-id <INSTANCE_ID>>"),
+        "{out:#?}"
+    );
 }
