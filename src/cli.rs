@@ -56,6 +56,13 @@ struct Cli {
     /// Configuration file.
     #[arg(long, global = true, env = "LIFEBOAT_CONFIG", default_value = config::DEFAULT_PATH)]
     config: PathBuf,
+    /// More log lines on stderr: -v info, -vv debug (an AWS error's full detail).
+    /// `LIFEBOAT_LOG` overrides both.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
+    verbose: u8,
+    /// Errors only on stderr: no warnings.
+    #[arg(short, long, global = true)]
+    quiet: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -233,7 +240,7 @@ pub fn main() -> ExitCode {
     if let Command::Manpage { dir } = &cli.command {
         return manpage(dir);
     }
-    init_logging(matches!(cli.command, Command::Run));
+    init_logging(matches!(cli.command, Command::Run), cli.verbose, cli.quiet);
     // `status` reads the daemon's socket or its state file, not the configuration: it answers
     // on an instance whose configuration is incomplete or broken, where it is most wanted.
     if matches!(cli.command, Command::Status) {
@@ -321,11 +328,17 @@ pub fn main() -> ExitCode {
 
 /// Logs: structured fields to journald when systemd connected stderr to the journal, readable
 /// text on stderr otherwise. `LIFEBOAT_LOG` sets the filter (`debug`, `lifeboat=trace`, …).
-fn init_logging(daemon: bool) {
+fn init_logging(daemon: bool, verbose: u8, quiet: bool) {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     use tracing_subscriber::prelude::*;
-    let default = if daemon { "info" } else { "warn" };
+    let default = match (verbose, quiet) {
+        (0, true) => "error",
+        (0, false) if daemon => "info",
+        (0, false) => "warn",
+        (1, _) => "info",
+        _ => "debug",
+    };
     let filter = EnvFilter::try_from_env("LIFEBOAT_LOG").unwrap_or_else(|_| {
         EnvFilter::new(format!(
             "{default},aws_config=error,aws_smithy_runtime=warn"

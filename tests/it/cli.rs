@@ -195,7 +195,35 @@ fn status_needs_no_config_and_restore_says_what_it_needs() {
     let out = lb.run(&["restore", "--to", "/tmp/x"]);
     assert_eq!(out.code, Some(2), "{out:#?}");
     assert!(
-        out.stderr.contains("<--key <KEY>|--instance-id <INSTANCE_ID>>"),
+        out.stderr
+            .contains("<--key <KEY>|--instance-id <INSTANCE_ID>>"),
         "{out:#?}"
     );
+}
+
+/// An unreachable endpoint reads as one sentence naming the endpoint and the fix, in `list` and
+/// `backup`, not the SDK's debug dump; `-vv` adds the full detail.
+#[test]
+fn an_unreachable_endpoint_is_one_sentence_with_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write(&data.join("a.txt"), b"x");
+    let lb = Lifeboat::new(
+        dir.path(),
+        "http://127.0.0.1:9",
+        &config_for("my-backups", &[&data], "", ""),
+    );
+    for args in [&["list"][..], &["backup"][..]] {
+        let out = lb.run(args);
+        assert_eq!(out.code, Some(1), "{args:?}: {out:#?}");
+        assert!(
+            out.stderr.contains("could not reach the service")
+                && out.stderr.contains("Connection refused")
+                && out.stderr.contains("check the endpoint http://127.0.0.1:9 (AWS_ENDPOINT_URL)")
+                && !out.stderr.contains("DispatchFailure"),
+            "{args:?}: {out:#?}"
+        );
+    }
+    let out = lb.run(&["-vv", "list"]);
+    assert!(out.stderr.contains("AWS SDK error in full"), "{out:#?}");
 }
