@@ -347,18 +347,23 @@ fn init_logging(daemon: bool, verbose: u8, quiet: bool) {
     let journal = std::env::var_os("JOURNAL_STREAM")
         .and_then(|_| tracing_journald::layer().ok())
         .map(|l| l.with_syslog_identifier("lifeboat".into()));
+    // The job log collects lifeboat's info lines whatever the filter shows (src/joblog.rs).
+    let joblog = crate::joblog::layer().with_filter(tracing_subscriber::filter::filter_fn(|m| {
+        *m.level() <= tracing::Level::INFO && m.target().starts_with("lifeboat")
+    }));
     match journal {
         Some(layer) => tracing_subscriber::registry()
-            .with(filter)
-            .with(layer)
+            .with(joblog)
+            .with(layer.with_filter(filter))
             .init(),
         None => tracing_subscriber::registry()
-            .with(filter)
+            .with(joblog)
             .with(
                 tracing_subscriber::fmt::layer()
                     .with_writer(std::io::stderr)
                     .with_ansi(std::io::stderr().is_terminal())
-                    .with_target(false),
+                    .with_target(false)
+                    .with_filter(filter),
             )
             .init(),
     }

@@ -144,6 +144,9 @@ pub struct JobResult {
     pub skipped: u64,
     /// Files that changed while read.
     pub changed: u64,
+    /// `s3://bucket/key` of the job's log lines, stored beside the archive.
+    #[serde(default)]
+    pub log_url: Option<String>,
     /// Wall time of the job.
     pub duration_seconds: f64,
     /// The token of the lifecycle action this job was for (a duplicate trigger with the same

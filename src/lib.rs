@@ -22,6 +22,7 @@ pub mod doctor;
 pub mod download;
 pub mod identity;
 pub mod job;
+pub mod joblog;
 pub mod launch;
 pub mod manifest;
 pub mod memory;

@@ -225,6 +225,14 @@ pub fn manifest_key(archive_key: &str) -> String {
     )
 }
 
+/// The key of the job log beside `archive_key` (`src/joblog.rs`).
+pub fn log_key(archive_key: &str) -> String {
+    format!("{}{LOG_SUFFIX}", stem(archive_key).unwrap_or(archive_key))
+}
+
+/// How a job log's key ends.
+pub const LOG_SUFFIX: &str = ".log";
+
 /// Whether `key` names an archive.
 pub fn is_archive_key(key: &str) -> bool {
     stem(key).is_some()

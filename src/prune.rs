@@ -121,7 +121,7 @@ pub async fn delete(
     for batch in archives.chunks(500) {
         let objects = batch
             .iter()
-            .flat_map(|k| [k.clone(), manifest::manifest_key(k)])
+            .flat_map(|k| [k.clone(), manifest::manifest_key(k), manifest::log_key(k)])
             .map(|k| ObjectIdentifier::builder().key(k).build())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| PruneError::Delete {
@@ -167,7 +167,7 @@ pub async fn delete(
                 message: format!("{} refused: {}", refused.len(), refused.join("; ")),
             });
         }
-        deleted += batch.len() * 2;
+        deleted += batch.len() * 3;
     }
     Ok(deleted)
 }

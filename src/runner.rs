@@ -51,6 +51,8 @@ const WAIT_FOR_TERMINATING: Duration = Duration::from_secs(120);
 const REPORT_BUDGET: Duration = Duration::from_secs(15);
 /// The most the report of an interrupted job may take.
 const INTERRUPTED_REPORT_BUDGET: Duration = Duration::from_secs(3);
+/// How long storing the job's log may hold up its report (an interrupted job's: a second).
+const LOG_BUDGET: Duration = Duration::from_secs(3);
 /// How long completion may take for a job without a deadline.
 const UNBOUNDED_COMPLETION: Duration = Duration::from_secs(600);
 
@@ -167,6 +169,18 @@ pub trait BackupApi: Send + Sync + 'static {
     fn prune_own(&self) -> BoxFuture<'static, ()> {
         Box::pin(async {})
     }
+    /// Stores the job's log lines beside its archive (`archive`: its `s3://` URL), or, when
+    /// none was stored, where an archive of a job `started` for `reason` would have been; the
+    /// log's `s3://` URL, or `None` when nothing is kept.
+    fn store_log(
+        &self,
+        _archive: Option<String>,
+        _started: OffsetDateTime,
+        _reason: String,
+        _text: String,
+    ) -> BoxFuture<'static, Result<Option<String>, String>> {
+        Box::pin(async { Ok(None) })
+    }
 }
 
 /// The clients a job needs.
@@ -231,6 +245,44 @@ impl BackupApi for Pipeline {
                 Some(topic) => report::publish(&self.sns, topic, r).await,
                 None => Ok(String::new()),
             }
+        })
+    }
+
+    fn store_log(
+        &self,
+        archive: Option<String>,
+        started: OffsetDateTime,
+        reason: String,
+        text: String,
+    ) -> BoxFuture<'static, Result<Option<String>, String>> {
+        let (config, identity, s3) = (
+            Arc::clone(&self.config),
+            self.identity.clone(),
+            self.s3.clone(),
+        );
+        Box::pin(async move {
+            let bucket_url = format!("s3://{}/", config.s3.bucket);
+            let archive_key = archive
+                .and_then(|url| url.strip_prefix(&bucket_url).map(str::to_owned))
+                .unwrap_or_else(|| {
+                    crate::manifest::archive_key(
+                        &config.s3.prefix,
+                        &identity,
+                        started,
+                        &reason,
+                        config.backup.compression,
+                    )
+                });
+            let key = crate::manifest::log_key(&archive_key);
+            // STANDARD, as manifests: read when something went wrong, whatever the archive's class.
+            let dest = crate::upload::Destination::new(
+                &config.s3,
+                key.clone(),
+                "text/plain; charset=utf-8",
+            )
+            .standard();
+            crate::upload::put_small(&s3, &dest, text.into_bytes()).await?;
+            Ok(Some(format!("{bucket_url}{key}")))
         })
     }
 
@@ -671,6 +723,7 @@ impl Runner {
         counters: Arc<Counters>,
     ) -> JobResult {
         let started_at = OffsetDateTime::now_utc();
+        let log = crate::joblog::start();
         // 1. What the notices ask for so far: deadline, lifecycle action.
         let mut story = Story::new(&self, hints.borrow_and_update().clone(), Instant::now());
         tracing::info!(
@@ -705,8 +758,10 @@ impl Runner {
         };
         // 4. Complete the lifecycle action (or leave it pending when interrupted).
         let lifecycle = story.complete_action(status).await;
-        // 5. The result, then the report: it never delays completion.
-        let result = story.result(&notice, started_at, status, stored, error, lifecycle);
+        // 5. The result, the job's log beside the archive, then the report: neither delays
+        //    completion.
+        let mut result = story.result(&notice, started_at, status, stored, error, lifecycle);
+        result.log_url = self.store_log(&result, log).await;
         self.publish_report(&result, &story.hints).await;
         tracing::info!(status = ?result.status, lifecycle = ?result.lifecycle, "job finished");
         // 6. Retention, last: never before the action is completed or the report sent.
@@ -714,6 +769,35 @@ impl Runner {
             self.pipeline.prune_own().await;
         }
         result
+    }
+
+    /// Stores the job's log lines (`src/joblog.rs`) beside its archive, within the report's
+    /// budget; its URL, or `None` (failures are logged).
+    async fn store_log(&self, result: &JobResult, log: crate::joblog::Capture) -> Option<String> {
+        tracing::info!(status = ?result.status, lifecycle = ?result.lifecycle, "job ended; storing its log");
+        let text = log.finish();
+        let budget = if result.status == JobStatus::Interrupted {
+            Duration::from_secs(1)
+        } else {
+            LOG_BUDGET
+        };
+        let stored = self.pipeline.store_log(
+            result.object_url.clone(),
+            result.started_at,
+            result.reason.clone(),
+            text,
+        );
+        match tokio::time::timeout(budget, stored).await {
+            Ok(Ok(url)) => url,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "the job log was not stored");
+                None
+            }
+            Err(_) => {
+                tracing::warn!("the job log was not stored in time");
+                None
+            }
+        }
     }
 
     /// Publishes the job's report on SNS within [`REPORT_BUDGET`]; failures are logged.
@@ -743,6 +827,12 @@ impl Runner {
                 .and_then(ActionOutcome::result_sent)
                 .map(|r| r.as_str().to_owned()),
             restored_to: None,
+            manifest_url: result
+                .object_url
+                .as_deref()
+                .map(crate::manifest::manifest_key),
+            log_url: result.log_url.clone(),
+            changed: result.changed,
         };
         // An interrupted process must end within seconds, even when SNS does not answer.
         let budget = if result.status == JobStatus::Interrupted {
@@ -1059,6 +1149,7 @@ impl<'r> Story<'r> {
             bytes_stored: s.bytes_stored,
             skipped: s.skipped,
             changed: s.changed,
+            log_url: None,
             duration_seconds: self.start.elapsed().as_secs_f64(),
             token: self.hints.token.clone(),
         }

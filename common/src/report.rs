@@ -40,6 +40,15 @@ pub struct Report {
     /// A restore at launch: where the archive (`object_url`) went.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restored_to: Option<String>,
+    /// `s3://bucket/key` of the archive's manifest, when one was stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_url: Option<String>,
+    /// `s3://bucket/key` of the job's own log lines, kept beside the archive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_url: Option<String>,
+    /// Files that changed while they were read (archived as read; see the manifest).
+    #[serde(default)]
+    pub changed: u64,
 }
 
 impl Report {
@@ -67,6 +76,9 @@ impl Report {
             error: Some(error),
             lifecycle_result,
             restored_to: None,
+            manifest_url: None,
+            log_url: None,
+            changed: 0,
         }
     }
 
@@ -96,6 +108,9 @@ impl Report {
             error,
             lifecycle_result,
             restored_to: Some(to.into()),
+            manifest_url: None,
+            log_url: None,
+            changed: 0,
         }
     }
 
@@ -187,6 +202,9 @@ mod tests {
             error: None,
             lifecycle_result: None,
             restored_to: None,
+            manifest_url: None,
+            log_url: None,
+            changed: 0,
         }
     }
 

@@ -219,7 +219,9 @@ fn an_unreachable_endpoint_is_one_sentence_with_the_fix() {
         assert!(
             out.stderr.contains("could not reach the service")
                 && out.stderr.contains("Connection refused")
-                && out.stderr.contains("check the endpoint http://127.0.0.1:9 (AWS_ENDPOINT_URL)")
+                && out
+                    .stderr
+                    .contains("check the endpoint http://127.0.0.1:9 (AWS_ENDPOINT_URL)")
                 && !out.stderr.contains("DispatchFailure"),
             "{args:?}: {out:#?}"
         );

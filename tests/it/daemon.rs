@@ -100,7 +100,7 @@ fn scale_in_is_backed_up_heartbeated_reported_and_completed() {
     );
 
     // The SNS report, with the attributes subscription filters use.
-    let sent = notifications(server, &topic);
+    let sent = reports(server, &topic);
     assert_eq!(sent.len(), 1, "{sent:?}");
     let (subject, message, attributes) = &sent[0];
     assert_eq!(
@@ -121,6 +121,28 @@ fn scale_in_is_backed_up_heartbeated_reported_and_completed() {
         instance.as_str(),
         "{attributes}"
     );
+    // The report names the manifest, the files that changed while read, and the job's own log,
+    // kept beside the archive: the story of the backup outlives the instance.
+    let object_url = message["object_url"].as_str().unwrap();
+    let stem = object_url.strip_suffix(".tar").unwrap();
+    assert_eq!(message["manifest_url"], format!("{stem}.manifest.json"));
+    assert_eq!(message["changed"], 0, "{message}");
+    assert_eq!(message["log_url"], format!("{stem}.log"), "{message}");
+    let log_key = format!("{stem}.log")
+        .strip_prefix(&format!("s3://{bucket}/"))
+        .unwrap()
+        .to_owned();
+    let log = String::from_utf8(server.get(&bucket, &log_key)).unwrap();
+    for line in [
+        "INFO backup started",
+        "INFO lifecycle action",
+        "INFO job ended",
+    ] {
+        assert!(
+            log.contains(line),
+            "{line:?} missing from the job log:\n{log}"
+        );
+    }
 
     // A later trigger for the same termination (the SSM document) gets the same result, and no
     // second archive is made.
@@ -216,7 +238,7 @@ fn failed_backup_completes_with_the_configured_result_and_reports_why() {
         token.as_str(),
         "completion used the token: {action:#}"
     );
-    let sent = notifications(server, &topic);
+    let sent = reports(server, &topic);
     assert_eq!(sent.len(), 1, "{sent:?}");
     assert_eq!(sent[0].1["status"], "failed");
     assert!(
@@ -332,7 +354,7 @@ fn s3_down_still_completes_with_on_failure_and_reports_why() {
         took < 10.0 + 10.0,
         "completion took {took:.1} s with a 10 s retry budget"
     );
-    let sent = notifications(server, &topic);
+    let sent = reports(server, &topic);
     assert_eq!(sent.len(), 1, "{sent:?}");
     assert_eq!(sent[0].1["status"], "failed");
     assert!(
@@ -525,7 +547,7 @@ fn spot_notice_too_short_for_the_data_gives_a_valid_partial_archive_in_time() {
     let key = manifest["key"].as_str().unwrap();
     let out = lb.run(&["verify", "--key", key]);
     assert!(out.ok().contains("partial"), "{out:#?}");
-    let sent = notifications(server, &topic);
+    let sent = reports(server, &topic);
     assert_eq!(sent.len(), 1, "{sent:?}");
     assert_eq!(sent[0].1["status"], "partial");
     assert_eq!(sent[0].1["partial"], true);
@@ -572,4 +594,15 @@ fn a_backup_longer_than_the_heartbeat_timeout_survives_by_heartbeats() {
         .count();
     assert!(beats >= 2, "{action:#}");
     assert_eq!(stop_daemon(daemon).code, Some(0));
+}
+
+/// The reports on `topic`, once there is one: a report follows the completion by the time it
+/// takes to store the job's log (at most a few seconds when S3 is down).
+fn reports(
+    server: &crate::support::Server,
+    topic: &str,
+) -> Vec<(String, serde_json::Value, serde_json::Value)> {
+    crate::support::eventually("a report", Duration::from_secs(30), || {
+        Some(notifications(server, topic)).filter(|s| !s.is_empty())
+    })
 }

@@ -487,7 +487,8 @@ fn prune_keeps_what_the_rules_and_the_newest_complete_archive_need() {
             .contains(&format!("would delete  complete     {}", keys[0])),
         "{dry:#?}"
     );
-    assert_eq!(server.keys(&bucket).len(), 5, "a dry run deletes nothing");
+    // Three archives, two manifests, three job logs.
+    assert_eq!(server.keys(&bucket).len(), 8, "a dry run deletes nothing");
 
     let out = on(&retained, &a, &["prune", "--apply"]);
     assert_eq!(out.code, Some(0), "{out:#?}");
@@ -497,7 +498,15 @@ fn prune_keeps_what_the_rules_and_the_newest_complete_archive_need() {
     );
     let mut left = server.keys(&bucket);
     left.sort();
-    let mut want = vec![keys[1].clone(), manifest(&keys[1]), keys[2].clone()];
+    let log = |k: &str| k.rsplit_once(".tar").unwrap().0.to_owned() + ".log";
+    // The archive goes with its manifest and its job log.
+    let mut want = vec![
+        keys[1].clone(),
+        manifest(&keys[1]),
+        log(&keys[1]),
+        keys[2].clone(),
+        log(&keys[2]),
+    ];
     want.sort();
     assert_eq!(left, want);
 
@@ -768,11 +777,14 @@ fn a_backup_prunes_its_own_older_archives_when_configured() {
     let manifest = |k: &str| k.rsplit_once(".tar").unwrap().0.to_owned() + ".manifest.json";
     let mut left = server.keys(&bucket);
     left.sort();
+    let log = |k: &str| k.rsplit_once(".tar").unwrap().0.to_owned() + ".log";
     let mut want = vec![
         other_key.clone(),
         manifest(&other_key),
+        log(&other_key),
         keys[2].clone(),
         manifest(&keys[2]),
+        log(&keys[2]),
     ];
     want.sort();
     assert_eq!(left, want);
