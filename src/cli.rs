@@ -63,6 +63,10 @@ struct Cli {
     /// Errors only on stderr: no warnings.
     #[arg(short, long, global = true)]
     quiet: bool,
+    /// Print the outcome as one JSON document on stdout (list, status, verify, backup, restore,
+    /// doctor, config check): stable field names, listed in the README.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -241,6 +245,7 @@ pub fn main() -> ExitCode {
         return manpage(dir);
     }
     init_logging(matches!(cli.command, Command::Run), cli.verbose, cli.quiet);
+    crate::json::set(cli.json);
     // `status` reads the daemon's socket or its state file, not the configuration: it answers
     // on an instance whose configuration is incomplete or broken, where it is most wanted.
     if matches!(cli.command, Command::Status) {
@@ -277,14 +282,21 @@ pub fn main() -> ExitCode {
             eprintln!("lifeboat: {e}");
             return ExitCode::from(EXIT_USAGE);
         }
-        println!("# effective configuration from {}", config.source.display());
+        if !cli.json {
+            println!("# effective configuration from {}", config.source.display());
+        }
         for (inner, outer) in config.backup.overlaps() {
-            println!(
+            let note = format!(
                 "# note: backup.paths: {} is inside {}: archived once, as its own path (the walk of {} leaves it out, so it is archived even on another file system)",
                 inner.display(),
                 outer.display(),
                 outer.display()
             );
+            if cli.json {
+                eprintln!("{note}");
+            } else {
+                println!("{note}");
+            }
         }
         // A path that is not there yet may appear later (an application's data directory
         // created at its first start): a word, not a refusal.
@@ -296,7 +308,14 @@ pub fn main() -> ExitCode {
                 );
             }
         }
-        print!("{}", config.to_toml());
+        if cli.json {
+            crate::json::print(&serde_json::json!({
+                "source": config.source.display().to_string(),
+                "config": config.to_json(),
+            }));
+        } else {
+            print!("{}", config.to_toml());
+        }
         return ExitCode::from(EXIT_OK);
     }
     // Every command from here on may build an AWS client, which the SDK cannot do without root
@@ -375,11 +394,14 @@ async fn dispatch(command: Command, config: Config) -> u8 {
         Command::Status => status().await,
         Command::Doctor => {
             let checks = crate::doctor::run(&config).await;
-            Ok(if crate::doctor::print(&checks) {
-                EXIT_OK
+            let all_ok = if crate::json::wanted() {
+                let doc = crate::json::doctor(&checks);
+                crate::json::print(&doc);
+                doc["ok"] == true
             } else {
-                EXIT_CHECK
-            })
+                crate::doctor::print(&checks)
+            };
+            Ok(if all_ok { EXIT_OK } else { EXIT_CHECK })
         }
         Command::Backup {
             reason,
@@ -595,6 +617,16 @@ async fn status() -> Result<u8, Failure> {
             None,
         ),
     };
+    if crate::json::wanted() {
+        crate::json::print(&serde_json::json!({
+            "daemon_running": running.is_some(),
+            "job_running": running.unwrap_or(false),
+            "daemon": state.daemon,
+            "last_notice": state.last_notice,
+            "last_job": state.last_job,
+        }));
+        return Ok(EXIT_OK);
+    }
     match (&state.daemon, running) {
         (Some(d), Some(job)) => {
             println!(
@@ -720,7 +752,9 @@ async fn backup(
 
 /// Prints a job's result (stdout for what was stored, stderr for what failed); its exit code.
 fn print_result(r: &JobResult) -> u8 {
-    if let Some(url) = &r.object_url {
+    if crate::json::wanted() {
+        crate::json::print(r);
+    } else if let Some(url) = &r.object_url {
         println!("stored {url}");
         println!(
             "  {} files, {} read, {} stored, {} skipped, {} changed while read{}",
@@ -742,7 +776,7 @@ fn print_result(r: &JobResult) -> u8 {
             progress::bytes((r.bytes_read as f64 / secs) as u64)
         );
     }
-    if let Some(l) = &r.lifecycle {
+    if let Some(l) = r.lifecycle.as_ref().filter(|_| !crate::json::wanted()) {
         println!("  lifecycle action: {l}");
     }
     let code = exit_code(r);
@@ -817,6 +851,14 @@ fn parse_since(v: &str) -> Result<time::OffsetDateTime, String> {
 async fn list(config: &Config, filter: &catalog::ListFilter) -> Result<u8, Failure> {
     let s3 = s3_client(config).await;
     let entries = catalog::list(&s3, &config.s3, filter).await?;
+    if crate::json::wanted() {
+        crate::json::print(&crate::json::list(
+            &config.s3.bucket,
+            &config.s3.prefix,
+            &entries,
+        ));
+        return Ok(EXIT_OK);
+    }
     if entries.is_empty() {
         eprintln!(
             "no backups under s3://{}/{}",
@@ -824,12 +866,18 @@ async fn list(config: &Config, filter: &catalog::ListFilter) -> Result<u8, Failu
         );
         return Ok(EXIT_OK);
     }
-    println!("{:<12} {:>10}  {:<20} KEY", "STATUS", "SIZE", "INSTANCE");
+    println!(
+        "{:<20} {:<12} {:>10}  {:<16} {:<20} KEY",
+        "TIME", "STATUS", "SIZE", "REASON", "INSTANCE"
+    );
     for e in entries {
+        let (time, reason) = manifest::name_parts(&e.name).unzip();
         println!(
-            "{:<12} {:>10}  {:<20} {}",
+            "{:<20} {:<12} {:>10}  {:<16} {:<20} {}",
+            time.map(manifest::rfc3339).unwrap_or_default(),
             e.status.name(),
             progress::bytes(e.size),
+            reason.unwrap_or_default(),
             e.instance_id,
             e.key
         );
@@ -896,6 +944,18 @@ async fn verify(config: &Config, key: &str) -> Result<u8, Failure> {
     .await
     .context("the verify thread failed")?;
     let (report, manifest) = report;
+    if crate::json::wanted() {
+        crate::json::print(&serde_json::json!({
+            "key": key,
+            "ok": report.ok(),
+            "entries": report.entries,
+            "bytes": report.bytes,
+            "sha256": report.sha256,
+            "partial": manifest.partial,
+            "problems": report.problems,
+        }));
+        return Ok(if report.ok() { EXIT_OK } else { EXIT_CHECK });
+    }
     if report.ok() {
         println!(
             "OK s3://{}/{}: {} entries match the manifest, SHA-256 {}",
@@ -1318,6 +1378,16 @@ async fn restore(
                 String::new()
             },
         );
+    }
+    if crate::json::wanted() {
+        crate::json::print(&serde_json::json!({
+            "key": key,
+            "to": to,
+            "entries": report.entries,
+            "bytes": report.bytes,
+            "outside": report.outside,
+        }));
+        return Ok(EXIT_OK);
     }
     println!(
         "restored {} entries ({}) from s3://{}/{} into {}",

@@ -593,7 +593,17 @@ impl Config {
 
     /// The effective configuration as TOML, defaults filled in.
     pub fn to_toml(&self) -> String {
-        let raw = RawConfig {
+        toml::to_string(&self.to_raw()).expect("the effective config serializes")
+    }
+
+    /// The effective configuration as JSON (`config check --json`): the same keys and values
+    /// as [`Config::to_toml`].
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self.to_raw()).expect("the effective config serializes")
+    }
+
+    fn to_raw(&self) -> RawConfig {
+        RawConfig {
             backup: RawBackup {
                 paths: self.backup.paths.clone(),
                 exclude: self.backup.exclude.clone(),
@@ -667,8 +677,7 @@ impl Config {
                     .map(|d| humantime::format_duration(d).to_string())
                     .unwrap_or_default(),
             },
-        };
-        toml::to_string(&raw).expect("the effective config serializes")
+        }
     }
 }
 

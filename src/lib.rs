@@ -23,6 +23,7 @@ pub mod download;
 pub mod identity;
 pub mod job;
 pub mod joblog;
+pub mod json;
 pub mod launch;
 pub mod manifest;
 pub mod memory;

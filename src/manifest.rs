@@ -154,6 +154,19 @@ pub fn key_time(t: OffsetDateTime) -> String {
         .unwrap_or_default()
 }
 
+/// The time and reason an archive's file name begins with (`20261127T080000Z-scale-in.tar.gz`).
+pub fn name_parts(name: &str) -> Option<(OffsetDateTime, &str)> {
+    let (time, rest) = name.split_once('-')?;
+    let at = time::PrimitiveDateTime::parse(
+        time,
+        time::macros::format_description!("[year][month][day]T[hour][minute][second]Z"),
+    )
+    .ok()?
+    .assume_utc();
+    let reason = stem(rest).unwrap_or(rest);
+    Some((at, reason))
+}
+
 /// A group name as a key segment: `%` and `/` percent-encoded, so keys keep their segments.
 pub fn key_group(group: &str) -> String {
     group.replace('%', "%25").replace('/', "%2F")

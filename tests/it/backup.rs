@@ -306,7 +306,11 @@ fn list_shows_newest_first_and_restore_latest_picks_it() {
     let text = out.ok();
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 3, "{text}");
-    assert!(lines[1].starts_with("complete"), "{text}");
+    // Time, status, size, reason, instance, key.
+    let columns: Vec<&str> = lines[1].split_whitespace().collect();
+    assert!(columns[0].ends_with('Z'), "{text}");
+    assert_eq!(columns[1], "complete", "{text}");
+    assert_eq!(columns[4], "second", "{text}");
     // Same second or not, the later backup sorts first (time, then reason, descending).
     assert!(
         text.find(&second).unwrap() < text.find(&first).unwrap(),
@@ -497,4 +501,98 @@ fn list_filters_by_group_time_and_limit() {
     let bad = lb.run(&["list", "--since", "last tuesday"]);
     assert_eq!(bad.code, Some(2), "{bad:#?}");
     assert!(bad.stderr.contains("is not a time"), "{bad:#?}");
+}
+
+/// `--json`: each command prints one JSON document on stdout with the fields the README lists.
+#[test]
+fn json_outputs_parse_and_carry_the_documented_fields() {
+    let server = moto();
+    let bucket = server.bucket("json-out");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write(&data.join("a.txt"), b"json\n");
+    let lb = Lifeboat::new(
+        dir.path(),
+        &server.endpoint,
+        &config_for(&bucket, &[&data], "", ""),
+    );
+    let doc = |args: &[&str]| -> serde_json::Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = lb.run(&all);
+        let lines: Vec<&str> = out.stdout.lines().collect();
+        assert_eq!(lines.len(), 1, "one document on one line: {out:#?}");
+        serde_json::from_str(lines[0]).unwrap_or_else(|e| panic!("{e}: {out:#?}"))
+    };
+
+    let backup = doc(&["backup"]);
+    assert_eq!(backup["status"], "succeeded", "{backup}");
+    let url = backup["object_url"].as_str().unwrap();
+    let key = url
+        .strip_prefix(&format!("s3://{bucket}/"))
+        .unwrap()
+        .to_owned();
+    for field in [
+        "file_count",
+        "bytes_read",
+        "bytes_stored",
+        "changed",
+        "started_at",
+        "log_url",
+    ] {
+        assert!(!backup[field].is_null(), "{field}: {backup}");
+    }
+
+    let list = doc(&["list"]);
+    assert_eq!(list["bucket"], bucket.as_str());
+    let archive = &list["archives"][0];
+    assert_eq!(archive["key"], key.as_str(), "{list}");
+    assert_eq!(archive["status"], "complete");
+    assert_eq!(archive["reason"], "manual");
+    assert_eq!(archive["partial"], false);
+    assert!(
+        archive["time"].as_str().unwrap().ends_with('Z'),
+        "{archive}"
+    );
+    assert!(archive["size"].as_u64().unwrap() > 0);
+
+    let verify = doc(&["verify", "--key", &key]);
+    assert_eq!(verify["ok"], true, "{verify}");
+    assert_eq!(verify["problems"], serde_json::json!([]));
+
+    let target = dir.path().join("restored");
+    let restored = doc(&["restore", "--key", &key, "--to", target.to_str().unwrap()]);
+    assert!(restored["entries"].as_u64().unwrap() >= 2, "{restored}");
+    assert_eq!(restored["outside"], serde_json::json!([]));
+
+    let config = doc(&["config", "check"]);
+    assert_eq!(
+        config["config"]["s3"]["bucket"],
+        bucket.as_str(),
+        "{config}"
+    );
+
+    let status = doc(&["status"]);
+    assert_eq!(status["daemon_running"], false, "{status}");
+    assert_eq!(status["last_job"]["status"], "succeeded", "{status}");
+
+    let mut cmd = lb.command(&["--json", "doctor"]);
+    let out =
+        crate::support::wait_output(cmd.spawn().unwrap(), Duration::from_secs(120), &["doctor"]);
+    let doctor: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();
+    let checks = doctor["checks"].as_array().unwrap();
+    assert!(
+        checks
+            .iter()
+            .any(|c| c["name"] == "trust store" && c["outcome"] == "ok"),
+        "{doctor}"
+    );
+    assert_eq!(doctor["ok"], out.code == Some(0), "{doctor}");
+    for c in checks {
+        assert!(
+            c["detail"].is_string()
+                && ["ok", "warn", "fail"].contains(&c["outcome"].as_str().unwrap()),
+            "{c}"
+        );
+    }
 }
