@@ -148,6 +148,20 @@ pub fn autoscaling_client(conf: &SdkConfig) -> aws_sdk_autoscaling::Client {
     aws_sdk_autoscaling::Client::from_conf(c)
 }
 
+/// An SSM client (the configuration in Parameter Store), with short timeouts: a boot must not
+/// wait long for it when a cached copy will do.
+pub fn ssm_client(conf: &SdkConfig) -> aws_sdk_ssm::Client {
+    let c = aws_sdk_ssm::config::Builder::from(conf)
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(3))
+                .operation_attempt_timeout(Duration::from_secs(5))
+                .build(),
+        )
+        .build();
+    aws_sdk_ssm::Client::from_conf(c)
+}
+
 /// An SNS client for `conf`.
 pub fn sns_client(conf: &SdkConfig) -> aws_sdk_sns::Client {
     let c = aws_sdk_sns::config::Builder::from(conf)

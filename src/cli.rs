@@ -215,6 +215,9 @@ enum Command {
 enum ConfigCommand {
     /// Validate the configuration and print the effective values.
     Check,
+    /// As `check`, and say where each value came from (the file or parameter, a
+    /// `LIFEBOAT_<SECTION>_<KEY>` variable, or the default).
+    Show,
 }
 
 /// Renders the manual pages from the same definitions as `--help`, so the two never differ.
@@ -266,64 +269,17 @@ pub fn main() -> ExitCode {
             }
         };
     }
-    let config = match Config::load(&cli.config) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("lifeboat: {e}");
-            return ExitCode::from(EXIT_USAGE);
-        }
-    };
-    if let Command::Config {
-        command: ConfigCommand::Check,
-    } = cli.command
-    {
-        // Parts a backup would cap to fit the memory limit are a mistake to fix here.
-        if let Err(e) = config.check_budget() {
-            eprintln!("lifeboat: {e}");
-            return ExitCode::from(EXIT_USAGE);
-        }
-        if !cli.json {
-            println!("# effective configuration from {}", config.source.display());
-        }
-        for (inner, outer) in config.backup.overlaps() {
-            let note = format!(
-                "# note: backup.paths: {} is inside {}: archived once, as its own path (the walk of {} leaves it out, so it is archived even on another file system)",
-                inner.display(),
-                outer.display(),
-                outer.display()
-            );
-            if cli.json {
-                eprintln!("{note}");
-            } else {
-                println!("{note}");
-            }
-        }
-        // A path that is not there yet may appear later (an application's data directory
-        // created at its first start): a word, not a refusal.
-        for p in &config.backup.paths {
-            if std::fs::symlink_metadata(p).is_err() {
-                eprintln!(
-                    "lifeboat: warning: backup.paths: {} does not exist (now): nothing is archived from it until it does",
-                    p.display()
-                );
-            }
-        }
-        if cli.json {
-            crate::json::print(&serde_json::json!({
-                "source": config.source.display().to_string(),
-                "config": config.to_json(),
-            }));
-        } else {
-            print!("{}", config.to_toml());
-        }
-        return ExitCode::from(EXIT_OK);
-    }
-    // Every command from here on may build an AWS client, which the SDK cannot do without root
-    // certificates (it panics): say what to install instead. Doctor reports it as a check.
+    let source = crate::source::ConfigSource::from_arg(&cli.config);
+    // Every command from here on may build an AWS client (reading the configuration from
+    // Parameter Store is one), which the SDK cannot do without root certificates (it panics):
+    // say what to install instead. Doctor reports it as a check.
     let needs_aws = !matches!(
         cli.command,
-        Command::Doctor | Command::Status | Command::Backup { dry_run: true, .. }
-    );
+        Command::Doctor
+            | Command::Status
+            | Command::Backup { dry_run: true, .. }
+            | Command::Config { .. }
+    ) || matches!(source, crate::source::ConfigSource::Parameter(_));
     if needs_aws && let Some(why) = crate::aws::missing_trust_store() {
         eprintln!("lifeboat: {why}");
         return ExitCode::from(EXIT_FAILED);
@@ -339,10 +295,108 @@ pub fn main() -> ExitCode {
             return ExitCode::from(EXIT_FAILED);
         }
     };
-    let code = runtime.block_on(dispatch(cli.command, config));
+    let loaded = match runtime.block_on(source.load()) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("lifeboat: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    if let Command::Config { command } = &cli.command {
+        let show = matches!(command, ConfigCommand::Show);
+        return ExitCode::from(config_check(&loaded, cli.json, show));
+    }
+    let config = loaded.config.clone();
+    let code = match cli.command {
+        Command::Run => runtime.block_on(async {
+            match run(source, loaded).await {
+                Ok(code) => code,
+                Err(f) => {
+                    eprintln!("lifeboat: {:#}", f.error);
+                    f.code
+                }
+            }
+        }),
+        command => runtime.block_on(dispatch(command, config)),
+    };
     // Part uploads are aborted or finished by now; do not wait for idle connection tasks.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     ExitCode::from(code)
+}
+
+/// `config check` / `config show`: validates and prints the effective configuration (with
+/// `show`, where each value came from); its exit code.
+fn config_check(loaded: &crate::source::Loaded, json: bool, show: bool) -> u8 {
+    let config = &loaded.config;
+    // Parts a backup would cap to fit the memory limit are a mistake to fix here.
+    if let Err(e) = config.check_budget() {
+        eprintln!("lifeboat: {e}");
+        return EXIT_USAGE;
+    }
+    if loaded.cached {
+        eprintln!(
+            "lifeboat: warning: {} could not be read: this is the cached copy ({})",
+            config.source.display(),
+            crate::source::ConfigSource::cache_path().display()
+        );
+    }
+    if !json {
+        println!("# effective configuration from {}", config.source.display());
+    }
+    for (inner, outer) in config.backup.overlaps() {
+        let note = format!(
+            "# note: backup.paths: {} is inside {}: archived once, as its own path (the walk of {} leaves it out, so it is archived even on another file system)",
+            inner.display(),
+            outer.display(),
+            outer.display()
+        );
+        if json {
+            eprintln!("{note}");
+        } else {
+            println!("{note}");
+        }
+    }
+    // A path that is not there yet may appear later (an application's data directory created
+    // at its first start): a word, not a refusal.
+    for p in &config.backup.paths {
+        if std::fs::symlink_metadata(p).is_err() {
+            eprintln!(
+                "lifeboat: warning: backup.paths: {} does not exist (now): nothing is archived from it until it does",
+                p.display()
+            );
+        }
+    }
+    // Where each value came from: the source, an environment variable, or the default.
+    let origin = |o: &String| {
+        if o == "source" {
+            config.source.display().to_string()
+        } else {
+            format!("environment {o}")
+        }
+    };
+    if json {
+        let origins: serde_json::Map<String, serde_json::Value> = config
+            .origins
+            .iter()
+            .map(|(k, o)| (k.clone(), origin(o).into()))
+            .collect();
+        crate::json::print(&serde_json::json!({
+            "source": config.source.display().to_string(),
+            "version": loaded.version,
+            "cached": loaded.cached,
+            "config": config.to_json(),
+            "origins": origins,
+        }));
+    } else {
+        print!("{}", config.to_toml());
+        if show {
+            println!("\n# where the values came from (every other key has its default):");
+            for (key, o) in &config.origins {
+                println!("#   {key}: {}", origin(o));
+            }
+        }
+    }
+    EXIT_OK
 }
 
 /// Logs: structured fields to journald when systemd connected stderr to the journal, readable
@@ -390,7 +444,7 @@ fn init_logging(daemon: bool, verbose: u8, quiet: bool) {
 
 async fn dispatch(command: Command, config: Config) -> u8 {
     let result = match command {
-        Command::Run => run(config).await,
+        Command::Run => unreachable!("run is started by main with its configuration source"),
         Command::Status => status().await,
         Command::Doctor => {
             let checks = crate::doctor::run(&config).await;
@@ -582,24 +636,44 @@ async fn s3_client(config: &Config) -> aws_sdk_s3::Client {
     aws::s3_client(&aws::sdk_config(None).await, config.s3.retry_budget)
 }
 
-async fn run(config: Config) -> Result<u8, Failure> {
+async fn run(
+    source: crate::source::ConfigSource,
+    mut loaded: crate::source::Loaded,
+) -> Result<u8, Failure> {
     let shutdown = CancellationToken::new();
     cancel_on_signals(shutdown.clone());
-    if let Err(e) = config.check_budget() {
-        tracing::warn!("{e}; backups cap them to fit");
+    if loaded.cached {
+        tracing::warn!(source = %source.label().display(), "starting with the cached copy of the configuration; Parameter Store is read again every watch.config_poll");
     }
-    match daemon::run(Arc::new(config), shutdown).await {
-        Ok(()) => Ok(EXIT_OK),
-        Err(e) => {
-            let code = match e.downcast_ref::<daemon::DaemonError>() {
-                Some(daemon::DaemonError::NoMetadata(crate::identity::IdentityError::Stopped)) => {
-                    return Ok(EXIT_OK);
-                }
-                Some(daemon::DaemonError::NoMetadata(_)) => EXIT_NO_METADATA,
-                Some(daemon::DaemonError::Socket { .. }) => EXIT_USAGE,
-                None => EXIT_FAILED,
-            };
-            Err(Failure { error: e, code })
+    loop {
+        let config = loaded.config.clone();
+        if let Err(e) = config.check_budget() {
+            tracing::warn!("{e}; backups cap them to fit");
+        }
+        let reload = daemon::Reload {
+            source: source.clone(),
+            text: loaded.text.clone(),
+            version: loaded.version.clone(),
+        };
+        match daemon::run(Arc::new(config), shutdown.clone(), reload).await {
+            Ok(daemon::Ended::Stopped) => return Ok(EXIT_OK),
+            Ok(daemon::Ended::Reload(new)) => {
+                tracing::info!(version = %new.version, "running with the new configuration");
+                loaded = *new;
+            }
+            Err(e) => {
+                let code = match e.downcast_ref::<daemon::DaemonError>() {
+                    Some(daemon::DaemonError::NoMetadata(
+                        crate::identity::IdentityError::Stopped,
+                    )) => {
+                        return Ok(EXIT_OK);
+                    }
+                    Some(daemon::DaemonError::NoMetadata(_)) => EXIT_NO_METADATA,
+                    Some(daemon::DaemonError::Socket { .. }) => EXIT_USAGE,
+                    None => EXIT_FAILED,
+                };
+                return Err(Failure { error: e, code });
+            }
         }
     }
 }
@@ -634,6 +708,9 @@ async fn status() -> Result<u8, Failure> {
                 d.pid, d.started_at, d.instance_id
             );
             println!("watching: {}", d.sources.join(", "));
+            if !d.config.is_empty() {
+                println!("configuration: {}", d.config);
+            }
             println!("job: {}", if job { "running" } else { "none running" });
         }
         (Some(d), None) => println!(

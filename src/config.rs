@@ -2,6 +2,7 @@
 //! immutable [`Config`] (sizes and durations parsed, paths checked). Every error names the file,
 //! the key and the problem.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -107,6 +108,9 @@ pub struct Config {
     pub watch: WatchConfig,
     /// What to bring back at launch.
     pub restore: RestoreConfig,
+    /// Where each key's value came from, `section.key` to `source` (the file or parameter)
+    /// or the `LIFEBOAT_…` variable that overrode it; keys not listed have their defaults.
+    pub origins: BTreeMap<String, String>,
     /// Snapshots between terminations.
     pub schedule: ScheduleConfig,
     /// Which archives `lifeboat prune` keeps.
@@ -280,10 +284,33 @@ pub struct WatchConfig {
     /// `--instance-id`) keeps asking instance metadata who it is before it concludes that it is
     /// not on EC2 (and exits with [`crate::cli::EXIT_NO_METADATA`], which systemd restarts).
     pub metadata_wait: Duration,
+    /// How often the daemon reads a configuration kept in Parameter Store again (at least a
+    /// minute; SIGHUP reads it at once).
+    pub config_poll: Duration,
 }
 
 /// `path` without `.`, `..` and trailing `/`, lexically (as tar names it; symlinks are not
 /// resolved: a configured path that is a symlink is archived as the link).
+/// The sections `LIFEBOAT_<SECTION>_<KEY>` may override.
+const SECTIONS: [&str; 8] = [
+    "backup",
+    "s3",
+    "sns",
+    "lifecycle",
+    "watch",
+    "restore",
+    "schedule",
+    "retention",
+];
+
+/// `(section, key)` a variable overrides: `LIFEBOAT_S3_PART_SIZE` is `s3.part_size`.
+/// Other `LIFEBOAT_` variables (`LIFEBOAT_CONFIG`, `LIFEBOAT_LOG`, …) are not overrides.
+pub fn override_key(var: &str) -> Option<(String, String)> {
+    let rest = var.strip_prefix("LIFEBOAT_")?.to_ascii_lowercase();
+    let (section, key) = rest.split_once('_')?;
+    (SECTIONS.contains(&section) && !key.is_empty()).then(|| (section.to_owned(), key.to_owned()))
+}
+
 /// What is wrong with `name` as a general purpose bucket's name, by S3's naming rules (S3 User
 /// Guide, "General purpose bucket naming rules"); `None` when it is a valid name.
 pub fn bucket_name_problem(name: &str) -> Option<String> {
@@ -525,6 +552,7 @@ struct RawWatch {
     spot: bool,
     rebalance: bool,
     metadata_wait: String,
+    config_poll: String,
 }
 
 impl Default for RawWatch {
@@ -534,6 +562,7 @@ impl Default for RawWatch {
             spot: true,
             rebalance: false,
             metadata_wait: "2m".into(),
+            config_poll: "5m".into(),
         }
     }
 }
@@ -559,13 +588,74 @@ impl Config {
         Self::parse(path, &text)
     }
 
-    /// Validates `text` as if read from `path`.
+    /// Validates `text` as if read from `path`, with the process's `LIFEBOAT_<SECTION>_<KEY>`
+    /// environment overrides applied.
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        Self::parse_with(path, text, std::env::vars())
+    }
+
+    /// [`Config::parse`] with the environment `vars`.
+    pub fn parse_with(
+        path: &Path,
+        text: &str,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let parse_error = |message: String| ConfigError::Parse {
             path: path.to_owned(),
-            message: e.to_string().trim_end().to_owned(),
-        })?;
-        Validator { path }.validate(raw)
+            message: message.trim_end().to_owned(),
+        };
+        // The text alone first: its errors carry line numbers.
+        let plain: RawConfig = toml::from_str(text).map_err(|e| parse_error(e.to_string()))?;
+        let mut table: toml::Table =
+            toml::from_str(text).map_err(|e| parse_error(e.to_string()))?;
+        // Keys the source sets, before the environment's.
+        let mut origins: BTreeMap<String, String> = BTreeMap::new();
+        for (section, keys) in &table {
+            if let Some(keys) = keys.as_table() {
+                for key in keys.keys() {
+                    origins.insert(format!("{section}.{key}"), "source".into());
+                }
+            }
+        }
+        for (var, value) in vars {
+            let Some((section, key)) = override_key(&var) else {
+                continue;
+            };
+            let value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or(toml::Value::String(value));
+            let entry = table
+                .entry(section.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let Some(keys) = entry.as_table_mut() else {
+                return Err(parse_error(format!("{var}: [{section}] is not a table")));
+            };
+            keys.insert(key.clone(), value);
+            origins.insert(format!("{section}.{key}"), var.clone());
+        }
+        let overridden: Vec<String> = origins
+            .values()
+            .filter(|o| o.starts_with("LIFEBOAT_"))
+            .cloned()
+            .collect();
+        let raw = if overridden.is_empty() {
+            plain
+        } else {
+            RawConfig::deserialize(table).map_err(|e| {
+                let mut message = e.to_string();
+                if !overridden.is_empty() {
+                    message.push_str(&format!(
+                        " (environment overrides: {})",
+                        overridden.join(", ")
+                    ));
+                }
+                parse_error(message)
+            })?
+        };
+        let mut config = Validator { path }.validate(raw)?;
+        config.origins = origins;
+        Ok(config)
     }
 
     /// Whether explicit `s3.part_size` and `s3.concurrency` fit `backup.memory_limit` as asked
@@ -644,6 +734,7 @@ impl Config {
                 spot: self.watch.spot,
                 rebalance: self.watch.rebalance,
                 metadata_wait: humantime::format_duration(self.watch.metadata_wait).to_string(),
+                config_poll: humantime::format_duration(self.watch.config_poll).to_string(),
             },
             restore: RawRestore {
                 on_launch: self.restore.on_launch,
@@ -716,6 +807,7 @@ impl Validator<'_> {
         let config = Config {
             source: self.path.to_owned(),
             backup,
+            origins: BTreeMap::new(),
             s3: self.s3(raw.s3)?,
             sns: self.sns(raw.sns)?,
             lifecycle: self.lifecycle(raw.lifecycle)?,
@@ -913,11 +1005,19 @@ impl Validator<'_> {
     fn watch(&self, raw: RawWatch) -> Result<WatchConfig, ConfigError> {
         let poll_interval = self.duration("watch.poll_interval", &raw.poll_interval)?;
         let metadata_wait = self.duration("watch.metadata_wait", &raw.metadata_wait)?;
+        let config_poll = self.duration("watch.config_poll", &raw.config_poll)?;
+        if config_poll < Duration::from_secs(60) {
+            return Err(self.invalid(
+                "watch.config_poll",
+                "is under a minute: the daemon would wake more than once a minute for it",
+            ));
+        }
         Ok(WatchConfig {
             poll_interval,
             spot: raw.spot,
             rebalance: raw.rebalance,
             metadata_wait,
+            config_poll,
         })
     }
 
@@ -1137,6 +1237,48 @@ mod tests {
         let e = parse("").unwrap_err().to_string();
         assert!(
             e.contains("/etc/lifeboat/lifeboat.toml: s3.bucket: is missing"),
+            "{e}"
+        );
+    }
+
+    /// `LIFEBOAT_<SECTION>_<KEY>` overrides one key, typed as TOML (else a string); other
+    /// `LIFEBOAT_` variables are not overrides; a wrong key names its variable; the origins say
+    /// where each value came from.
+    #[test]
+    fn environment_overrides_single_keys_and_say_so() {
+        let vars = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let c = Config::parse_with(
+            Path::new("f.toml"),
+            "[s3]\nbucket = \"b-1\"\n",
+            vars(&[
+                ("LIFEBOAT_S3_BUCKET", "b-2"),
+                ("LIFEBOAT_BACKUP_PATHS", "[\"/srv\"]"),
+                ("LIFEBOAT_S3_CONCURRENCY", "4"),
+                ("LIFEBOAT_LOG", "debug"),
+                ("LIFEBOAT_WORKERS", "2"),
+                ("PATH", "/bin"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.s3.bucket, "b-2");
+        assert_eq!(c.backup.paths, vec![PathBuf::from("/srv")]);
+        assert_eq!(c.s3.concurrency, Some(4));
+        assert_eq!(c.origins["s3.bucket"], "LIFEBOAT_S3_BUCKET");
+        assert_eq!(c.origins["backup.paths"], "LIFEBOAT_BACKUP_PATHS");
+        assert!(!c.origins.contains_key("backup.compression"));
+        let e = Config::parse_with(
+            Path::new("f.toml"),
+            "[s3]\nbucket = \"b-1\"\n",
+            vars(&[("LIFEBOAT_S3_BUKCET", "x")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("bukcet") && e.contains("LIFEBOAT_S3_BUKCET"),
             "{e}"
         );
     }

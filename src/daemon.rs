@@ -261,11 +261,51 @@ pub fn notify(ready: bool, status: &str) {
 /// How long after start-up the daemon gives back the code pages start-up touched.
 const RELEASE_CODE_AFTER: Duration = Duration::from_secs(30);
 
-/// Runs the daemon until SIGTERM / SIGINT.
+/// Where the running configuration came from, and what it was: the daemon reads the source
+/// again on SIGHUP and, for a parameter, every `watch.config_poll`.
+#[derive(Debug, Clone)]
+pub struct Reload {
+    /// The source.
+    pub source: crate::source::ConfigSource,
+    /// The text the running configuration was read from.
+    pub text: String,
+    /// Its version, for `status`.
+    pub version: String,
+}
+
+/// How a run of the daemon ended.
+#[derive(Debug)]
+pub enum Ended {
+    /// SIGTERM / SIGINT.
+    Stopped,
+    /// The source changed and validates: run again with it.
+    Reload(Box<crate::source::Loaded>),
+}
+
+/// Reads the configuration's source again: a new configuration that validates, or `None`
+/// (unchanged, unreadable, or invalid: the running one stays, and the reason is logged).
+async fn read_again(reload: &Reload) -> Option<crate::source::Loaded> {
+    match reload.source.load().await {
+        Err(e) => {
+            tracing::error!(error = %e, "the configuration's source changed to something unusable; keeping the running configuration");
+            None
+        }
+        // Parameter Store unreachable: the running configuration is the newest known.
+        Ok(l) if l.cached => None,
+        Ok(l) if l.text == reload.text => None,
+        Ok(l) => Some(l),
+    }
+}
+
+/// Runs the daemon until SIGTERM / SIGINT, or until its configuration's source changes
+/// ([`Ended::Reload`]; never during a backup or after this instance's termination).
 pub async fn run(
     config: Arc<crate::config::Config>,
-    shutdown: CancellationToken,
-) -> Result<(), anyhow::Error> {
+    outer: CancellationToken,
+    reload: Reload,
+) -> Result<Ended, anyhow::Error> {
+    // Cancelled on SIGTERM (the outer token) or to run again with a new configuration.
+    let shutdown = outer.child_token();
     let w = &config.watch;
     notify(false, "waiting for instance metadata");
     // systemd's start timeout (90 s by default) would kill a daemon that waits out a metadata
@@ -322,6 +362,11 @@ pub async fn run(
         sources: sources.clone(),
         instance_id: instance_id.clone(),
         state: "running".into(),
+        config: format!(
+            "{} (version {})",
+            reload.source.label().display(),
+            reload.version
+        ),
     });
     let (tx, mut rx) = mpsc::channel(8);
     if let Some(every) = config.schedule.every {
@@ -351,26 +396,67 @@ pub async fn run(
         crate::memory::release_code_pages();
     });
     let mut jobs = tokio::task::JoinSet::new();
-    // SIGHUP (`systemctl reload lifeboat`): the hook's settings are read again.
+    // SIGHUP (`systemctl reload lifeboat`): the hook's settings and the configuration are read
+    // again; a configuration in Parameter Store also every watch.config_poll.
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .inspect_err(|e| tracing::warn!(error = %e, "no SIGHUP handler: reload will not work"))
         .ok();
+    let polled = matches!(reload.source, crate::source::ConfigSource::Parameter(_));
+    let every = config.watch.config_poll;
+    let mut poll = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reloaded = None;
     loop {
-        tokio::select! {
+        let read = tokio::select! {
             () = shutdown.cancelled() => break,
-            Some(()) = async { hangup.as_mut()?.recv().await } => runner.reread_hook(),
-            Some(event) = rx.recv() => match event {
-                WatchEvent::NewLifecycle => runner.new_lifecycle(),
-                WatchEvent::Notice(notice) => {
-                    notify(false, &format!("backing up: {}", notice.reason));
-                    let runner = Arc::clone(&runner);
-                    jobs.spawn(async move {
-                        let r = runner.submit(notice).await;
-                        notify(false, &format!("last job: {}", r.status.name()));
-                    });
+            Some(()) = async { hangup.as_mut()?.recv().await } => {
+                runner.reread_hook();
+                true
+            }
+            _ = poll.tick(), if polled => true,
+            Some(event) = rx.recv() => {
+                match event {
+                    WatchEvent::NewLifecycle => runner.new_lifecycle(),
+                    WatchEvent::Notice(notice) => {
+                        notify(false, &format!("backing up: {}", notice.reason));
+                        let runner = Arc::clone(&runner);
+                        jobs.spawn(async move {
+                            let r = runner.submit(notice).await;
+                            notify(false, &format!("last job: {}", r.status.name()));
+                        });
+                    }
                 }
-            },
+                false
+            }
+        };
+        if !read {
+            continue;
         }
+        let Some(new) = read_again(&reload).await else {
+            continue;
+        };
+        if runner.progress().is_some() || runner.terminated() {
+            // Never under a running backup, nor once this instance is on its way out: the
+            // next read (poll or SIGHUP) applies it when the daemon is idle.
+            tracing::info!("the configuration changed; it applies once the daemon is idle");
+            continue;
+        }
+        for change in crate::source::changes(&config, &new.config) {
+            tracing::info!(%change, "configuration changed");
+        }
+        reloaded = Some(new);
+        shutdown.cancel();
+        break;
+    }
+    if let Some(new) = reloaded {
+        // Idle: nothing to wait for but the tasks of this run, which stop on the token.
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while jobs.join_next().await.is_some() {}
+        })
+        .await;
+        let _ = std::fs::remove_file(crate::state::control_socket());
+        notify(false, "reloading the configuration");
+        return Ok(Ended::Reload(Box::new(new)));
     }
     if runner.progress().is_some() {
         tracing::warn!(
@@ -390,5 +476,5 @@ pub async fn run(
     let mut info = state.snapshot().daemon.unwrap_or_default();
     info.state = "stopped".into();
     state.set_daemon(info);
-    Ok(())
+    Ok(Ended::Stopped)
 }

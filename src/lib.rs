@@ -32,6 +32,7 @@ pub mod progress;
 pub mod prune;
 pub mod restore;
 pub mod runner;
+pub mod source;
 pub mod state;
 pub mod upload;
 pub mod verify;

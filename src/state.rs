@@ -53,6 +53,10 @@ pub struct DaemonInfo {
     pub instance_id: String,
     /// `running` or `stopped`.
     pub state: String,
+    /// The configuration it runs with: its source and version (a parameter's version, a
+    /// file's time), `cached` when read from the cached copy.
+    #[serde(default)]
+    pub config: String,
 }
 
 /// A notice as recorded.

@@ -606,3 +606,130 @@ fn reports(
         Some(notifications(server, topic)).filter(|s| !s.is_empty())
     })
 }
+
+/// The configuration from a Parameter Store parameter (`LIFEBOAT_CONFIG=ssm:NAME`, a
+/// SecureString): `config check` reads it; the daemon runs with it, takes a new version on
+/// SIGHUP, keeps the running configuration when the parameter turns invalid, and boots from its
+/// cached copy when SSM is unreachable.
+#[test]
+fn config_from_parameter_store_is_reloaded_kept_when_bad_and_cached_for_boot() {
+    let server = moto();
+    let (group, instance, _topic) = group_with_hook(server, "ssm-config", 300);
+    let imds = Imds::start(&instance, &group);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write(&data.join("app.db"), b"configured remotely");
+    let bucket = server.bucket("ssm-config");
+    let name = format!("/lifeboat/ssm-config-{}", std::process::id());
+    let put = |prefix: &str, raw: Option<&str>| {
+        let value = raw.map(str::to_owned).unwrap_or_else(|| {
+            format!(
+                "[backup]\npaths = [{:?}]\n[s3]\nbucket = \"{bucket}\"\nprefix = \"{prefix}\"\n",
+                data.display().to_string()
+            )
+        });
+        rt().block_on(
+            server
+                .ssm()
+                .put_parameter()
+                .name(&name)
+                .value(value)
+                .r#type(aws_sdk_ssm::types::ParameterType::SecureString)
+                .overwrite(true)
+                .send(),
+        )
+        .unwrap();
+    };
+    put("v1/", None);
+    let source = format!("ssm:{name}");
+    let lb = Lifeboat::new(dir.path(), &server.endpoint, "");
+    let with_source = |args: &[&str]| {
+        let mut cmd = lb.command(args);
+        cmd.env("LIFEBOAT_CONFIG", &source);
+        cmd.env("AWS_EC2_METADATA_SERVICE_ENDPOINT", &imds.endpoint);
+        wait_output(cmd.spawn().unwrap(), Duration::from_secs(120), args)
+    };
+    let check = with_source(&["--json", "config", "show"]);
+    let doc: serde_json::Value = serde_json::from_str(check.stdout.trim()).unwrap();
+    assert_eq!(doc["source"], source.as_str(), "{check:#?}");
+    assert_eq!(doc["config"]["s3"]["prefix"], "v1/");
+    assert_eq!(doc["origins"]["s3.bucket"], source.as_str());
+
+    let daemon = start_daemon(&lb, &imds, &[("LIFEBOAT_CONFIG", &source)]);
+    let status = || -> serde_json::Value {
+        serde_json::from_str(with_source(&["--json", "status"]).stdout.trim()).unwrap()
+    };
+    let running_version = |v: &str| {
+        eventually(
+            &format!("the daemon to run version {v}"),
+            Duration::from_secs(30),
+            || {
+                let s = status();
+                s["daemon"]["config"]
+                    .as_str()
+                    .is_some_and(|c| {
+                        c.contains(&format!("version {v})")) && s["daemon_running"] == true
+                    })
+                    .then_some(())
+            },
+        )
+    };
+    running_version("1");
+    let hangup = |d: &mut crate::support::Daemon| {
+        let ok = std::process::Command::new("kill")
+            .args(["-HUP", &d.child().id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    };
+    // A new version, read on SIGHUP: the next backup goes where it says.
+    let mut daemon = daemon;
+    put("v2/", None);
+    hangup(&mut daemon);
+    running_version("2");
+    let key = with_source(&["backup"]).stored_key();
+    assert!(key.starts_with(&format!("v2/{group}/")), "{key}");
+
+    // A bad value is rejected and the running configuration kept. (This command reads a file
+    // with another prefix: its own configuration from the parameter is now invalid, and the
+    // job it asks for runs in the daemon, with the daemon's.)
+    put("", Some("[s3]\nbucket = \"-my..backups-\"\n"));
+    hangup(&mut daemon);
+    let file = dir.path().join("v2.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[backup]\npaths = [{:?}]\n[s3]\nbucket = \"{bucket}\"\nprefix = \"cli/\"\n",
+            data.display().to_string()
+        ),
+    )
+    .unwrap();
+    let via_file = || {
+        let mut cmd = lb.command(&["--config", file.to_str().unwrap(), "backup"]);
+        cmd.env("AWS_EC2_METADATA_SERVICE_ENDPOINT", &imds.endpoint);
+        wait_output(cmd.spawn().unwrap(), Duration::from_secs(120), &["backup"]).stored_key()
+    };
+    let key = via_file();
+    assert!(key.starts_with("v2/"), "{key}");
+    let out = stop_daemon(daemon);
+    assert!(
+        out.stderr.contains("keeping the running configuration"),
+        "{out:#?}"
+    );
+
+    // SSM unreachable at boot: the cached copy (the last good version) is used.
+    let daemon = start_daemon(
+        &lb,
+        &imds,
+        &[
+            ("LIFEBOAT_CONFIG", &source),
+            ("AWS_ENDPOINT_URL_SSM", "http://127.0.0.1:9"),
+        ],
+    );
+    running_version("cached");
+    let key = via_file();
+    assert!(key.starts_with("v2/"), "{key}");
+    let out = stop_daemon(daemon);
+    assert!(out.stderr.contains("using the cached copy"), "{out:#?}");
+}
