@@ -269,7 +269,7 @@ pub fn main() -> ExitCode {
             }
         };
     }
-    let source = crate::source::ConfigSource::from_arg(&cli.config);
+    let source = crate::source::ConfigSource::from_arg(&cli.config).resolve();
     // Every command from here on may build an AWS client (reading the configuration from
     // Parameter Store is one), which the SDK cannot do without root certificates (it panics):
     // say what to install instead. Doctor reports it as a check.

@@ -44,6 +44,28 @@ impl ConfigSource {
         }
     }
 
+    /// A file that holds only `source = "ssm:NAME"` (the packaged file on an image, pointed at
+    /// the group's parameter) stands for that parameter.
+    pub fn resolve(self) -> Self {
+        let Self::File(path) = &self else {
+            return self;
+        };
+        let redirect = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|text| toml::from_str::<toml::Table>(&text).ok())
+            .and_then(|t| {
+                let target = t.get("source")?.as_str()?.strip_prefix("ssm:")?.to_owned();
+                if t.len() > 1 {
+                    tracing::warn!(path = %path.display(), "source names a parameter: the file's other keys are not read");
+                }
+                Some(target)
+            });
+        match redirect {
+            Some(name) => Self::Parameter(name),
+            None => self,
+        }
+    }
+
     /// The source as errors and `config check` name it: the path, or `ssm:NAME`.
     pub fn label(&self) -> PathBuf {
         match self {
@@ -217,6 +239,26 @@ mod tests {
         assert_eq!(
             ConfigSource::Parameter("/x".into()).label(),
             PathBuf::from("ssm:/x")
+        );
+    }
+
+    #[test]
+    fn a_file_that_names_a_parameter_stands_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("lifeboat.toml");
+        std::fs::write(
+            &file,
+            "# the group's configuration\nsource = \"ssm:/lifeboat/web\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            ConfigSource::File(file.clone()).resolve(),
+            ConfigSource::Parameter("/lifeboat/web".into())
+        );
+        std::fs::write(&file, "[s3]\nbucket = \"b-1\"\n").unwrap();
+        assert_eq!(
+            ConfigSource::File(file.clone()).resolve(),
+            ConfigSource::File(file)
         );
     }
 

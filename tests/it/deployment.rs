@@ -538,3 +538,42 @@ fn pruning_by_instances_is_opt_in_and_leaves_versions() {
     let versioning = &t["Resources"]["ArchiveBucket"]["Properties"]["VersioningConfiguration"];
     assert_eq!(versioning["Status"], "Enabled");
 }
+
+/// The template's `ConfigParameter` holds a configuration lifeboat accepts (the stack's values
+/// substituted), and the instance policy may read that parameter and no other.
+#[test]
+fn the_templates_config_parameter_is_a_valid_configuration_the_instances_may_read() {
+    let t = template();
+    let p = &t["Resources"]["ConfigParameter"]["Properties"];
+    assert_eq!(p["Name"]["Fn::Sub"], "/lifeboat/${AWS::StackName}");
+    let text = p["Value"]["Fn::Sub"]
+        .as_str()
+        .unwrap()
+        .replace("${AutoScalingGroupName}", "web")
+        .replace("${AWS::StackName}", "lifeboat-web")
+        .replace("${ArchiveBucket}", "lifeboat-web-archivebucket-1a2b3c")
+        .replace("${Prefix}", "lifeboat/")
+        .replace(
+            "${ReportTopic}",
+            "arn:aws:sns:us-east-1:123456789012:lifeboat-web-ReportTopic",
+        );
+    assert!(!text.contains("${"), "{text}");
+    let dir = tempfile::tempdir().unwrap();
+    let lb = Lifeboat::new(dir.path(), "http://127.0.0.1:9", &text);
+    let out = lb.run(&["config", "check"]);
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    let statements =
+        statements_of(&t["Resources"]["InstancePolicy"]["Properties"]["PolicyDocument"]);
+    let read = statements
+        .iter()
+        .find(|s| s["Sid"] == "ReadTheConfigParameterOnly")
+        .expect("the instances may read the parameter");
+    assert_eq!(read["Action"], "ssm:GetParameter");
+    assert!(
+        read["Resource"]["Fn::Sub"]
+            .as_str()
+            .unwrap()
+            .ends_with(":parameter/lifeboat/${AWS::StackName}"),
+        "{read}"
+    );
+}
