@@ -577,3 +577,44 @@ fn the_templates_config_parameter_is_a_valid_configuration_the_instances_may_rea
         "{read}"
     );
 }
+
+/// The README's configuration block (under "## Configuration") is what the code does: it names
+/// every key, and each value is the default (`s3.bucket` aside, which has none).
+#[test]
+fn the_readme_configuration_block_is_the_codes_defaults() {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let section = readme
+        .split("\n## Configuration\n")
+        .nth(1)
+        .expect("a Configuration section");
+    let block = section
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|b| b.split("\n```").next())
+        .expect("a toml block");
+    let written: toml::Table = toml::from_str(block).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let effective = |text: &str| -> Value {
+        let lb = Lifeboat::new(dir.path(), "http://127.0.0.1:9", text);
+        let out = lb.run(&["--json", "config", "check"]);
+        serde_json::from_str::<Value>(out.ok().trim()).unwrap()["config"].clone()
+    };
+    let defaults = effective("[s3]\nbucket = \"my-backups\"\n");
+    assert_eq!(
+        effective(block),
+        defaults,
+        "the block's values are the defaults"
+    );
+    // Every key of the code is in the block (a key left out would be a default nobody reads of).
+    for (section, keys) in defaults.as_object().unwrap() {
+        for key in keys.as_object().unwrap().keys() {
+            if key == "paths" && section == "restore" {
+                continue;
+            }
+            assert!(
+                written.get(section).and_then(|s| s.get(key)).is_some(),
+                "the README's block lacks {section}.{key}"
+            );
+        }
+    }
+}
