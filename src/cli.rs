@@ -51,7 +51,7 @@ const EXIT_SIGTERM: u8 = 128 + 15;
 
 /// lifeboat saves an EC2 instance's data to S3 before Auto Scaling or Spot terminates it.
 #[derive(Debug, Parser)]
-#[command(name = "lifeboat", version, about, long_about = None)]
+#[command(name = "lifeboat", version, about, long_about = None, propagate_version = true)]
 struct Cli {
     /// Configuration file.
     #[arg(long, global = true, env = "LIFEBOAT_CONFIG", default_value = config::DEFAULT_PATH)]
@@ -223,8 +223,28 @@ enum ConfigCommand {
 /// Renders the manual pages from the same definitions as `--help`, so the two never differ.
 fn manpage(dir: &Path) -> ExitCode {
     use clap::CommandFactory;
+    use std::io::Write;
     let written = std::fs::create_dir_all(dir)
-        .and_then(|()| clap_mangen::generate_to(Cli::command().name("lifeboat"), dir));
+        .and_then(|()| clap_mangen::generate_to(Cli::command().name("lifeboat"), dir))
+        .and_then(|()| {
+            // What --help cannot say: the environment, the files, the exit codes and the keys.
+            let mut page = std::fs::OpenOptions::new()
+                .append(true)
+                .open(dir.join("lifeboat.1"))?;
+            page.write_all(MANUAL_SECTIONS.as_bytes())?;
+            page.write_all(b".SH CONFIGURATION\nEvery key, commented at its default (the packaged /etc/lifeboat/lifeboat.toml):\n.PP\n.nf\n")?;
+            for line in include_str!("../packaging/lifeboat.toml").lines() {
+                // roff: a leading dot or quote starts a request; backslashes escape.
+                let line = line.replace('\\', "\\e");
+                let line = if line.starts_with(['.', '\'']) {
+                    format!("\\&{line}")
+                } else {
+                    line
+                };
+                writeln!(page, "{line}")?;
+            }
+            page.write_all(b".fi\n")
+        });
     match written {
         Ok(()) => ExitCode::from(EXIT_OK),
         Err(e) => {
@@ -236,6 +256,69 @@ fn manpage(dir: &Path) -> ExitCode {
         }
     }
 }
+
+/// The sections `lifeboat.1` adds to what clap renders from `--help`.
+const MANUAL_SECTIONS: &str = r#".SH ENVIRONMENT
+.TP
+\fBLIFEBOAT_CONFIG\fR
+The configuration: a file, or \fBssm:\fINAME\fR for an SSM Parameter Store parameter (as \fB\-\-config\fR).
+.TP
+\fBLIFEBOAT_\fISECTION\fB_\fIKEY\fR
+Overrides one key, e.g. \fBLIFEBOAT_S3_BUCKET\fR; the value is read as TOML, else as text. \fBlifeboat config show\fR says where each value came from.
+.TP
+\fBLIFEBOAT_LOG\fR
+The log filter (\fBdebug\fR, \fBlifeboat=trace\fR, ...); overrides \fB\-v\fR and \fB\-q\fR.
+.TP
+\fBRUNTIME_DIRECTORY\fR, \fBSTATE_DIRECTORY\fR
+Where the control socket and lock, and the state, cached configuration and launch record, are kept (systemd sets them).
+.TP
+\fBAWS_REGION\fR, \fBAWS_ENDPOINT_URL\fR, \fBAWS_EC2_METADATA_SERVICE_ENDPOINT\fR, ...
+The AWS SDK's standard settings (credentials from the instance profile by default).
+.TP
+\fBSSL_CERT_FILE\fR, \fBSSL_CERT_DIR\fR
+The root certificates HTTPS to AWS is checked against (else the system's, from the ca-certificates package).
+.SH FILES
+.TP
+\fI/etc/lifeboat/lifeboat.toml\fR
+The configuration (or one line, \fBsource = "ssm:\fINAME\fB"\fR, naming a parameter).
+.TP
+\fI/var/lib/lifeboat/state.json\fR
+The daemon, the last notice and the last job, as \fBlifeboat status\fR shows them.
+.TP
+\fI/var/lib/lifeboat/config\-cache.toml\fR
+The last configuration read from Parameter Store, for boots when SSM does not answer.
+.TP
+\fI/var/lib/lifeboat/restored\-on\-launch\fR
+The record that this instance's launch restore is done.
+.TP
+\fI/run/lifeboat/control.sock\fR
+The daemon's control socket (\fBbackup\fR and \fBstatus\fR ask the running daemon through it).
+.TP
+\fI/usr/share/lifeboat/\fR
+The SSM documents, IAM policies and CloudFormation template.
+.SH EXIT STATUS
+.TP
+\fB0\fR
+Success.
+.TP
+\fB1\fR
+The operation failed (S3 unreachable, access denied, no root certificates, ...); any upload was aborted.
+.TP
+\fB2\fR
+Usage or configuration error: the message names the file or parameter, the key and the problem.
+.TP
+\fB3\fR
+A check failed: \fBverify\fR found a mismatch, \fBrestore\fR refused the archive, or \fBdoctor\fR found a problem.
+.TP
+\fB4\fR
+The data is stored but the lifecycle action was not completed as intended.
+.TP
+\fB5\fR
+No instance metadata within \fBwatch.metadata_wait\fR.
+.TP
+\fB130\fR, \fB143\fR
+Interrupted by SIGINT or SIGTERM: nothing stored, any lifecycle action left pending.
+"#;
 
 /// The signal that interrupted the command (0: none).
 static SIGNAL: AtomicI32 = AtomicI32::new(0);

@@ -229,3 +229,34 @@ fn an_unreachable_endpoint_is_one_sentence_with_the_fix() {
     let out = lb.run(&["-vv", "list"]);
     assert!(out.stderr.contains("AWS SDK error in full"), "{out:#?}");
 }
+
+/// The manual says what --help cannot: ENVIRONMENT, FILES, EXIT STATUS and every configuration
+/// key; each subcommand's page names the version in its footer.
+#[test]
+fn the_manual_has_environment_files_exit_status_and_the_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let lb = Lifeboat::new(dir.path(), "http://127.0.0.1:9", "");
+    let man = dir.path().join("man");
+    let out = lb.run(&["manpage", man.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    let page = std::fs::read_to_string(man.join("lifeboat.1")).unwrap();
+    for needle in [
+        ".SH ENVIRONMENT",
+        "LIFEBOAT_CONFIG",
+        ".SH FILES",
+        "/etc/lifeboat/lifeboat.toml",
+        ".SH EXIT STATUS",
+        ".SH CONFIGURATION",
+        "# config_poll = \"5m\"",
+        "# after_backup = false",
+    ] {
+        assert!(page.contains(needle), "{needle} missing from lifeboat.1");
+    }
+    let version = env!("CARGO_PKG_VERSION");
+    let backup = std::fs::read_to_string(man.join("lifeboat-backup.1")).unwrap();
+    assert!(
+        backup.contains(&format!(".TH lifeboat-backup 1  \"backup {version}\"")),
+        "{}",
+        backup.lines().take(4).collect::<Vec<_>>().join("\n")
+    );
+}
