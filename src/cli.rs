@@ -764,13 +764,18 @@ async fn run(
 async fn status() -> Result<u8, Failure> {
     let socket = state::control_socket();
     let live = match daemon::ask(&socket, &daemon::Request::Status, |_, _| {}).await {
-        Some(Ok(daemon::Reply::Status { state, job_running })) => Some((*state, job_running)),
+        Some(Ok(daemon::Reply::Status {
+            state,
+            job_running,
+            job,
+        })) => Some((*state, job_running, job)),
         _ => None,
     };
-    let (state, running) = match live {
-        Some((s, job)) => (s, Some(job)),
+    let (state, running, job) = match live {
+        Some((s, running, job)) => (s, Some(running), job),
         None => (
             StateFile::read(&state::state_dir().join("state.json")).unwrap_or_default(),
+            None,
             None,
         ),
     };
@@ -778,6 +783,7 @@ async fn status() -> Result<u8, Failure> {
         crate::json::print(&serde_json::json!({
             "daemon_running": running.is_some(),
             "job_running": running.unwrap_or(false),
+            "job": job,
             "daemon": state.daemon,
             "last_notice": state.last_notice,
             "last_job": state.last_job,
@@ -785,7 +791,7 @@ async fn status() -> Result<u8, Failure> {
         return Ok(EXIT_OK);
     }
     match (&state.daemon, running) {
-        (Some(d), Some(job)) => {
+        (Some(d), Some(_)) => {
             println!(
                 "daemon: running (pid {}, since {}) on {}",
                 d.pid, d.started_at, d.instance_id
@@ -794,7 +800,10 @@ async fn status() -> Result<u8, Failure> {
             if !d.config.is_empty() {
                 println!("configuration: {}", d.config);
             }
-            println!("job: {}", if job { "running" } else { "none running" });
+            match &job {
+                Some(p) => println!("job: {}", p.line()),
+                None => println!("job: none running"),
+            }
         }
         (Some(d), None) => println!(
             "daemon: not running (last: pid {}, {} since {})",

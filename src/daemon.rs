@@ -49,6 +49,9 @@ pub enum Reply {
         state: Box<State>,
         /// A job is running.
         job_running: bool,
+        /// Where the running job is.
+        #[serde(default)]
+        job: Option<crate::progress::Snapshot>,
     },
 }
 
@@ -177,9 +180,11 @@ async fn handle(
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
     match request {
         Request::Status => {
+            let job = runner.job_progress();
             let reply = Reply::Status {
                 state: Box::new(state.snapshot()),
-                job_running: runner.progress().is_some(),
+                job_running: job.is_some(),
+                job,
             };
             send(&mut write, &reply).await
         }
@@ -257,6 +262,9 @@ pub fn notify(ready: bool, status: &str) {
     }
     let _ = sd_notify::notify(false, &states);
 }
+
+/// How often systemd's `STATUS=` is refreshed while a job runs (never while idle).
+const STATUS_EVERY: Duration = Duration::from_secs(5);
 
 /// How long after start-up the daemon gives back the code pages start-up touched.
 const RELEASE_CODE_AFTER: Duration = Duration::from_secs(30);
@@ -421,7 +429,19 @@ pub async fn run(
                         notify(false, &format!("backing up: {}", notice.reason));
                         let runner = Arc::clone(&runner);
                         jobs.spawn(async move {
+                            // systemd's STATUS= follows the job (`systemctl status lifeboat`).
+                            let shown = Arc::clone(&runner);
+                            let status = tokio::spawn(async move {
+                                let mut tick = tokio::time::interval(STATUS_EVERY);
+                                loop {
+                                    tick.tick().await;
+                                    if let Some(p) = shown.job_progress() {
+                                        notify(false, &p.line());
+                                    }
+                                }
+                            });
                             let r = runner.submit(notice).await;
+                            status.abort();
                             notify(false, &format!("last job: {}", r.status.name()));
                         });
                     }

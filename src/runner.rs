@@ -379,6 +379,8 @@ struct Running {
     result: watch::Receiver<Option<JobResult>>,
     hints: watch::Sender<Hints>,
     counters: Arc<Counters>,
+    reason: String,
+    started: Instant,
 }
 
 #[derive(Default)]
@@ -558,6 +560,27 @@ impl Runner {
             .is_some()
     }
 
+    /// Where the running job is ([`crate::progress::Snapshot`]), estimated against the
+    /// previous job's bytes read; `None` when no job runs.
+    pub fn job_progress(&self) -> Option<crate::progress::Snapshot> {
+        let expected = self
+            .state
+            .snapshot()
+            .last_job
+            .map(|j| j.bytes_read)
+            .filter(|b| *b > 0);
+        let slots = self.slots.lock().expect("runner lock");
+        let r = slots.running.as_ref()?;
+        let deadline = r.hints.borrow().deadline.remaining();
+        Some(crate::progress::Snapshot::of(
+            &r.reason,
+            &r.counters,
+            r.started.elapsed(),
+            expected,
+            deadline,
+        ))
+    }
+
     /// Live counters of the running job, if any.
     pub fn progress(&self) -> Option<Arc<Counters>> {
         let slots = self.slots.lock().expect("runner lock");
@@ -615,6 +638,8 @@ impl Runner {
                     result: rx.clone(),
                     hints: hints_tx,
                     counters: Arc::clone(&counters),
+                    reason: notice.reason.clone(),
+                    started: Instant::now(),
                 });
                 let this = Arc::clone(self);
                 let notice = notice.clone();

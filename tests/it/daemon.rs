@@ -733,3 +733,61 @@ fn config_from_parameter_store_is_reloaded_kept_when_bad_and_cached_for_boot() {
     let out = stop_daemon(daemon);
     assert!(out.stderr.contains("using the cached copy"), "{out:#?}");
 }
+
+/// `lifeboat status` during a slow backup says where it is: bytes read, the percent and the
+/// time left against the previous backup's size, and the rate.
+#[test]
+fn status_during_a_slow_backup_shows_percent_and_eta() {
+    let server = moto();
+    let (group, instance, topic) = group_with_hook(server, "status-progress", 300);
+    let imds = Imds::start(&instance, &group);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write(&data.join("big.bin"), &noise(30 << 20, 11));
+    let bucket = server.bucket("status-progress");
+    let lb = Lifeboat::new(
+        dir.path(),
+        &server.endpoint,
+        &daemon_config(&bucket, &data, &topic, ""),
+    );
+    let _daemon = start_daemon(&lb, &imds, &[]);
+    // The first backup sets the size the next one is measured against.
+    lb.run(&["backup", "--reason", "first"]).stored_key();
+    // Six parts of 5 MiB, each held 1.5 s: the next backup takes about ten seconds.
+    fault(
+        server,
+        &format!(r#"{{"bucket": "{bucket}", "s3_part_delay_ms": 1500}}"#),
+    );
+    let backup = lb
+        .command(&["backup", "--reason", "second"])
+        .spawn()
+        .unwrap();
+    let job = eventually(
+        "status to show the running job's percent",
+        Duration::from_secs(60),
+        || {
+            let out = lb.run(&["--json", "status"]);
+            let s: serde_json::Value = serde_json::from_str(out.stdout.trim()).ok()?;
+            let job = s["job"].clone();
+            (job["percent"].as_u64().is_some_and(|p| p > 0) && s["job_running"] == true)
+                .then_some(job)
+        },
+    );
+    assert_eq!(job["reason"], "second", "{job}");
+    assert_eq!(job["phase"], "archiving", "{job}");
+    assert_eq!(job["expected_bytes"], 30 << 20, "{job}");
+    assert!(job["percent"].as_u64().unwrap() <= 99, "{job}");
+    assert!(
+        job["eta_seconds"].is_u64() && job["rate"].as_u64().unwrap() > 0,
+        "{job}"
+    );
+    let text = lb.run(&["status"]);
+    assert!(
+        text.stdout.contains("job: archiving (second): ")
+            && text.stdout.contains("%)")
+            && text.stdout.contains("ETA"),
+        "{text:#?}"
+    );
+    let done = wait_output(backup, Duration::from_secs(120), &["backup"]);
+    assert_eq!(done.code, Some(0), "{done:#?}");
+}
