@@ -9,8 +9,12 @@
 # and, when missing, the Debian tools the tests use (GNU tar, gzip, zstd, systemd-analyze,
 # lintian, rpmlint, libfuse2, and bsdtar for the tar-format corpus).
 # Idempotent: a second run only checks.
+#   scripts/bootstrap.sh --demo   only what scripts/demo.sh needs: moto's server (a minute),
+#                                 no apt, no tool builds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+demo_only=false
+[ "${1:-}" = "--demo" ] && demo_only=true
 
 MOTO_VERSION=5.2.5
 S3S_FS_VERSION=0.14.1
@@ -33,8 +37,11 @@ done
 # fusepy loads libfuse.so.2.
 [ -e /usr/lib/x86_64-linux-gnu/libfuse.so.2 ] || ldconfig -p 2>/dev/null | grep -q 'libfuse.so.2 ' \
   || need_apt+=(libfuse2)
+if $demo_only; then
+  need_apt=()
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
-  log "installing ${need_apt[*]} with apt-get"
+  log "installing ${need_apt[*]} with apt-get (needs root)"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
@@ -42,6 +49,11 @@ if ! .venv/bin/python -c "import moto, sys; sys.exit(moto.__version__ != '$MOTO_
   log "installing moto $MOTO_VERSION into .venv (about a minute)"
   python3 -m venv .venv
   .venv/bin/pip install --quiet --disable-pip-version-check "moto[server]==$MOTO_VERSION"
+fi
+
+if $demo_only; then
+  log "ready for the demo: .venv/bin/python with moto's server"
+  exit 0
 fi
 
 if ! [ -x .tools/bin/s3s-fs ]; then

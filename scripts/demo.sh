@@ -10,11 +10,12 @@
 #      lifeboat-backup document run on the instance by the SSM agent stand-in, `lifeboat backup
 #      --complete-lifecycle`, the action completed; and an instance SSM cannot reach, completed by
 #      the Lambda itself with a report saying the backup did not run.
-# Installs what is missing first (scripts/bootstrap.sh).
+# Installs what is missing first (scripts/bootstrap.sh --demo: moto's server only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/bootstrap.sh
-cargo build --quiet --workspace --bins
+scripts/bootstrap.sh --demo
+echo "demo: building lifeboat and the companion Lambda (a few minutes on a first run)" >&2
+cargo build --workspace --bins
 LIFEBOAT="$PWD/target/debug/lifeboat"
 BOOTSTRAP="$PWD/target/debug/bootstrap"
 PY="$PWD/.venv/bin/python"
