@@ -133,21 +133,56 @@ pub async fn run(config: &Config) -> Vec<Check> {
             }),
             Err(e) => Outcome::Fail(
                 e,
-                "attach an instance profile whose role has /usr/share/lifeboat/iam/instance-policy.json"
-                    .into(),
+                if identity.on_ec2 {
+                    "attach an instance profile whose role has /usr/share/lifeboat/iam/instance-policy.json"
+                        .into()
+                } else {
+                    "off EC2 there is no instance profile: set AWS_PROFILE, or AWS_ACCESS_KEY_ID and \
+                     AWS_SECRET_ACCESS_KEY, for a principal with the permissions of \
+                     /usr/share/lifeboat/iam/instance-policy.json"
+                        .into()
+                },
             ),
         },
     });
-    if !have_credentials {
-        return checks;
-    }
-    let services = Services::from_sdk_config(&conf, config);
+    let hook = if have_credentials {
+        aws_checks(config, &identity, &conf, &mut checks).await
+    } else {
+        // Every check that needs AWS says why it did not run; the local ones still run.
+        for name in [
+            "bucket writable under the prefix",
+            "report topic",
+            "group and terminate hook",
+        ] {
+            checks.push(Check {
+                name,
+                outcome: Outcome::Fail(
+                    "skipped: no credentials".into(),
+                    "fix the credentials first".into(),
+                ),
+            });
+        }
+        Err(("no credentials".into(), String::new()))
+    };
+    local_checks(config, &hook, &mut checks);
+    checks
+}
+
+/// The checks against AWS: the bucket, the topic, the group and its hook (returned, for the
+/// time check).
+async fn aws_checks(
+    config: &Config,
+    identity: &InstanceIdentity,
+    conf: &aws_config::SdkConfig,
+    checks: &mut Vec<Check>,
+) -> Result<(String, Hook), (String, String)> {
+    let services = Services::from_sdk_config(conf, config);
 
     // Where this instance's archives go (the per-instance policy allows nothing else); not an
     // archive name, and only an upload, started and aborted, never an object.
     let key = format!(
         "{}.lifeboat-doctor",
-        crate::manifest::owner_prefix(&config.s3.prefix, &identity)
+        crate::manifest::owner_prefix(&config.s3.prefix, identity)
     );
     let dest = Destination::new(&config.s3, key, "application/octet-stream");
     checks.push(Check {
@@ -240,7 +275,16 @@ pub async fn run(config: &Config) -> Vec<Check> {
             Err((what, fix)) => Outcome::Fail(what.clone(), fix.clone()),
         },
     });
+    hook
+}
 
+/// The checks that need no AWS call: how long the data takes against the hook (when known),
+/// and the memory budget.
+fn local_checks(
+    config: &Config,
+    hook: &Result<(String, Hook), (String, String)>,
+    checks: &mut Vec<Check>,
+) {
     let plan = archive::plan(&ArchiveOptions {
         paths: &config.backup.paths,
         exclude: &config.backup.exclude_set,
@@ -257,7 +301,7 @@ pub async fn run(config: &Config) -> Vec<Check> {
     );
     checks.push(Check {
         name: "time for the data",
-        outcome: match &hook {
+        outcome: match hook {
             Ok((_, hook)) if estimate > hook.global_timeout() => Outcome::Fail(
                 format!(
                     "{estimate_text}; the hook holds an instance at most {} (100 x its heartbeat timeout, at most 48 h)",
@@ -274,7 +318,6 @@ pub async fn run(config: &Config) -> Vec<Check> {
         },
     });
     checks.push(memory_budget(config));
-    checks
 }
 
 /// How a backup on this instance divides `backup.memory_limit`, and whether explicit part

@@ -144,3 +144,39 @@ fn doctor_names_a_missing_trust_store() {
         "{out:#?}"
     );
 }
+
+/// Without credentials, doctor still runs every check that needs no AWS call, says why the
+/// others did not run, and off EC2 gives a fix that fits there (no instance profile).
+#[test]
+fn without_credentials_doctor_runs_what_it_can_with_fixes_for_where_it_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write(&data.join("app.log"), b"x");
+    let lb = Lifeboat::new(
+        dir.path(),
+        "http://127.0.0.1:9",
+        &format!(
+            "[backup]\npaths = [{:?}]\n[s3]\nbucket = \"no-credentials\"\n",
+            data.display().to_string()
+        ),
+    );
+    let mut cmd = lb.command(&["doctor"]);
+    cmd.env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env("AWS_SHARED_CREDENTIALS_FILE", dir.path().join("none"))
+        .env("AWS_CONFIG_FILE", dir.path().join("none"));
+    let out = wait_output(cmd.spawn().unwrap(), Duration::from_secs(120), &["doctor"]);
+    let text = &out.stdout;
+    assert_eq!(out.code, Some(3), "{out:#?}");
+    assert!(text.contains("  FAIL  credentials: "), "{text}");
+    assert!(
+        text.contains("off EC2 there is no instance profile"),
+        "{text}"
+    );
+    assert!(
+        text.contains("  FAIL  bucket writable under the prefix: skipped: no credentials"),
+        "{text}"
+    );
+    assert!(text.contains("  ok    time for the data: "), "{text}");
+    assert!(text.contains("  ok    memory budget: "), "{text}");
+}
