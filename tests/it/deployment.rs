@@ -618,3 +618,37 @@ fn the_readme_configuration_block_is_the_codes_defaults() {
         }
     }
 }
+
+/// `TransitionDays` (off by default) moves archives to a cheaper class, but only objects over
+/// 128 MiB: manifests and job logs (at most `joblog::LIMIT`) stay STANDARD, where list, verify
+/// and restore read them; the default class stays readable at once (a launch can take it over).
+#[test]
+fn the_template_transitions_archives_only_and_readably_by_default() {
+    let t = template();
+    assert_eq!(t["Parameters"]["TransitionDays"]["Default"], 0);
+    assert_eq!(
+        t["Parameters"]["TransitionStorageClass"]["Default"],
+        "GLACIER_IR"
+    );
+    let rules = t["Resources"]["ArchiveBucket"]["Properties"]["LifecycleConfiguration"]["Rules"]
+        .as_array()
+        .unwrap();
+    let rule = rules
+        .iter()
+        .find(|r| r["Id"] == "transition-archives")
+        .expect("a transition rule");
+    assert_eq!(rule["Status"]["Fn::If"][0], "HasTransition");
+    let floor: usize = rule["ObjectSizeGreaterThan"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        floor >= lifeboat::joblog::LIMIT,
+        "a job log could move out of STANDARD"
+    );
+    assert_eq!(
+        rule["Transitions"][0]["StorageClass"]["Ref"],
+        "TransitionStorageClass"
+    );
+}
