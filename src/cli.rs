@@ -912,7 +912,7 @@ async fn backup(
     let runner = Runner::new(Arc::new(config), identity, services, state_file, cancel);
     let progress = {
         let runner = Arc::clone(&runner);
-        Progress::start(move || runner.progress())
+        Progress::start(move || runner.job_progress())
     };
     let result = runner.submit_exclusive(notice).await;
     progress.stop();

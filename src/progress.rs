@@ -1,10 +1,10 @@
-//! Progress on an interactive terminal: bytes read, entries and rate on one refreshed stderr line.
+//! Progress: where a running job is ([`Snapshot`], for `status`, systemd and `--json`), and on an
+//! interactive terminal the same as one refreshed stderr line.
 //! Silent when stderr is not a terminal or when running under systemd (journald gets no `\r`).
 
 use std::io::{IsTerminal, Write};
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::task::JoinHandle;
 
@@ -124,25 +124,19 @@ pub struct Progress {
 }
 
 impl Progress {
-    /// Starts refreshing the line from the counters `source` returns, if [`wanted`].
-    pub fn start(source: impl Fn() -> Option<Arc<Counters>> + Send + 'static) -> Self {
+    /// Starts refreshing the line from the snapshots `source` returns (the same line as
+    /// `lifeboat status`: bytes, percent and ETA against the previous backup, rate, deadline),
+    /// if [`wanted`].
+    pub fn start(source: impl Fn() -> Option<Snapshot> + Send + 'static) -> Self {
         if !wanted() {
             return Self { task: None };
         }
-        let started = Instant::now();
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(500));
             loop {
                 tick.tick().await;
-                let Some(counters) = source() else { continue };
-                let read = counters.bytes_read.load(Ordering::Relaxed);
-                let entries = counters.entries.load(Ordering::Relaxed);
-                let rate = (read as f64 / started.elapsed().as_secs_f64().max(0.001)) as u64;
-                eprint!(
-                    "\r\x1b[2K  {} read, {entries} entries, {}/s",
-                    bytes(read),
-                    bytes(rate)
-                );
+                let Some(snapshot) = source() else { continue };
+                eprint!("\r\x1b[2K  {}", snapshot.line());
                 let _ = std::io::stderr().flush();
             }
         });
