@@ -295,7 +295,7 @@ fn no_instance_policy_grants_object_access_across_instances() {
         );
         for r in self::resources(&st) {
             assert!(
-                r.ends_with("${ArchiveBucket.Arn}/${Prefix}${AutoScalingGroupName}/*")
+                r.ends_with("${BucketArn}/${Prefix}${AutoScalingGroupName}/*")
                     || !actions.contains("GetObject"),
                 "{st}"
             );
@@ -546,15 +546,15 @@ fn the_templates_config_parameter_is_a_valid_configuration_the_instances_may_rea
     let t = template();
     let p = &t["Resources"]["ConfigParameter"]["Properties"];
     assert_eq!(p["Name"]["Fn::Sub"], "/lifeboat/${AWS::StackName}");
-    let text = p["Value"]["Fn::Sub"]
+    let text = p["Value"]["Fn::Sub"][0]
         .as_str()
         .unwrap()
         .replace("${AutoScalingGroupName}", "web")
         .replace("${AWS::StackName}", "lifeboat-web")
-        .replace("${ArchiveBucket}", "lifeboat-web-archivebucket-1a2b3c")
+        .replace("${Bucket}", "lifeboat-web-archivebucket-1a2b3c")
         .replace("${Prefix}", "lifeboat/")
         .replace(
-            "${ReportTopic}",
+            "${Topic}",
             "arn:aws:sns:us-east-1:123456789012:lifeboat-web-ReportTopic",
         );
     assert!(!text.contains("${"), "{text}");
@@ -650,5 +650,73 @@ fn the_template_transitions_archives_only_and_readably_by_default() {
     assert_eq!(
         rule["Transitions"][0]["StorageClass"]["Ref"],
         "TransitionStorageClass"
+    );
+}
+
+/// `ExistingBucket` / `ExistingTopicArn`: the stack uses them instead of creating its own, and
+/// no reference to its own bucket or topic is left unconditional (it would fail to deploy).
+#[test]
+fn the_template_can_use_an_existing_bucket_and_topic() {
+    let t = template();
+    let r = &t["Resources"];
+    assert_eq!(r["ArchiveBucket"]["Condition"], "CreateBucket");
+    assert_eq!(r["ArchiveBucketPolicy"]["Condition"], "CreateBucket");
+    assert_eq!(r["ReportTopic"]["Condition"], "CreateTopic");
+    assert_eq!(t["Parameters"]["ExistingBucket"]["Default"], "");
+    assert_eq!(t["Parameters"]["ExistingTopicArn"]["Default"], "");
+    // Every mention of the stack's own bucket or topic outside the resources that exist only
+    // with them sits inside an Fn::If on the same condition.
+    fn unguarded(v: &Value, name: &str, condition: &str, path: &str, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                if let Some(branches) = m.get("Fn::If")
+                    && branches[0] == condition
+                {
+                    unguarded(&branches[2], name, condition, path, out);
+                    return;
+                }
+                for (k, child) in m {
+                    unguarded(child, name, condition, &format!("{path}/{k}"), out);
+                }
+            }
+            Value::Array(a) => {
+                for (i, child) in a.iter().enumerate() {
+                    unguarded(child, name, condition, &format!("{path}/{i}"), out);
+                }
+            }
+            Value::String(s) if s == name || s.contains(&format!("${{{name}")) => {
+                out.push(path.to_owned());
+            }
+            _ => {}
+        }
+    }
+    for (name, condition, own) in [
+        (
+            "ArchiveBucket",
+            "CreateBucket",
+            vec!["ArchiveBucket", "ArchiveBucketPolicy"],
+        ),
+        (
+            "ReportTopic",
+            "CreateTopic",
+            vec!["ReportTopic", "ReportSubscription"],
+        ),
+    ] {
+        let mut found = Vec::new();
+        for (id, res) in r.as_object().unwrap() {
+            if !own.contains(&id.as_str()) {
+                unguarded(res, name, condition, id, &mut found);
+            }
+        }
+        unguarded(&t["Outputs"], name, condition, "Outputs", &mut found);
+        assert!(
+            found.is_empty(),
+            "{name} used without {condition}: {found:?}"
+        );
+    }
+    // The subscription exists only with the stack's own topic.
+    assert_eq!(
+        t["Conditions"]["HasEmail"]["Fn::And"][1],
+        json!({ "Condition": "CreateTopic" })
     );
 }
