@@ -835,3 +835,69 @@ fn with_metadata_tags_off_archives_are_filed_and_found_under_the_group() {
         b"filed by group"
     );
 }
+
+/// The `lifeboat-restore` document passes `--hook`: on an instance whose configuration does not
+/// restore at launch, the launch action is still completed (CONTINUE, nothing restored) instead
+/// of waiting out the hook's timeout.
+#[test]
+fn a_named_hook_is_completed_even_when_on_launch_is_off() {
+    let server = moto();
+    let bucket = server.bucket("launch-off");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write(&data.join("app.db"), b"x");
+    let (group, _instances, _topic) = crate::support::group_of(server, "launch-off", 1, 300);
+    let asg = server.autoscaling();
+    let rt = crate::support::rt();
+    rt.block_on(
+        asg.put_lifecycle_hook()
+            .auto_scaling_group_name(&group)
+            .lifecycle_hook_name("lifeboat-launch")
+            .lifecycle_transition("autoscaling:EC2_INSTANCE_LAUNCHING")
+            .heartbeat_timeout(300)
+            .default_result("ABANDON")
+            .send(),
+    )
+    .unwrap();
+    rt.block_on(
+        asg.set_desired_capacity()
+            .auto_scaling_group_name(&group)
+            .desired_capacity(2)
+            .send(),
+    )
+    .unwrap();
+    let waiting: Vec<String> = rt
+        .block_on(
+            asg.describe_auto_scaling_groups()
+                .auto_scaling_group_names(&group)
+                .send(),
+        )
+        .unwrap()
+        .auto_scaling_groups()[0]
+        .instances()
+        .iter()
+        .filter(|i| i.lifecycle_state().map(|s| s.as_str()) == Some("Pending:Wait"))
+        .map(|i| i.instance_id().unwrap().to_owned())
+        .collect();
+    assert_eq!(waiting.len(), 1, "{waiting:?}");
+    let imds = Imds::start(&waiting[0], &group);
+    std::fs::create_dir_all(dir.path().join("b")).unwrap();
+    let lb = Lifeboat::new(
+        &dir.path().join("b"),
+        &server.endpoint,
+        &config_for(&bucket, &[&data], "", ""),
+    );
+    let out = on(
+        &lb,
+        &imds,
+        &["restore-on-launch", "--hook", "lifeboat-launch"],
+    );
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert!(
+        out.stdout.contains("restore.on_launch is off") && out.stdout.contains("CONTINUE"),
+        "{out:#?}"
+    );
+    let action = crate::support::finished_action(server, &waiting[0]);
+    assert_eq!(action["result"], "CONTINUE", "{action}");
+    assert_eq!(action["ended_by"], "completed", "{action}");
+}
