@@ -77,11 +77,8 @@ pub async fn run(config: &Config) -> Vec<Check> {
         outcome: if identity.on_ec2 {
             match identity.instance_arn() {
                 Some(_) => Outcome::Ok(format!(
-                    "{} ({}) in {}; archives go under {}",
-                    identity.instance_id,
-                    identity.instance_type,
-                    identity.region,
-                    crate::manifest::owner_prefix(&config.s3.prefix, &identity)
+                    "{} ({}) in {}",
+                    identity.instance_id, identity.instance_type, identity.region,
                 )),
                 None => Outcome::Fail(
                     format!(
@@ -177,6 +174,10 @@ async fn aws_checks(
     checks: &mut Vec<Check>,
 ) -> Result<(String, Hook), (String, String)> {
     let services = Services::from_sdk_config(conf, config);
+    // The group as a backup finds it (from Auto Scaling when metadata tags are off).
+    let mut identity = identity.clone();
+    identity.find_group(&services.lifecycle, None).await;
+    let identity = &identity;
 
     // Where this instance's archives go (the per-instance policy allows nothing else); not an
     // archive name, and only an upload, started and aborted, never an object.
@@ -189,8 +190,10 @@ async fn aws_checks(
         name: "bucket writable under the prefix",
         outcome: match probe_write(&services.s3, &dest).await {
             Ok(()) => Outcome::Ok(format!(
-                "s3://{}/{} (multipart upload started and aborted)",
-                config.s3.bucket, config.s3.prefix
+                "s3://{}/{} (multipart upload started and aborted); archives go under {}",
+                config.s3.bucket,
+                config.s3.prefix,
+                crate::manifest::owner_prefix(&config.s3.prefix, identity)
             )),
             Err(e) => {
                 let text = e.to_string();

@@ -59,6 +59,14 @@ fn doctor_is_all_ok_on_a_protected_instance() {
     );
     // The probe left no upload behind.
     assert_eq!(server.open_uploads(&bucket), 0);
+    // With instance metadata tags off (EC2's default), the group still comes out right.
+    imds.set(r#"{"tags_enabled": false}"#);
+    let out = doctor(&lb, Some(&imds));
+    assert!(
+        out.stdout
+            .contains(&format!("archives go under {arn_prefix}")),
+        "{out:#?}"
+    );
 }
 
 #[test]
