@@ -339,13 +339,7 @@ pub fn main() -> ExitCode {
             .enable_all()
             .build()
         {
-            Ok(rt) => ExitCode::from(match rt.block_on(status()) {
-                Ok(code) => code,
-                Err(f) => {
-                    eprintln!("lifeboat: {:#}", f.error);
-                    f.code
-                }
-            }),
+            Ok(rt) => ExitCode::from(finish(rt.block_on(status()))),
             Err(e) => {
                 eprintln!("lifeboat: cannot start the async runtime: {e}");
                 ExitCode::from(EXIT_FAILED)
@@ -391,15 +385,7 @@ pub fn main() -> ExitCode {
     }
     let config = loaded.config.clone();
     let code = match cli.command {
-        Command::Run => runtime.block_on(async {
-            match run(source, loaded).await {
-                Ok(code) => code,
-                Err(f) => {
-                    eprintln!("lifeboat: {:#}", f.error);
-                    f.code
-                }
-            }
-        }),
+        Command::Run => finish(runtime.block_on(run(source, loaded))),
         command => runtime.block_on(dispatch(command, config)),
     };
     // Part uploads are aborted or finished by now; do not wait for idle connection tasks.
@@ -623,6 +609,11 @@ async fn dispatch(command: Command, config: Config) -> u8 {
             unreachable!("handled before the runtime starts")
         }
     };
+    finish(result)
+}
+
+/// A command's exit code; a failure is printed first.
+fn finish(result: Result<u8, Failure>) -> u8 {
     match result {
         Ok(code) => code,
         Err(f) => {

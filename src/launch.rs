@@ -167,23 +167,11 @@ pub async fn choose(
 /// run holds it: the boot unit and the Run Command path may both start one, and the second
 /// must find the first's record instead of restoring the same data again beside it.
 pub async fn lock(state_dir: &Path) -> std::io::Result<std::fs::File> {
-    use rustix::fs::{FlockOperation, flock};
-    std::fs::create_dir_all(state_dir)?;
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(state_dir.join("restore-on-launch.lock"))?;
-    if flock(&file, FlockOperation::NonBlockingLockExclusive).is_ok() {
-        return Ok(file);
-    }
-    println!("another launch restore is running on this instance: waiting for it");
-    tokio::task::spawn_blocking(move || {
-        flock(&file, FlockOperation::LockExclusive)?;
-        Ok(file)
+    let (file, _) = crate::state::lock_file(&state_dir.join("restore-on-launch.lock"), || {
+        println!("another launch restore is running on this instance: waiting for it");
     })
-    .await
-    .map_err(std::io::Error::other)?
+    .await?;
+    Ok(file)
 }
 
 /// Where the record of a launch's restore is kept.

@@ -1425,34 +1425,19 @@ async fn heartbeat_loop(
 /// Takes the backup lock (`RUNTIME_DIRECTORY/backup.lock`), waiting for a holder to finish.
 /// Returns the lock file (held while it lives) and whether another invocation held it.
 async fn lock() -> (Option<std::fs::File>, bool) {
-    use rustix::fs::{FlockOperation, flock};
-    let dir = crate::state::runtime_dir();
-    let path = dir.join("backup.lock");
-    let file = std::fs::create_dir_all(&dir).and_then(|()| {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-    });
-    let file = match file {
-        Ok(f) => f,
-        Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "no backup lock; running unlocked");
-            return (None, false);
-        }
-    };
-    if flock(&file, FlockOperation::NonBlockingLockExclusive).is_ok() {
-        return (Some(file), false);
-    }
-    eprintln!("lifeboat: another backup is running; waiting for its result");
-    let locked = tokio::task::spawn_blocking(move || {
-        flock(&file, FlockOperation::LockExclusive).map(|()| file)
+    let path = crate::state::runtime_dir().join("backup.lock");
+    let mut waited = false;
+    let locked = crate::state::lock_file(&path, || {
+        waited = true;
+        eprintln!("lifeboat: another backup is running; waiting for its result");
     })
     .await;
     match locked {
-        Ok(Ok(f)) => (Some(f), true),
-        _ => (None, true),
+        Ok((file, _)) => (Some(file), waited),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "no backup lock; running unlocked");
+            (None, waited)
+        }
     }
 }
 

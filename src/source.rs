@@ -139,10 +139,15 @@ impl ConfigSource {
     }
 }
 
+/// The SSM client, built once per process: the daemon's polls reuse its credentials and
+/// connections instead of resolving the SDK's configuration chain every time.
+static SSM: tokio::sync::OnceCell<aws_sdk_ssm::Client> = tokio::sync::OnceCell::const_new();
+
 /// The parameter's value (decrypted) and version.
 async fn fetch(name: &str) -> Result<(String, String), String> {
-    let conf = crate::aws::sdk_config(None).await;
-    let client = crate::aws::ssm_client(&conf);
+    let client = SSM
+        .get_or_init(|| async { crate::aws::ssm_client(&crate::aws::sdk_config(None).await) })
+        .await;
     let out = tokio::time::timeout(
         FETCH_BUDGET,
         client

@@ -40,6 +40,34 @@ pub fn control_socket() -> PathBuf {
     runtime_dir().join("control.sock")
 }
 
+/// Takes an exclusive `flock` on `path` (created if missing, with its directory), held while
+/// the returned file lives; when another process holds it, `on_wait` is called once and the
+/// lock is waited for on a blocking thread. The second value says whether it had to wait.
+pub async fn lock_file(
+    path: &Path,
+    on_wait: impl FnOnce(),
+) -> std::io::Result<(std::fs::File, bool)> {
+    use rustix::fs::{FlockOperation, flock};
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    if flock(&file, FlockOperation::NonBlockingLockExclusive).is_ok() {
+        return Ok((file, false));
+    }
+    on_wait();
+    tokio::task::spawn_blocking(move || {
+        flock(&file, FlockOperation::LockExclusive)?;
+        Ok((file, true))
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
 /// What the daemon is doing.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct DaemonInfo {

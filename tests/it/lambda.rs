@@ -927,17 +927,7 @@ fn register_agent(
 fn a_launch_event_runs_the_restore_document_and_the_instance_goes_in_service_with_its_data() {
     let server = moto();
     let (group, instances, topic) = group_of(server, "lambda-launch", 1, 300);
-    let asg = server.autoscaling();
-    rt().block_on(
-        asg.put_lifecycle_hook()
-            .auto_scaling_group_name(&group)
-            .lifecycle_hook_name("lifeboat-launch")
-            .lifecycle_transition("autoscaling:EC2_INSTANCE_LAUNCHING")
-            .heartbeat_timeout(300)
-            .default_result("CONTINUE")
-            .send(),
-    )
-    .unwrap();
+    crate::support::add_launch_hook(server, &group, 300, "CONTINUE");
     let bucket = server.bucket("lambda-launch");
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
@@ -990,15 +980,9 @@ fn a_launch_event_runs_the_restore_document_and_the_instance_goes_in_service_wit
         &json!({ "group": group, "url": lambda.events_url() }),
     );
     let scale_out = |to: i32| {
-        let before: Vec<String> = waiting(&asg, &group, None);
-        rt().block_on(
-            asg.set_desired_capacity()
-                .auto_scaling_group_name(&group)
-                .desired_capacity(to)
-                .send(),
-        )
-        .unwrap();
-        let new: Vec<String> = waiting(&asg, &group, Some("Pending:Wait"))
+        let before = crate::support::instances_in(server, &group, None);
+        crate::support::set_capacity(server, &group, to);
+        let new: Vec<String> = crate::support::instances_in(server, &group, Some("Pending:Wait"))
             .into_iter()
             .filter(|i| !before.contains(i))
             .collect();
@@ -1102,20 +1086,4 @@ fn a_launch_event_runs_the_restore_document_and_the_instance_goes_in_service_wit
     );
     assert_eq!(report.1["status"], "restore-failed", "{:#}", report.1);
     assert_eq!(report.1["lifecycle_result"], "ABANDON", "{:#}", report.1);
-}
-
-/// The instances of `group` (in `state`, or all).
-fn waiting(asg: &aws_sdk_autoscaling::Client, group: &str, state: Option<&str>) -> Vec<String> {
-    rt().block_on(
-        asg.describe_auto_scaling_groups()
-            .auto_scaling_group_names(group)
-            .send(),
-    )
-    .unwrap()
-    .auto_scaling_groups()[0]
-        .instances()
-        .iter()
-        .filter(|i| state.is_none_or(|s| i.lifecycle_state().map(|x| x.as_str()) == Some(s)))
-        .map(|i| i.instance_id().unwrap().to_owned())
-        .collect()
 }

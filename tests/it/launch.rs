@@ -217,45 +217,13 @@ fn a_launch_hook_is_completed_continue_once_the_data_is_in_place() {
     write(&data.join("app.db"), b"carried over");
     // A group of one instance with a launch hook; that instance saves its data.
     let (group, instances, topic) = crate::support::group_of(server, "launch-hook", 1, 300);
-    let asg = server.autoscaling();
-    crate::support::rt()
-        .block_on(
-            asg.put_lifecycle_hook()
-                .auto_scaling_group_name(&group)
-                .lifecycle_hook_name("lifeboat-launch")
-                .lifecycle_transition("autoscaling:EC2_INSTANCE_LAUNCHING")
-                .heartbeat_timeout(60)
-                .default_result("ABANDON")
-                .send(),
-        )
-        .unwrap();
+    crate::support::add_launch_hook(server, &group, 60, "ABANDON");
     let a = Imds::start(&instances[0], &group);
     let lb_a = instance(&dir.path().join("a"), server, &bucket, &data, &target, "");
     let key = on(&lb_a, &a, &["backup"]).stored_key();
     // Scale out: the new instance waits in Pending:Wait.
-    crate::support::rt()
-        .block_on(
-            asg.set_desired_capacity()
-                .auto_scaling_group_name(&group)
-                .desired_capacity(2)
-                .send(),
-        )
-        .unwrap();
-    let waiting = |state: &str| {
-        crate::support::rt()
-            .block_on(
-                asg.describe_auto_scaling_groups()
-                    .auto_scaling_group_names(&group)
-                    .send(),
-            )
-            .unwrap()
-            .auto_scaling_groups()[0]
-            .instances()
-            .iter()
-            .filter(|i| i.lifecycle_state().map(|s| s.as_str()) == Some(state))
-            .map(|i| i.instance_id().unwrap().to_owned())
-            .collect::<Vec<_>>()
-    };
+    crate::support::set_capacity(server, &group, 2);
+    let waiting = |state: &str| crate::support::instances_in(server, &group, Some(state));
     let new = waiting("Pending:Wait");
     assert_eq!(new.len(), 1, "{new:?}");
     let b = Imds::start(&new[0], &group);
@@ -307,14 +275,7 @@ fn a_launch_hook_is_completed_continue_once_the_data_is_in_place() {
     let mut bytes = server.get(&bucket, &key);
     bytes[100] ^= 0xff;
     server.put(&bucket, &key, bytes);
-    crate::support::rt()
-        .block_on(
-            asg.set_desired_capacity()
-                .auto_scaling_group_name(&group)
-                .desired_capacity(3)
-                .send(),
-        )
-        .unwrap();
+    crate::support::set_capacity(server, &group, 3);
     let third = waiting("Pending:Wait");
     assert_eq!(third.len(), 1, "{third:?}");
     let d = Imds::start(&third[0], &group);
@@ -333,35 +294,9 @@ fn a_launch_hook_is_completed_continue_once_the_data_is_in_place() {
 
     // Another launch into a group with nothing to restore and if_none = "abandon": ABANDON.
     let (empty, _, _) = crate::support::group_of(server, "launch-empty", 0, 300);
-    crate::support::rt().block_on(async {
-        asg.put_lifecycle_hook()
-            .auto_scaling_group_name(&empty)
-            .lifecycle_hook_name("lifeboat-launch")
-            .lifecycle_transition("autoscaling:EC2_INSTANCE_LAUNCHING")
-            .heartbeat_timeout(60)
-            .default_result("CONTINUE")
-            .send()
-            .await
-            .unwrap();
-        asg.set_desired_capacity()
-            .auto_scaling_group_name(&empty)
-            .desired_capacity(1)
-            .send()
-            .await
-            .unwrap();
-    });
-    let fresh = crate::support::rt()
-        .block_on(
-            asg.describe_auto_scaling_groups()
-                .auto_scaling_group_names(&empty)
-                .send(),
-        )
-        .unwrap()
-        .auto_scaling_groups()[0]
-        .instances()[0]
-        .instance_id()
-        .unwrap()
-        .to_owned();
+    crate::support::add_launch_hook(server, &empty, 60, "CONTINUE");
+    crate::support::set_capacity(server, &empty, 1);
+    let fresh = crate::support::instances_in(server, &empty, None)[0].clone();
     let c = Imds::start(&fresh, &empty);
     let lb_c = instance(
         &dir.path().join("c"),
@@ -847,38 +782,9 @@ fn a_named_hook_is_completed_even_when_on_launch_is_off() {
     let data = dir.path().join("data");
     write(&data.join("app.db"), b"x");
     let (group, _instances, _topic) = crate::support::group_of(server, "launch-off", 1, 300);
-    let asg = server.autoscaling();
-    let rt = crate::support::rt();
-    rt.block_on(
-        asg.put_lifecycle_hook()
-            .auto_scaling_group_name(&group)
-            .lifecycle_hook_name("lifeboat-launch")
-            .lifecycle_transition("autoscaling:EC2_INSTANCE_LAUNCHING")
-            .heartbeat_timeout(300)
-            .default_result("ABANDON")
-            .send(),
-    )
-    .unwrap();
-    rt.block_on(
-        asg.set_desired_capacity()
-            .auto_scaling_group_name(&group)
-            .desired_capacity(2)
-            .send(),
-    )
-    .unwrap();
-    let waiting: Vec<String> = rt
-        .block_on(
-            asg.describe_auto_scaling_groups()
-                .auto_scaling_group_names(&group)
-                .send(),
-        )
-        .unwrap()
-        .auto_scaling_groups()[0]
-        .instances()
-        .iter()
-        .filter(|i| i.lifecycle_state().map(|s| s.as_str()) == Some("Pending:Wait"))
-        .map(|i| i.instance_id().unwrap().to_owned())
-        .collect();
+    crate::support::add_launch_hook(server, &group, 300, "ABANDON");
+    crate::support::set_capacity(server, &group, 2);
+    let waiting = crate::support::instances_in(server, &group, Some("Pending:Wait"));
     assert_eq!(waiting.len(), 1, "{waiting:?}");
     let imds = Imds::start(&waiting[0], &group);
     std::fs::create_dir_all(dir.path().join("b")).unwrap();

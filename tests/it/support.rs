@@ -942,3 +942,51 @@ pub fn partial_manifest_before(
     );
     manifest
 }
+
+/// Adds the launch lifecycle hook `lifeboat-launch` to `group`: a scale-out then holds each new
+/// instance in Pending:Wait (the moto extension) until its action ends.
+pub fn add_launch_hook(server: &Server, group: &str, heartbeat_timeout: i32, default_result: &str) {
+    rt().block_on(
+        server
+            .autoscaling()
+            .put_lifecycle_hook()
+            .auto_scaling_group_name(group)
+            .lifecycle_hook_name("lifeboat-launch")
+            .lifecycle_transition("autoscaling:EC2_INSTANCE_LAUNCHING")
+            .heartbeat_timeout(heartbeat_timeout)
+            .default_result(default_result)
+            .send(),
+    )
+    .unwrap();
+}
+
+/// Sets `group`'s desired capacity.
+pub fn set_capacity(server: &Server, group: &str, n: i32) {
+    rt().block_on(
+        server
+            .autoscaling()
+            .set_desired_capacity()
+            .auto_scaling_group_name(group)
+            .desired_capacity(n)
+            .send(),
+    )
+    .unwrap();
+}
+
+/// `group`'s instances in lifecycle state `state` (all of them with `None`).
+pub fn instances_in(server: &Server, group: &str, state: Option<&str>) -> Vec<String> {
+    rt().block_on(
+        server
+            .autoscaling()
+            .describe_auto_scaling_groups()
+            .auto_scaling_group_names(group)
+            .send(),
+    )
+    .unwrap()
+    .auto_scaling_groups()[0]
+        .instances()
+        .iter()
+        .filter(|i| state.is_none_or(|s| i.lifecycle_state().map(|x| x.as_str()) == Some(s)))
+        .map(|i| i.instance_id().unwrap().to_owned())
+        .collect()
+}
