@@ -205,9 +205,11 @@ async fn aws_checks(
                 } else if text.contains("AccessDenied") || text.contains("Forbidden") {
                     format!(
                         "allow s3:PutObject and s3:AbortMultipartUpload on \
-                         arn:aws:s3:::{}/{}*/${{ec2:SourceInstanceARN}}/* (packaging/iam/instance-policy.json; \
+                         arn:aws:s3:::{}/{}{}/${{ec2:SourceInstanceARN}}/* (packaging/iam/instance-policy.json; \
                          and kms:GenerateDataKey, kms:Decrypt on the key with sse = \"aws:kms\")",
-                        config.s3.bucket, config.s3.prefix
+                        config.s3.bucket,
+                        config.s3.prefix,
+                        crate::manifest::key_group(&identity.group)
                     )
                 } else {
                     "check the S3 endpoint and network route (VPC endpoint or NAT)".into()

@@ -318,8 +318,9 @@ mod tests {
 
     #[test]
     fn keys_an_instance_can_write_around_its_own_arn_never_read_as_another_instance() {
-        // The instance policy allows `PREFIX*/${ec2:SourceInstanceARN}/*`: every key below has
-        // "/arn:…:instance/i-evil/" in it, so i-evil may write them all.
+        // The instance policy allows `PREFIX<group>/${ec2:SourceInstanceARN}/*` (an older one,
+        // still attached somewhere, `PREFIX*/…`): every key below has "/arn:…:instance/i-evil/"
+        // in it, so i-evil may write them all.
         let evil = "arn:aws:ec2:us-east-1:123456789012:instance/i-evil";
         let victim = "arn:aws:ec2:us-east-1:123456789012:instance/i-victim";
         for key in [

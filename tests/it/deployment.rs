@@ -295,7 +295,7 @@ fn no_instance_policy_grants_object_access_across_instances() {
         );
         for r in self::resources(&st) {
             assert!(
-                r.ends_with("${BucketArn}/${Prefix}${AutoScalingGroupName}/*")
+                r.ends_with("${BucketArn}/${Prefix}${GroupSegment}/*")
                     || !actions.contains("GetObject"),
                 "{st}"
             );
@@ -304,7 +304,7 @@ fn no_instance_policy_grants_object_access_across_instances() {
             assert!(
                 st["Condition"]
                     .to_string()
-                    .contains("${Prefix}${AutoScalingGroupName}/*"),
+                    .contains("${Prefix}${GroupSegment}/*"),
                 "{st}"
             );
         }
@@ -719,4 +719,209 @@ fn the_template_can_use_an_existing_bucket_and_topic() {
         t["Conditions"]["HasEmail"]["Fn::And"][1],
         json!({ "Condition": "CreateTopic" })
     );
+}
+
+/// Tags are the stack's (`--tags`), which CloudFormation copies to every resource that takes
+/// them: no resource sets tags of its own (a resource's own tag shadows the stack's of the same
+/// key), and the deploy commands in the README and the template show how.
+#[test]
+fn the_template_leaves_tags_to_the_stack() {
+    let t = template();
+    let own: Vec<&String> = t["Resources"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(_, res)| res["Properties"].get("Tags").is_some())
+        .map(|(id, _)| id)
+        .collect();
+    assert!(own.is_empty(), "resources with their own tags: {own:?}");
+    for file in ["README.md", "packaging/cloudformation/lifeboat.yaml"] {
+        let text = std::fs::read_to_string(root().join(file)).unwrap();
+        let deploy = text
+            .split("aws cloudformation deploy")
+            .nth(1)
+            .unwrap_or_else(|| panic!("{file} shows no deploy command"));
+        let command: String = deploy
+            .split("```")
+            .next()
+            .unwrap()
+            .chars()
+            .take(600)
+            .collect();
+        assert!(command.contains("--tags "), "{file}: {command}");
+    }
+}
+
+/// The template's value of `v` for a group `group` in bucket `b` under `lifeboat/`: the
+/// intrinsic functions the policies use (`Ref`, `Fn::Sub`, `Fn::Join`, `Fn::Split`, `Fn::If`
+/// with the stack's own bucket, `Fn::GetAtt` of the bucket).
+fn render(v: &Value, group: &str) -> Value {
+    let param = |name: &str| -> Value {
+        match name {
+            "Prefix" => json!("lifeboat/"),
+            "AutoScalingGroupName" => json!(group),
+            "AWS::Partition" => json!("aws"),
+            other => json!(format!("<{other}>")),
+        }
+    };
+    let Some(obj) = v.as_object().filter(|o| o.len() == 1) else {
+        return match v {
+            Value::Array(a) => Value::Array(a.iter().map(|x| render(x, group)).collect()),
+            Value::Object(o) => Value::Object(
+                o.iter()
+                    .map(|(k, x)| (k.clone(), render(x, group)))
+                    .collect(),
+            ),
+            other => other.clone(),
+        };
+    };
+    let (f, arg) = obj.iter().next().unwrap();
+    let text = |x: &Value| render(x, group).as_str().unwrap().to_owned();
+    match f.as_str() {
+        "Ref" => param(arg.as_str().unwrap()),
+        "Fn::GetAtt" => json!("arn:aws:s3:::b"),
+        "Fn::If" => render(&arg[1], group),
+        "Fn::Join" => {
+            let parts: Vec<String> = render(&arg[1], group)
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p.as_str().unwrap().to_owned())
+                .collect();
+            json!(parts.join(arg[0].as_str().unwrap()))
+        }
+        "Fn::Split" => json!(
+            text(&arg[1])
+                .split(arg[0].as_str().unwrap())
+                .collect::<Vec<_>>()
+        ),
+        "Fn::Sub" => {
+            let (template, vars) = match arg {
+                Value::String(s) => (s.clone(), serde_json::Map::new()),
+                a => (
+                    a[0].as_str().unwrap().to_owned(),
+                    a[1].as_object().unwrap().clone(),
+                ),
+            };
+            let mut out = String::new();
+            let mut rest = template.as_str();
+            while let Some(i) = rest.find("${") {
+                out.push_str(&rest[..i]);
+                let end = rest[i..].find('}').unwrap() + i;
+                let name = &rest[i + 2..end];
+                match name.strip_prefix('!') {
+                    Some(literal) => out.push_str(&format!("${{{literal}}}")),
+                    None => match vars.get(name) {
+                        Some(x) => out.push_str(&text(x)),
+                        None => out.push_str(param(name).as_str().unwrap()),
+                    },
+                }
+                rest = &rest[end + 1..];
+            }
+            out.push_str(rest);
+            json!(out)
+        }
+        _ => Value::Object(
+            obj.iter()
+                .map(|(k, x)| (k.clone(), render(x, group)))
+                .collect(),
+        ),
+    }
+}
+
+/// IAM's match of a resource pattern (`*` any run, `?` one character) against an ARN.
+fn iam_matches(pattern: &str, arn: &str) -> bool {
+    let (p, a): (Vec<char>, Vec<char>) = (pattern.chars().collect(), arn.chars().collect());
+    // matched[j]: the pattern so far matches the first j characters of the ARN.
+    let mut matched = vec![false; a.len() + 1];
+    matched[0] = true;
+    for c in p {
+        let mut next = vec![false; a.len() + 1];
+        for j in 0..=a.len() {
+            next[j] = match c {
+                '*' => matched[j] || (j > 0 && next[j - 1]),
+                '?' => j > 0 && matched[j - 1],
+                c => j > 0 && matched[j - 1] && a[j - 1] == c,
+            };
+        }
+        matched = next;
+    }
+    matched[a.len()]
+}
+
+/// Which of `keys` a policy lets the instance `me` put, for the group `group`.
+fn puttable(doc: &Value, me: &str, keys: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    for st in statements_of(doc) {
+        if !st["Action"].to_string().contains("s3:PutObject") {
+            continue;
+        }
+        let patterns: Vec<String> = match &st["Resource"] {
+            Value::Array(a) => a.iter().map(|r| r.as_str().unwrap().to_owned()).collect(),
+            r => vec![r.as_str().unwrap().to_owned()],
+        };
+        for key in keys {
+            let arn = format!("arn:aws:s3:::b/{key}");
+            if patterns
+                .iter()
+                .map(|p| p.replace("${ec2:SourceInstanceARN}", me))
+                .any(|p| iam_matches(&p, &arn))
+                && !out.contains(key)
+            {
+                out.push(key.clone());
+            }
+        }
+    }
+    out
+}
+
+/// A replacement takes over the newest archive filed under its group: an instance may write
+/// under its own ARN in its own group's prefix (or `standalone/`, where a backup goes when
+/// Auto Scaling cannot name the group and where no launch looks), never in another group's,
+/// even one that shares the bucket and prefix. Group names are encoded as the keys encode them
+/// (`team/web` as `team%2Fweb`).
+#[test]
+fn an_instance_writes_only_under_its_own_group_or_standalone() {
+    let me = "arn:aws:ec2:us-east-1:123456789012:instance/i-0me";
+    let other = "arn:aws:ec2:us-east-1:123456789012:instance/i-0other";
+    let key = |group: &str, owner: &str| {
+        format!("lifeboat/{group}/{owner}/20261127T080000Z-scale-in.tar.zst")
+    };
+    let keys = [
+        key("team%2Fweb", me),
+        key("standalone", me),
+        key("db", me),
+        key("team/web", me),
+        key("team%2Fweb", other),
+    ];
+    let allowed = vec![keys[0].clone(), keys[1].clone()];
+
+    let t = template();
+    let policy = render(
+        &t["Resources"]["InstancePolicy"]["Properties"]["PolicyDocument"],
+        "team/web",
+    );
+    assert_eq!(puttable(&policy, me, &keys), allowed, "template");
+
+    let shipped = std::fs::read_to_string(root().join("packaging/iam/instance-policy.json"))
+        .unwrap()
+        .replace("BUCKET", "b")
+        .replace("PREFIX", "lifeboat/")
+        .replace("GROUP", "team%2Fweb");
+    let shipped: Value = serde_json::from_str(&shipped).unwrap();
+    assert_eq!(
+        puttable(&shipped, me, &keys),
+        allowed,
+        "instance-policy.json"
+    );
+
+    // What the group's replacements read at launch is that same group prefix.
+    let group = render(
+        &t["Resources"]["GroupRestorePolicy"]["Properties"]["PolicyDocument"],
+        "team/web",
+    );
+    let reads = group["Statement"][0]["Resource"].as_str().unwrap();
+    assert_eq!(reads, "arn:aws:s3:::b/lifeboat/team%2Fweb/*");
+    let lists = &group["Statement"][1]["Condition"]["StringLike"]["s3:prefix"][0];
+    assert_eq!(lists, "lifeboat/team%2Fweb/*");
 }
