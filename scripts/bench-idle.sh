@@ -2,7 +2,8 @@
 # Idle cost of the daemon: `lifeboat run` (release build) polling the IMDSv2 emulator at the
 # default interval (5 s) for DURATION seconds (default 600; the daemon gives back its start-up
 # pages after 30 s), then its RSS (anonymous and file-backed) and CPU time.
-# SHOW_LOG=1 prints the daemon's log (LIFEBOAT_LOG=lifeboat=debug for more).
+# SHOW_LOG=1 prints the daemon's log (LIFEBOAT_LOG=lifeboat=debug for more); SMAPS=FILE keeps
+# its /proc/PID/smaps.
 # Targets: peak RSS at most 10 MiB, CPU at most 0.05 s per minute.
 #   DURATION=120 scripts/bench-idle.sh
 set -euo pipefail
@@ -38,6 +39,8 @@ rss=$(awk '/VmRSS/ {print $2}' "/proc/$daemon_pid/status")
 split=$(awk '/RssAnon|RssFile|RssShmem/ {printf "%s %.1f MiB  ", $1, $2 / 1024}' "/proc/$daemon_pid/status")
 threads=$(awk '/Threads/ {print $2}' "/proc/$daemon_pid/status")
 echo "resident now: $split($threads threads)"
+# SMAPS=FILE keeps the daemon's /proc/PID/smaps (which mappings hold the resident pages).
+[ -z "${SMAPS:-}" ] || cp "/proc/$daemon_pid/smaps" "$SMAPS"
 [ -z "${SHOW_LOG:-}" ] || cat "$work/daemon.log"
 python3 - "$DURATION" "$start_cpu" "$end_cpu" "$hwm" "$rss" <<'PY'
 import sys

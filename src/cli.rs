@@ -754,7 +754,7 @@ async fn run(
 
 async fn status() -> Result<u8, Failure> {
     let socket = state::control_socket();
-    let live = match daemon::ask(&socket, &daemon::Request::Status, |_, _| {}).await {
+    let live = match daemon::ask(&socket, &daemon::Request::Status, |_| {}).await {
         Some(Ok(daemon::Reply::Status {
             state,
             job_running,
@@ -842,18 +842,24 @@ async fn backup(
 ) -> Result<u8, Failure> {
     // A running daemon owns the job: join it there.
     let socket = state::control_socket();
-    let show = progress::wanted();
     let request = daemon::Request::Backup(notice.clone());
-    let asked = daemon::ask(&socket, &request, |read, entries| {
-        if show {
-            progress::line(read, entries);
+    let bar = progress::Bar::new();
+    let asked = daemon::ask(&socket, &request, |reply| {
+        if let daemon::Reply::Progress {
+            bytes_read,
+            entries,
+            job,
+        } = reply
+        {
+            match job {
+                Some(job) => bar.show(job),
+                None => bar.show_counts(*bytes_read, *entries),
+            }
         }
     })
     .await;
+    bar.finish();
     if let Some(reply) = asked {
-        if show {
-            progress::clear();
-        }
         return match reply {
             Ok(daemon::Reply::Result(r)) => Ok(print_result(&r)),
             Ok(other) => Err(anyhow::anyhow!("unexpected reply from the daemon: {other:?}").into()),

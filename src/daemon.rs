@@ -40,6 +40,9 @@ pub enum Reply {
         bytes_read: u64,
         /// Entries archived.
         entries: u64,
+        /// Where the job is, as `status` shows it (absent from daemons before it was added).
+        #[serde(default)]
+        job: Option<crate::progress::Snapshot>,
     },
     /// The job's result; the last line.
     Result(Box<JobResult>),
@@ -191,7 +194,11 @@ async fn handle(
         Request::Backup(notice) => {
             let job = {
                 let runner = Arc::clone(&runner);
-                tokio::spawn(async move { runner.submit(notice).await })
+                tokio::spawn(async move {
+                    let result = runner.submit(notice).await;
+                    release_code_later();
+                    result
+                })
             };
             tokio::pin!(job);
             let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -208,6 +215,7 @@ async fn handle(
                             let _ = send(&mut write, &Reply::Progress {
                                 bytes_read: c.bytes_read.load(Ordering::Relaxed),
                                 entries: c.entries.load(Ordering::Relaxed),
+                                job: runner.job_progress(),
                             }).await;
                         }
                     }
@@ -222,7 +230,7 @@ async fn handle(
 pub async fn ask(
     socket: &Path,
     request: &Request,
-    mut on_progress: impl FnMut(u64, u64),
+    mut on_progress: impl FnMut(&Reply),
 ) -> Option<std::io::Result<Reply>> {
     let mut stream = match UnixStream::connect(socket).await {
         Ok(s) => s,
@@ -238,10 +246,7 @@ pub async fn ask(
                 let reply: Reply = serde_json::from_str(&l)
                     .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
                 match reply {
-                    Reply::Progress {
-                        bytes_read,
-                        entries,
-                    } => on_progress(bytes_read, entries),
+                    Reply::Progress { .. } => on_progress(&reply),
                     other => return Ok(other),
                 }
             }
@@ -266,8 +271,17 @@ pub fn notify(ready: bool, status: &str) {
 /// How often systemd's `STATUS=` is refreshed while a job runs (never while idle).
 const STATUS_EVERY: Duration = Duration::from_secs(5);
 
-/// How long after start-up the daemon gives back the code pages start-up touched.
+/// How long after start-up, or after a job, the daemon gives back the code pages it touched.
 const RELEASE_CODE_AFTER: Duration = Duration::from_secs(30);
+
+/// Gives back the code pages touched so far once [`RELEASE_CODE_AFTER`] has passed: start-up
+/// and jobs run code the idle poll does not. Detached: it holds up no shutdown.
+fn release_code_later() {
+    tokio::spawn(async {
+        tokio::time::sleep(RELEASE_CODE_AFTER).await;
+        crate::memory::release_code_pages();
+    });
+}
 
 /// Where the running configuration came from, and what it was: the daemon reads the source
 /// again on SIGHUP and, for a parameter, every `watch.config_poll`.
@@ -399,10 +413,7 @@ pub async fn run(
     );
     // Start-up is over once the hook's settings are cached and metadata answered a few polls:
     // the code only start-up ran need not stay resident for weeks of idling.
-    tokio::spawn(async {
-        tokio::time::sleep(RELEASE_CODE_AFTER).await;
-        crate::memory::release_code_pages();
-    });
+    release_code_later();
     let mut jobs = tokio::task::JoinSet::new();
     // SIGHUP (`systemctl reload lifeboat`): the hook's settings and the configuration are read
     // again; a configuration in Parameter Store also every watch.config_poll.
@@ -443,6 +454,7 @@ pub async fn run(
                             let r = runner.submit(notice).await;
                             status.abort();
                             notify(false, &format!("last job: {}", r.status.name()));
+                            release_code_later();
                         });
                     }
                 }

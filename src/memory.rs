@@ -1,5 +1,5 @@
 //! The process's memory beyond what Rust manages: the C allocator's one setting that matters for
-//! bounded memory, and the code pages start-up touched.
+//! bounded memory, and the code pages start-up (or a job) touched.
 //!
 //! glibc's malloc serves large blocks with `mmap` only until the first one is freed; then it
 //! raises its threshold to that block's size (up to 32 MiB) and serves later ones from its
@@ -55,7 +55,28 @@ pub fn release_code_pages() {
             released += end - start;
         }
     }
+    drop_cached_binary();
     tracing::debug!(bytes = released, "start-up code pages released");
+}
+
+/// Drops this binary's pages from the page cache where no process maps them. Unmapped, they
+/// would stay cached, and on each fault the kernel maps the cached neighbours of the page it
+/// needs too (fault-around, up to 64 KiB): the idle poll, little code spread over the whole
+/// binary, got half the binary mapped back that way (1,600 of its 3,700 code pages, nearly all
+/// in whole 64 KiB blocks). Uncached, a fault maps what it reads. The pages come back from disk
+/// on their next use; other lifeboat processes keep the pages they map.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn drop_cached_binary() {
+    use std::os::fd::AsRawFd;
+    let Ok(exe) = std::fs::File::open("/proc/self/exe") else {
+        return;
+    };
+    // SAFETY: an advice on a file descriptor this function owns; it changes no memory of ours.
+    let e = unsafe { libc::posix_fadvise(exe.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if e != 0 {
+        tracing::debug!(errno = e, "the binary's cached pages were not dropped");
+    }
 }
 
 /// Not Linux: nothing to do.

@@ -1,11 +1,13 @@
 //! Progress: where a running job is ([`Snapshot`], for `status`, systemd and `--json`), and on an
-//! interactive terminal the same as one refreshed stderr line.
+//! interactive terminal the same as a progress bar ([`Bar`], indicatif).
 //! Silent when stderr is not a terminal or when running under systemd (journald gets no `\r`).
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::task::JoinHandle;
 
 use crate::archive::Counters;
@@ -106,48 +108,162 @@ pub fn bytes(n: u64) -> String {
     bytesize::ByteSize(n).display().iec().to_string()
 }
 
-/// Draws the progress line.
-pub fn line(read: u64, entries: u64) {
-    eprint!("\r\x1b[2K  {} read, {entries} entries", bytes(read));
-    let _ = std::io::stderr().flush();
+/// A job's progress on an interactive terminal (indicatif): a bar when the previous job says how
+/// much there is, a spinner when not, and beside it the same line as `lifeboat status`. Hidden
+/// when not [`wanted`]; [`Bar::finish`] clears it.
+pub struct Bar {
+    bar: ProgressBar,
 }
 
-/// Clears the progress line.
-pub fn clear() {
-    eprint!("\r\x1b[2K");
-    let _ = std::io::stderr().flush();
+impl Bar {
+    /// A bar on stderr, if [`wanted`]; hidden otherwise.
+    pub fn new() -> Self {
+        let target = if wanted() {
+            ProgressDrawTarget::stderr_with_hz(4)
+        } else {
+            ProgressDrawTarget::hidden()
+        };
+        Self::with_target(target)
+    }
+
+    /// A bar drawn to `target`.
+    pub fn with_target(target: ProgressDrawTarget) -> Self {
+        let bar = ProgressBar::with_draw_target(None, target);
+        bar.set_style(style("{spinner} {wide_msg}"));
+        if !bar.is_hidden() {
+            bar.enable_steady_tick(Duration::from_millis(250));
+        }
+        Self { bar }
+    }
+
+    /// Shows where the job is.
+    pub fn show(&self, snapshot: &Snapshot) {
+        if let Some(expected) = snapshot.expected_bytes {
+            if self.bar.length().is_none() {
+                self.bar.set_style(style("{spinner} [{bar:24}] {wide_msg}"));
+            }
+            // The data may have grown since the previous job: the bar stays full, not past it.
+            self.bar.set_length(expected.max(snapshot.bytes_read));
+        }
+        self.bar.set_position(snapshot.bytes_read);
+        self.bar.set_message(snapshot.line());
+    }
+
+    /// Shows bare counters (a daemon of an earlier version sends no more).
+    pub fn show_counts(&self, bytes_read: u64, entries: u64) {
+        self.bar
+            .set_message(format!("{} read, {entries} entries", bytes(bytes_read)));
+    }
+
+    /// Clears the bar.
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
 }
 
-/// A running progress line; [`Progress::stop`] clears it.
+impl Default for Bar {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A progress style of this template (valid by construction: a test draws both).
+fn style(template: &str) -> ProgressStyle {
+    ProgressStyle::with_template(template)
+        .expect("progress templates are valid")
+        .progress_chars("=> ")
+}
+
+/// A running progress bar, fed from a job's snapshots; [`Progress::stop`] clears it.
 pub struct Progress {
+    bar: Arc<Bar>,
     task: Option<JoinHandle<()>>,
 }
 
 impl Progress {
-    /// Starts refreshing the line from the snapshots `source` returns (the same line as
-    /// `lifeboat status`: bytes, percent and ETA against the previous backup, rate, deadline),
-    /// if [`wanted`].
+    /// Starts showing the snapshots `source` returns (the same line as `lifeboat status`: bytes,
+    /// percent and ETA against the previous backup, rate, deadline), if [`wanted`].
     pub fn start(source: impl Fn() -> Option<Snapshot> + Send + 'static) -> Self {
+        let bar = Arc::new(Bar::new());
         if !wanted() {
-            return Self { task: None };
+            return Self { bar, task: None };
         }
+        let shown = Arc::clone(&bar);
         let task = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
             loop {
                 tick.tick().await;
-                let Some(snapshot) = source() else { continue };
-                eprint!("\r\x1b[2K  {}", snapshot.line());
-                let _ = std::io::stderr().flush();
+                if let Some(snapshot) = source() {
+                    shown.show(&snapshot);
+                }
             }
         });
-        Self { task: Some(task) }
+        Self {
+            bar,
+            task: Some(task),
+        }
     }
 
-    /// Stops and clears the line.
+    /// Stops and clears the bar.
     pub fn stop(self) {
         if let Some(task) = self.task {
             task.abort();
-            clear();
         }
+        self.bar.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::archive::Counters;
+
+    fn snapshot(read: u64, expected: Option<u64>) -> Snapshot {
+        let counters = Counters::default();
+        counters.bytes_read.store(read, Ordering::Relaxed);
+        counters.entries.store(42, Ordering::Relaxed);
+        Snapshot::of(
+            "scale-in",
+            &counters,
+            Duration::from_secs(10),
+            expected,
+            Some(Duration::from_secs(100)),
+        )
+    }
+
+    #[test]
+    fn the_bar_shows_the_status_line_and_fills_to_the_expected_bytes() {
+        let term = indicatif::InMemoryTerm::new(4, 160);
+        let bar = Bar::with_target(ProgressDrawTarget::term_like(Box::new(term.clone())));
+        bar.show(&snapshot(350 << 20, Some(1000 << 20)));
+        bar.bar.tick();
+        let drawn = term.contents();
+        assert!(
+            drawn.contains("archiving (scale-in): 350.0 MiB of ~1000.0 MiB (35%), 35.0 MiB/s"),
+            "{drawn}"
+        );
+        assert!(drawn.contains("ETA 18s"), "{drawn}");
+        assert!(drawn.contains("deadline in 1m 40s"), "{drawn}");
+        // 35% of a 24-cell bar: 8 cells filled, then the head.
+        assert!(drawn.contains("[========>"), "{drawn}");
+        bar.finish();
+        assert_eq!(term.contents().trim(), "", "finish clears the bar");
+    }
+
+    #[test]
+    fn without_a_previous_job_it_is_a_spinner_with_bytes_and_rate() {
+        let term = indicatif::InMemoryTerm::new(4, 160);
+        let bar = Bar::with_target(ProgressDrawTarget::term_like(Box::new(term.clone())));
+        bar.show(&snapshot(5 << 20, None));
+        bar.bar.tick();
+        let drawn = term.contents();
+        assert!(
+            drawn.contains("archiving (scale-in): 5.0 MiB, 512.0 KiB/s"),
+            "{drawn}"
+        );
+        assert!(!drawn.contains('['), "{drawn}");
+        bar.show_counts(7 << 20, 9);
+        bar.bar.tick();
+        assert!(term.contents().contains("7.0 MiB read, 9 entries"));
     }
 }
