@@ -60,7 +60,7 @@ struct Cli {
     /// `LIFEBOAT_LOG` overrides both.
     #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
     verbose: u8,
-    /// Errors only on stderr: no warnings.
+    /// Errors only on stderr: no warnings, no progress bar.
     #[arg(short, long, global = true)]
     quiet: bool,
     /// Print the outcome as one JSON document on stdout (list, status, verify, backup, restore,
@@ -332,6 +332,7 @@ pub fn main() -> ExitCode {
     }
     init_logging(matches!(cli.command, Command::Run), cli.verbose, cli.quiet);
     crate::json::set(cli.json);
+    progress::set_quiet(cli.quiet);
     // `status` reads the daemon's socket or its state file, not the configuration: it answers
     // on an instance whose configuration is incomplete or broken, where it is most wanted.
     if matches!(cli.command, Command::Status) {

@@ -4,7 +4,7 @@
 
 use std::io::IsTerminal;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -98,9 +98,19 @@ impl Snapshot {
     }
 }
 
-/// Whether progress should be shown.
+/// `-q`: no progress either.
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+/// Hides progress whatever stderr is (`-q`).
+pub fn set_quiet(quiet: bool) {
+    QUIET.store(quiet, Ordering::Relaxed);
+}
+
+/// Whether progress should be shown: stderr is a terminal, not journald, and no `-q`.
 pub fn wanted() -> bool {
-    std::io::stderr().is_terminal() && std::env::var_os("JOURNAL_STREAM").is_none()
+    !QUIET.load(Ordering::Relaxed)
+        && std::io::stderr().is_terminal()
+        && std::env::var_os("JOURNAL_STREAM").is_none()
 }
 
 /// Human-readable bytes (`1.5 GiB`).
