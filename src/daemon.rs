@@ -196,7 +196,7 @@ async fn handle(
                 let runner = Arc::clone(&runner);
                 tokio::spawn(async move {
                     let result = runner.submit(notice).await;
-                    release_code_later();
+                    release_when_idle(&runner);
                     result
                 })
             };
@@ -274,13 +274,28 @@ const STATUS_EVERY: Duration = Duration::from_secs(5);
 /// How long after start-up, or after a job, the daemon gives back the code pages it touched.
 const RELEASE_CODE_AFTER: Duration = Duration::from_secs(30);
 
-/// Gives back the code pages touched so far once [`RELEASE_CODE_AFTER`] has passed: start-up
-/// and jobs run code the idle poll does not. Detached: it holds up no shutdown.
-fn release_code_later() {
-    tokio::spawn(async {
+/// Gives back the code pages touched so far once [`RELEASE_CODE_AFTER`] has passed, if `idle`
+/// says no job runs then: start-up and jobs run code the idle poll does not. Never under a
+/// job: its code would be read from disk again, competing with its own reads (the job's end
+/// schedules the next release). Detached: it holds up no shutdown; the task says whether it
+/// released.
+fn release_code_later(idle: impl Fn() -> bool + Send + 'static) -> tokio::task::JoinHandle<bool> {
+    tokio::spawn(async move {
         tokio::time::sleep(RELEASE_CODE_AFTER).await;
-        crate::memory::release_code_pages();
-    });
+        let release = idle();
+        if release {
+            crate::memory::release_code_pages();
+        } else {
+            tracing::debug!("a job is running: its code pages stay");
+        }
+        release
+    })
+}
+
+/// [`release_code_later`] when `runner` is idle then.
+fn release_when_idle(runner: &Arc<Runner>) {
+    let runner = Arc::clone(runner);
+    release_code_later(move || runner.progress().is_none());
 }
 
 /// Where the running configuration came from, and what it was: the daemon reads the source
@@ -413,7 +428,7 @@ pub async fn run(
     );
     // Start-up is over once the hook's settings are cached and metadata answered a few polls:
     // the code only start-up ran need not stay resident for weeks of idling.
-    release_code_later();
+    release_when_idle(&runner);
     let mut jobs = tokio::task::JoinSet::new();
     // SIGHUP (`systemctl reload lifeboat`): the hook's settings and the configuration are read
     // again; a configuration in Parameter Store also every watch.config_poll.
@@ -454,7 +469,7 @@ pub async fn run(
                             let r = runner.submit(notice).await;
                             status.abort();
                             notify(false, &format!("last job: {}", r.status.name()));
-                            release_code_later();
+                            release_when_idle(&runner);
                         });
                     }
                 }
@@ -509,4 +524,17 @@ pub async fn run(
     info.state = "stopped".into();
     state.set_daemon(info);
     Ok(Ended::Stopped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn code_pages_are_released_after_the_wait_and_never_under_a_job() {
+        let started = tokio::time::Instant::now();
+        assert!(!release_code_later(|| false).await.unwrap(), "a job runs");
+        assert!(release_code_later(|| true).await.unwrap(), "idle");
+        assert!(started.elapsed() >= RELEASE_CODE_AFTER * 2);
+    }
 }
