@@ -131,6 +131,14 @@ pub fn s3_client(conf: &SdkConfig, retry_budget: Duration) -> aws_sdk_s3::Client
     aws_sdk_s3::Client::from_conf(s3.build())
 }
 
+/// Timeouts of a client whose calls are small: to connect, and for each attempt (seconds).
+fn short_timeouts(connect: u64, attempt: u64) -> TimeoutConfig {
+    TimeoutConfig::builder()
+        .connect_timeout(Duration::from_secs(connect))
+        .operation_attempt_timeout(Duration::from_secs(attempt))
+        .build()
+}
+
 /// An Auto Scaling client for `conf`, without the SDK's retries: lifeboat's own loops
 /// (`lifeboat_common::lifecycle`) retry within the deadline and pace by the throttling seen;
 /// the SDK's three quick attempts under each of theirs would triple the throttled calls a
@@ -138,12 +146,7 @@ pub fn s3_client(conf: &SdkConfig, retry_budget: Duration) -> aws_sdk_s3::Client
 pub fn autoscaling_client(conf: &SdkConfig) -> aws_sdk_autoscaling::Client {
     let c = aws_sdk_autoscaling::config::Builder::from(conf)
         .retry_config(RetryConfig::disabled())
-        .timeout_config(
-            TimeoutConfig::builder()
-                .connect_timeout(Duration::from_secs(5))
-                .operation_attempt_timeout(Duration::from_secs(20))
-                .build(),
-        )
+        .timeout_config(short_timeouts(5, 20))
         .build();
     aws_sdk_autoscaling::Client::from_conf(c)
 }
@@ -152,12 +155,7 @@ pub fn autoscaling_client(conf: &SdkConfig) -> aws_sdk_autoscaling::Client {
 /// wait long for it when a cached copy will do.
 pub fn ssm_client(conf: &SdkConfig) -> aws_sdk_ssm::Client {
     let c = aws_sdk_ssm::config::Builder::from(conf)
-        .timeout_config(
-            TimeoutConfig::builder()
-                .connect_timeout(Duration::from_secs(3))
-                .operation_attempt_timeout(Duration::from_secs(5))
-                .build(),
-        )
+        .timeout_config(short_timeouts(3, 5))
         .build();
     aws_sdk_ssm::Client::from_conf(c)
 }
@@ -165,12 +163,7 @@ pub fn ssm_client(conf: &SdkConfig) -> aws_sdk_ssm::Client {
 /// An SNS client for `conf`.
 pub fn sns_client(conf: &SdkConfig) -> aws_sdk_sns::Client {
     let c = aws_sdk_sns::config::Builder::from(conf)
-        .timeout_config(
-            TimeoutConfig::builder()
-                .connect_timeout(Duration::from_secs(5))
-                .operation_attempt_timeout(Duration::from_secs(10))
-                .build(),
-        )
+        .timeout_config(short_timeouts(5, 10))
         .build();
     aws_sdk_sns::Client::from_conf(c)
 }

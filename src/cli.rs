@@ -382,7 +382,7 @@ pub fn main() -> ExitCode {
     };
     if let Command::Config { command } = &cli.command {
         let show = matches!(command, ConfigCommand::Show);
-        return ExitCode::from(config_check(&loaded, cli.json, show));
+        return ExitCode::from(config_check(&loaded, show));
     }
     let config = loaded.config.clone();
     let code = match cli.command {
@@ -396,8 +396,9 @@ pub fn main() -> ExitCode {
 
 /// `config check` / `config show`: validates and prints the effective configuration (with
 /// `show`, where each value came from); its exit code.
-fn config_check(loaded: &crate::source::Loaded, json: bool, show: bool) -> u8 {
+fn config_check(loaded: &crate::source::Loaded, show: bool) -> u8 {
     let config = &loaded.config;
+    let json = crate::json::wanted();
     // Parts a backup would cap to fit the memory limit are a mistake to fix here.
     if let Err(e) = config.check_budget() {
         eprintln!("lifeboat: {e}");

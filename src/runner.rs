@@ -381,6 +381,8 @@ struct Running {
     counters: Arc<Counters>,
     reason: String,
     started: Instant,
+    /// The previous job's bytes read, this one's estimate (for progress).
+    expected_bytes: Option<u64>,
 }
 
 #[derive(Default)]
@@ -563,12 +565,6 @@ impl Runner {
     /// Where the running job is ([`crate::progress::Snapshot`]), estimated against the
     /// previous job's bytes read; `None` when no job runs.
     pub fn job_progress(&self) -> Option<crate::progress::Snapshot> {
-        let expected = self
-            .state
-            .snapshot()
-            .last_job
-            .map(|j| j.bytes_read)
-            .filter(|b| *b > 0);
         let slots = self.slots.lock().expect("runner lock");
         let r = slots.running.as_ref()?;
         let deadline = r.hints.borrow().deadline.remaining();
@@ -576,7 +572,7 @@ impl Runner {
             &r.reason,
             &r.counters,
             r.started.elapsed(),
-            expected,
+            r.expected_bytes,
             deadline,
         ))
     }
@@ -640,6 +636,12 @@ impl Runner {
                     counters: Arc::clone(&counters),
                     reason: notice.reason.clone(),
                     started: Instant::now(),
+                    expected_bytes: self
+                        .state
+                        .snapshot()
+                        .last_job
+                        .map(|j| j.bytes_read)
+                        .filter(|b| *b > 0),
                 });
                 let this = Arc::clone(self);
                 let notice = notice.clone();
